@@ -1,0 +1,18 @@
+"""Asset factories: one file per stage; ``build_experiment_assets(cfg)`` wires one experiment's graph."""
+from __future__ import annotations
+
+from ..config import ExperimentConfig
+from ..methods.registry import get_method
+from .common import Experiment
+
+
+def build_experiment_assets(cfg: ExperimentConfig) -> list:
+    from . import concepts, data, evaluation, report, synthetic
+
+    exp = Experiment(cfg)
+    needs = {n for name in cfg.enabled_methods() for n in get_method(cfg.method_algorithm(name)).needs}
+    assets = data.build(exp)
+    if "concepts" in needs:
+        assets += concepts.build(exp)
+    assets += synthetic.build(exp) + evaluation.build(exp) + report.build(exp)
+    return assets

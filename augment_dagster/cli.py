@@ -1,0 +1,156 @@
+"""`augment run | status | lineage | report | export` — the command line."""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from .config import DEFAULT_CONFIG_DIR, PROJECT_ROOT, ConfigError, ExperimentConfig, load_config
+
+DEFAULT_CONFIG = DEFAULT_CONFIG_DIR / "demo.yaml"
+
+
+def _setup(args) -> ExperimentConfig:
+    if getattr(args, "data_dir", None):
+        os.environ["AUGMENT_DATA_DIR"] = str(Path(args.data_dir).resolve())
+    cfg = load_config(args.config)
+    data_dir = cfg.resolved_data_dir()
+    home = Path(os.environ.get("DAGSTER_HOME") or data_dir / "dagster_home")
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ["DAGSTER_HOME"] = str(home)
+    if not (home / "dagster.yaml").exists() and (PROJECT_ROOT / "dagster.yaml").exists():
+        shutil.copy(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1") if cfg.models.diffusion.source.startswith("tiny") else None
+    return cfg
+
+
+def _events_metadata(result) -> dict[str, dict]:
+    out = {}
+    for ev in result.get_asset_materialization_events():
+        mat = ev.event_specific_data.materialization
+        md = {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
+        key = mat.asset_key.to_user_string()
+        if mat.partition:
+            key += f"[{mat.partition}]"
+        out[key] = md
+    return out
+
+
+def cmd_run(args) -> int:
+    cfg = _setup(args)
+    import dagster as dg
+
+    from .definitions import build_definitions
+
+    defs = build_definitions([cfg])
+    assets = list(defs.assets)
+    resources = dict(defs.resources)
+    instance = dg.DagsterInstance.get()
+    exp = cfg.experiment
+    partitions = args.partition or cfg.splits.keys()
+    bad = [p for p in partitions if p not in cfg.splits.keys()]
+    if bad:
+        print(f"unknown partition(s) {bad}; this config has {cfg.splits.keys()}", file=sys.stderr)
+        return 2
+    all_keys = {k for a in assets for k in a.keys}
+    head = dg.AssetKey([exp, "raw_images"])
+    report = dg.AssetKey([exp, "report"])
+    part_keys = [k for k in all_keys if k not in (head, report)]
+    if args.methods:
+        keep = set(args.methods) | {"real_only"}
+        part_keys = [k for k in part_keys if len(k.path) < 3 or k.path[2] in keep]
+    t0 = time.perf_counter()
+    meta: dict[str, dict] = {}
+    print(f"augment run: experiment {exp}, data dir {cfg.resolved_data_dir()}, DAGSTER_HOME {os.environ['DAGSTER_HOME']}")
+    r = dg.materialize(assets, selection=[head], instance=instance, resources=resources, tags={"augment/cli": "run"})
+    meta.update(_events_metadata(r))
+    for pk in partitions:
+        t1 = time.perf_counter()
+        r = dg.materialize(assets, selection=part_keys, partition_key=pk, instance=instance, resources=resources,
+                           tags={"augment/cli": "run"})
+        meta.update(_events_metadata(r))
+        print(f"  partition {pk}: done in {time.perf_counter() - t1:.1f}s (run {r.run_id[:8]})")
+    if not args.partition and not args.methods:
+        r = dg.materialize(assets, selection=[report], instance=instance, resources=resources, tags={"augment/cli": "run"})
+        meta.update(_events_metadata(r))
+    # ---- summary
+    comp = {"diffusion": [0, 0], "concepts": [0, 0], "classifiers": [0, 0]}
+    for key, md in meta.items():
+        bucket = ("diffusion" if "/synthetic/" in key and md.get("unet_forward_passes") is not None and "standard" not in key
+                  else "concepts" if "concept_embeddings" in key
+                  else "classifiers" if ("classifier" in key) else None)
+        if bucket and "computed" in md:
+            comp[bucket][0] += int(md["computed"])
+            comp[bucket][1] += int(md.get("reused", 0))
+    passes = sum(int(md.get("unet_forward_passes", 0)) for md in meta.values())
+    print(f"\nfinished in {time.perf_counter() - t0:.1f}s")
+    print(f"diffusion units: {comp['diffusion'][0]} computed, {comp['diffusion'][1]} reused "
+          f"({passes} UNet forward passes)")
+    print(f"concept units (textual inversion): {comp['concepts'][0]} computed, {comp['concepts'][1]} reused")
+    print(f"classifiers: {comp['classifiers'][0]} trained, {comp['classifiers'][1]} reused")
+    rep = cfg.resolved_data_dir() / "report" / exp / "report.md"
+    if rep.exists() and not args.partition and not args.methods:
+        print("\n" + rep.read_text())
+        print(f"report: {rep.parent}")
+    print("look further:  DAGSTER_HOME=%s dagster dev -w workspace.yaml   |   mlflow ui --backend-store-uri %s"
+          % (os.environ["DAGSTER_HOME"], resources["mlflow"].resolved_uri()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="augment", description="Diffusion-based few-shot augmentation as a Dagster asset graph.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp):
+        sp.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiment YAML (default: assets_config/demo.yaml)")
+        sp.add_argument("--data-dir", default=None, help="artifact root (default: ./augment_data or $AUGMENT_DATA_DIR)")
+
+    sp = sub.add_parser("run", help="materialize the whole graph of a config in-process (persistent DAGSTER_HOME)")
+    common(sp)
+    sp.add_argument("--partition", action="append", help="only these split keys (e.g. 4shot-s0); repeatable")
+    sp.add_argument("--methods", nargs="*", help="only these method entries")
+    sp.set_defaults(fn=cmd_run)
+
+    sp = sub.add_parser("status", help="per asset and partition: missing / unsynced / fresh, and why")
+    common(sp)
+    sp.set_defaults(fn=lambda a: _lazy("status", a))
+
+    sp = sub.add_parser("lineage", help="trace a synthetic image (id, unique id prefix or file path) to its sources")
+    common(sp)
+    sp.add_argument("ident")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=lambda a: _lazy("lineage", a))
+
+    sp = sub.add_parser("report", help="print the report; --relog re-logs metrics runs that failed to reach MLflow")
+    common(sp)
+    sp.add_argument("--relog", action="store_true")
+    sp.set_defaults(fn=lambda a: _lazy("report", a))
+
+    sp = sub.add_parser("export", help="export a synthetic set as a Hugging Face imagefolder with metadata.jsonl")
+    common(sp)
+    sp.add_argument("--method", required=True)
+    sp.add_argument("--split", required=True)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--with-real", action="store_true")
+    sp.set_defaults(fn=lambda a: _lazy("export", a))
+
+    args = p.parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+
+
+def _lazy(name: str, args) -> int:
+    from . import commands
+
+    cfg = _setup(args)
+    return getattr(commands, name)(cfg, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

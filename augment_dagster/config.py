@@ -1,0 +1,294 @@
+"""Experiment configuration: a pydantic schema for one YAML file in ``assets_config/``.
+
+Every section forbids unknown keys, so a typo is an error that names the key and the file.
+Nothing here imports torch: Dagster's code server loads every config at start-up.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .util import hash_obj
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+PROJECT_ROOT = PACKAGE_ROOT.parent
+DEFAULT_CONFIG_DIR = PROJECT_ROOT / "assets_config"
+
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+_SPLIT_RE = re.compile(r"^(\d+)shot-s(\d+)$")
+
+
+class ConfigError(ValueError):
+    """A config file is invalid. The message names the file and the offending key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+Probability = float
+
+
+class BuiltinDatasetConfig(_Strict):
+    """The generated shapes dataset (see augment_dagster/data/builtin.py)."""
+
+    classes: list[str] = Field(default_factory=lambda: ["circle", "square", "triangle", "star", "cross", "ring"])
+    train_per_class: int = Field(24, ge=1)
+    test_per_class: int = Field(20, ge=1)
+    ood_per_class: int = Field(20, ge=0)
+    image_size: int = Field(32, ge=8, le=1024)
+    seed: int = 0
+
+
+class DatasetConfig(_Strict):
+    source: str = Field("builtin", description="'builtin' or a path to an imagefolder tree root/<class>/*, optional root/test, root/ood")
+    builtin: BuiltinDatasetConfig = Field(default_factory=BuiltinDatasetConfig)
+    on_bad_file: Literal["error", "skip"] = "error"
+    max_image_pixels: int = Field(40_000_000, ge=1, description="larger images are refused (never decoded)")
+    metaclass: str = Field("shape", description="super-class word used by Diff-II/GeNIe prompts")
+
+
+class SplitsConfig(_Strict):
+    shots: list[int] = Field(default_factory=lambda: [4])
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    val_per_class: int = Field(4, ge=1)
+    fewer_than_k: Literal["error", "use_all"] = Field(
+        "error", description="a class with fewer than K+val images: error, or use what there is (recorded in the split manifest)"
+    )
+
+    @field_validator("shots")
+    @classmethod
+    def _pos_shots(cls, v: list[int]) -> list[int]:
+        if not v or any(k < 1 for k in v):
+            raise ValueError("shots must be a non-empty list of positive integers")
+        return sorted(set(v))
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if not v or any(s < 0 for s in v):
+            raise ValueError("seeds must be a non-empty list of non-negative integers")
+        return sorted(set(v))
+
+    def keys(self) -> list[str]:
+        return [split_key(k, s) for k in self.shots for s in self.seeds]
+
+
+def split_key(shots: int, seed: int) -> str:
+    return f"{shots}shot-s{seed}"
+
+
+def parse_split_key(key: str) -> tuple[int, int]:
+    m = _SPLIT_RE.match(key)
+    if not m:
+        raise ValueError(f"bad split key {key!r}: expected '<K>shot-s<seed>', e.g. '4shot-s0'")
+    return int(m.group(1)), int(m.group(2))
+
+
+class ModelSource(_Strict):
+    source: str = "tiny-random"
+    revision: str | None = None
+
+
+class DiffusionModelConfig(ModelSource):
+    scheduler: Literal["ddim", "pndm", "dpmsolver", "euler"] = "ddim"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+
+
+class ClassifierModelConfig(_Strict):
+    source: str = Field("tiny-cnn", description="'tiny-cnn' or a transformers vision backbone (hub id or folder)")
+    freeze_backbone: bool = False
+
+
+class LLMConfig(_Strict):
+    provider: Literal["offline", "openai"] = "offline"
+    model: str = "offline-template-v1"
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_s: float = Field(30.0, gt=0)
+    max_retries: int = Field(4, ge=0)
+    fallback_to_offline: bool = True
+    temperature: float = Field(0.7, ge=0, le=2)
+
+
+class ModelsConfig(_Strict):
+    diffusion: DiffusionModelConfig = Field(default_factory=DiffusionModelConfig)
+    captioner: ModelSource = Field(default_factory=ModelSource)
+    clip: ModelSource = Field(default_factory=ModelSource)
+    classifier: ClassifierModelConfig = Field(default_factory=ClassifierModelConfig)
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    device: str = Field("auto", description="'auto' picks CUDA when present")
+
+
+class GenerationConfig(_Strict):
+    images_per_real: int = Field(4, ge=1, description="M: synthetic images per real train image")
+    resolution: int | None = Field(None, ge=8, description="None = the model's native size")
+    steps: int = Field(25, ge=1, le=1000)
+    guidance_scale: float = Field(7.5, ge=0)
+    batch_size: int = Field(32, ge=1)
+    negative_prompt: str = ""
+
+
+class ConceptsConfig(_Strict):
+    """Textual inversion (DA-Fusion §1.2), one token per class."""
+
+    steps: int = Field(100, ge=1)
+    lr: float = Field(5e-3, gt=0)
+    batch_size: int = Field(4, ge=1)
+    init_word: str = "the"
+    checkpoint_every: int = Field(50, ge=1)
+
+
+class TrainingConfig(_Strict):
+    epochs: int = Field(8, ge=1)
+    steps_per_epoch: int = Field(30, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    train_aug: Literal["weak", "none"] = "weak"
+    image_size: int = Field(32, ge=8, le=1024, description="classifier input size (images are resized)")
+    weight_views: int = Field(5, ge=1, description="augmented views averaged for confidence weights q")
+    cutmix_prob: float = Field(0.0, ge=0, le=1)
+    mixup_alpha: float = Field(0.0, ge=0)
+    synthetic_probability: float = Field(0.5, ge=0, le=1, description="alpha: P(draw a synthetic image), DA-Fusion default 0.5")
+    class_balanced: bool = True
+
+
+class MethodConfig(_Strict):
+    """One entry under ``methods:``. ``method`` names the algorithm (defaults to the entry name), so
+    variants/ablations are several entries pointing at one method with other ``params``."""
+
+    method: str | None = None
+    enabled: bool = True
+    params: dict[str, Any] = Field(default_factory=dict)
+    synthetic_probability: float | None = Field(None, ge=0, le=1, description="overrides training.synthetic_probability")
+
+
+class MlflowConfig(_Strict):
+    enabled: bool = True
+    tracking_uri: str | None = Field(None, description="None: sqlite under the data dir; MLFLOW_TRACKING_URI overrides")
+    experiment_name: str | None = None
+    log_models: bool = True
+
+
+class AutomationConfig(_Strict):
+    schedule_cron: str = "0 2 * * *"
+    sensor_interval_s: int = Field(60, ge=5)
+
+
+class ExperimentConfig(_Strict):
+    experiment: str
+    description: str = ""
+    data_dir: str | None = Field(None, description="None: ./augment_data; $AUGMENT_DATA_DIR overrides")
+    seed: int = 0
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    splits: SplitsConfig = Field(default_factory=SplitsConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    concepts: ConceptsConfig = Field(default_factory=ConceptsConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    methods: dict[str, MethodConfig] = Field(default_factory=dict)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    automation: AutomationConfig = Field(default_factory=AutomationConfig)
+
+    # filled by load_config, not part of the YAML
+    source_path: str | None = Field(None, exclude=True)
+
+    @field_validator("experiment")
+    @classmethod
+    def _exp_name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError("experiment must start with a letter and use only letters, digits and '_'")
+        return v
+
+    @field_validator("methods")
+    @classmethod
+    def _method_names(cls, v: dict[str, MethodConfig]) -> dict[str, MethodConfig]:
+        for name in v:
+            if not _NAME_RE.match(name):
+                raise ValueError(f"method entry {name!r}: use letters, digits and '_' only")
+        return v
+
+    @model_validator(mode="after")
+    def _check_methods(self) -> "ExperimentConfig":
+        from .methods.registry import validate_method_entry  # no torch at import
+
+        for name, entry in self.methods.items():
+            validate_method_entry(name, entry)
+        return self
+
+    # ---- derived -------------------------------------------------------------------------
+    def enabled_methods(self) -> dict[str, MethodConfig]:
+        return {k: v for k, v in self.methods.items() if v.enabled}
+
+    def method_algorithm(self, name: str) -> str:
+        entry = self.methods[name]
+        return entry.method or name
+
+    def resolved_data_dir(self) -> Path:
+        """$AUGMENT_DATA_DIR (set by ``augment --data-dir``) > config ``data_dir`` > ./augment_data."""
+        d = os.environ.get("AUGMENT_DATA_DIR") or self.data_dir or "augment_data"
+        return Path(d).expanduser().resolve()
+
+    def section_hash(self, *path: str) -> str:
+        """Hash of one config block (for code_version): e.g. section_hash('methods', 'dafusion')."""
+        node: Any = self.model_dump(mode="json")
+        for p in path:
+            node = node[p]
+        return hash_obj(node)[:12]
+
+    def config_hash(self) -> str:
+        return hash_obj(self.model_dump(mode="json"))[:16]
+
+
+def _format_errors(err: ValidationError, path: str) -> str:
+    lines = [f"invalid experiment config {path}:"]
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e.get("loc", ())) or "<root>"
+        msg = e.get("msg", "")
+        if e.get("type") == "extra_forbidden":
+            msg = "unknown key (check spelling; see augment_dagster/config.py for the schema)"
+        lines.append(f"  - {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | os.PathLike) -> ExperimentConfig:
+    """Load and validate a YAML experiment config; errors name the file and the key."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping with at least 'experiment:'")
+    return parse_config(raw, str(path))
+
+
+def parse_config(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
+    try:
+        cfg = ExperimentConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+    except ValueError as e:  # raised by method validation
+        raise ConfigError(f"invalid experiment config {source}:\n  - {e}") from None
+    cfg.source_path = source if source != "<dict>" else None
+    return cfg
+
+
+def discover_configs(config_dir: str | os.PathLike | None = None) -> list[ExperimentConfig]:
+    """Every *.yaml in the config folder (default: $AUGMENT_CONFIG_DIR or ./assets_config)."""
+    d = Path(config_dir or os.environ.get("AUGMENT_CONFIG_DIR") or DEFAULT_CONFIG_DIR)
+    cfgs = [load_config(p) for p in sorted(d.glob("*.yaml"))]
+    names = [c.experiment for c in cfgs]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ConfigError(f"{d}: experiment names must be unique, repeated: {sorted(dup)}")
+    return cfgs

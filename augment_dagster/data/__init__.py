@@ -1,0 +1,1 @@
+"""Built-in generated dataset, imagefolder loader, stable few-shot split sampler (no torch, no Dagster)."""

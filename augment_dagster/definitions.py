@@ -1,0 +1,48 @@
+"""The Dagster code location: one asset group per experiment config in ``assets_config/``.
+
+Imports no torch/diffusers at module level, so the code server starts in about a second.
+"""
+from __future__ import annotations
+
+import dagster as dg
+
+from .assets import build_experiment_assets
+from .automation import new_data_sensor, schedule
+from .config import ExperimentConfig, discover_configs
+from .resources import ManifestIOManager, MlflowTracker
+
+
+def experiment_defs(cfg: ExperimentConfig) -> dg.Definitions:
+    assets = build_experiment_assets(cfg)
+    data_dir = cfg.resolved_data_dir()
+    partitioned = dg.AssetSelection.groups(cfg.experiment) - dg.AssetSelection.keys(
+        dg.AssetKey([cfg.experiment, "raw_images"]), dg.AssetKey([cfg.experiment, "report"]))
+    job = dg.define_asset_job(f"{cfg.experiment}_splits", selection=partitioned,
+                              description=f"All partitioned assets of {cfg.experiment} for one split")
+    return dg.Definitions(
+        assets=assets,
+        jobs=[job],
+        schedules=[schedule(cfg, job)],
+        sensors=[new_data_sensor(cfg, dg.AssetSelection.keys(dg.AssetKey([cfg.experiment, "raw_images"])))],
+        resources={f"manifests_{cfg.experiment}": ManifestIOManager(root=str(data_dir))},
+    )
+
+
+def build_definitions(configs: list[ExperimentConfig] | None = None) -> dg.Definitions:
+    configs = discover_configs() if configs is None else configs
+    first_dir = configs[0].resolved_data_dir() if configs else None
+    mlflow_cfg = configs[0].mlflow if configs else None
+    shared = dg.Definitions(
+        sensors=[dg.AutomationConditionSensorDefinition(
+            "automation_condition_sensor", target=dg.AssetSelection.all(),
+            default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=30)],
+        resources={"mlflow": MlflowTracker(
+            tracking_uri=mlflow_cfg.tracking_uri if mlflow_cfg else None,
+            default_root=str((first_dir or __import__("pathlib").Path("augment_data")) / "mlflow"),
+            enabled=mlflow_cfg.enabled if mlflow_cfg else True)},
+        executor=dg.in_process_executor,
+    )
+    return dg.Definitions.merge(shared, *[experiment_defs(c) for c in configs])
+
+
+defs = build_definitions()

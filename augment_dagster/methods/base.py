@@ -1,0 +1,123 @@
+"""The method extension contract (no Dagster, no torch at import time).
+
+A method module declares a ``MethodSpec``: its name, the upstream stages it needs, a pydantic model of
+its parameters, and a ``plan`` function that, given its inputs, returns the synthetic *units* to
+produce (what to generate + the lineage fields of each). The runner (``methods/runner.py``) looks each
+unit up in the memo and sends the misses, batched, through the one generation core. Methods with no
+diffusion (classic augmentation) supply ``render`` instead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+
+# Upstream stages a method may need; assets/synthetic.py wires them as asset deps.
+STAGES = ("concepts", "captions", "class_prompts", "prompt_suffixes", "concept_lora", "inversion_pool", "real_classifier")
+
+
+class MethodParams(BaseModel):
+    """Parameters every method accepts; methods subclass this. Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+    images_per_real: int | None = Field(None, ge=1, description="M; None = generation.images_per_real")
+    guidance_scale: float | None = Field(None, ge=0, description="None = generation.guidance_scale")
+    steps: int | None = Field(None, ge=1, description="None = generation.steps")
+    weighting: Literal["none", "paper", "code"] = Field("none", description="confidence weights (DIAGen): none=uniform, paper: w=q, code: w=1 if q>=.5 else 2q")
+
+
+@dataclass
+class SynthUnit:
+    """One synthetic image to produce. Its fields are the lineage row (plus ``params``)."""
+
+    label: str
+    seed: int
+    mode: Literal["img2img", "txt2img", "latents", "transform"]
+    prompt: str | list[tuple[str, float]] = ""
+    guide_ids: tuple[str, ...] = ()
+    strength: float | None = None
+    guidance_scale: float = 7.5
+    negative_prompt: str = ""
+    steps: int = 25
+    init_image_id: str | None = None
+    init_latents_blob: str | None = None
+    switch_prompt: str | list[tuple[str, float]] | None = None
+    switch_t: int | None = None
+    concepts: dict[str, str] = field(default_factory=dict)  # placeholder token -> embedding blob id
+    embedding_id: str | None = None
+    prompt_source: str = "template"
+    weighting: str = "output"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def prompt_text(self) -> str:
+        if isinstance(self.prompt, str):
+            return self.prompt
+        return "".join(t for t, _ in self.prompt)
+
+    def identity(self) -> dict[str, Any]:
+        """Everything that determines the output image (goes into the memo key)."""
+        return {
+            "label": self.label, "seed": self.seed, "mode": self.mode, "prompt": self.prompt,
+            "guide_ids": list(self.guide_ids), "strength": self.strength, "guidance_scale": self.guidance_scale,
+            "negative_prompt": self.negative_prompt, "steps": self.steps, "init_image_id": self.init_image_id,
+            "init_latents_blob": self.init_latents_blob, "switch_prompt": self.switch_prompt, "switch_t": self.switch_t,
+            "concepts": self.concepts, "weighting": self.weighting, "params": self.params,
+        }
+
+
+@dataclass
+class MethodInputs:
+    """What a method's ``plan`` sees. Only the stages it declared in ``needs`` are filled."""
+
+    method: str  # the config entry name (a variant may differ from the algorithm name)
+    split: pd.DataFrame  # few_shot_split manifest (role == train rows are the guides)
+    params: MethodParams
+    images_per_real: int
+    guidance_scale: float
+    steps: int
+    seed: int
+    metaclass: str = "shape"
+    negative_prompt: str = ""
+    concepts: pd.DataFrame | None = None  # label, token, embedding_id (+ noise rows for DIAGen)
+    captions: pd.DataFrame | None = None
+    class_prompts: pd.DataFrame | None = None
+    prompt_suffixes: pd.DataFrame | None = None
+    concept_lora: pd.DataFrame | None = None
+    inversion_pool: pd.DataFrame | None = None
+    real_classifier: pd.DataFrame | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def train(self) -> pd.DataFrame:
+        return self.split[self.split["role"] == "train"].sort_values(["label", "rank"]).reset_index(drop=True)
+
+    @property
+    def class_names(self) -> list[str]:
+        return sorted(self.split.loc[self.split["role"] == "train", "label"].unique())
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    version: str
+    description: str
+    Params: type[MethodParams]
+    plan: Callable[[MethodInputs], list[SynthUnit]]
+    needs: tuple[str, ...] = ()
+    uses_diffusion: bool = True
+    # for non-diffusion methods: render(units, images_by_id, params) -> list[PIL.Image]
+    render: Callable[..., list] | None = None
+    # optional post-filter after generation: filter(units, images, inputs, resources) -> keep mask + metadata
+    post_filter: Callable[..., Any] | None = None
+
+    def __post_init__(self):
+        bad = [n for n in self.needs if n not in STAGES]
+        if bad:
+            raise ValueError(f"method {self.name}: unknown needs {bad}; valid: {STAGES}")
+
+
+def concept_token(label: str) -> str:
+    """Placeholder token of a class concept, e.g. '<circle>' (spaces -> '_')."""
+    return "<" + "_".join(label.split()) + ">"

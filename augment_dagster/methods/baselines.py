@@ -1,0 +1,79 @@
+"""Baselines that need nothing but the base model (METHODS.md §10).
+
+* ``real_guidance`` (He et al.): img2img of each real image at t0=0.5 with "a photo of a {class}".
+* ``img2img_low`` / ``img2img_high`` (GeNIe's Img2Img^L / ^H): the same at r=0.3 / 0.7.
+* ``txt2img``: text-to-image from "a photo of a {class}" alone, M images per real image of the class.
+"""
+from __future__ import annotations
+
+from pydantic import Field
+
+from ..util import stable_int
+from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit
+
+
+class Img2ImgParams(MethodParams):
+    strength: float = Field(0.5, ge=0.0, le=1.0, description="SDEdit noise ratio t0")
+    prompt_template: str = Field("a photo of a {label}", description="'{label}' is replaced by the class name")
+
+
+def unit_seed(inputs: MethodInputs, *parts) -> int:
+    """Seed of one unit: depends only on the method entry, split seed and the unit's own identity,
+    so adding an image never changes the seeds of other units."""
+    return stable_int("unit", inputs.method, inputs.seed, *parts, bits=31)
+
+
+def plan_img2img(inputs: MethodInputs) -> list[SynthUnit]:
+    p: Img2ImgParams = inputs.params  # type: ignore[assignment]
+    units = []
+    for row in inputs.train.itertuples():
+        for m in range(inputs.images_per_real):
+            units.append(SynthUnit(
+                label=row.label, seed=unit_seed(inputs, row.image_id, m), mode="img2img",
+                prompt=p.prompt_template.format(label=row.label), guide_ids=(row.image_id,),
+                strength=p.strength, guidance_scale=inputs.guidance_scale, steps=inputs.steps,
+                negative_prompt=inputs.negative_prompt, init_image_id=row.image_id, params={"m": m},
+            ))
+    return units
+
+
+class Txt2ImgParams(MethodParams):
+    prompt_template: str = Field("a photo of a {label}", description="'{label}' is replaced by the class name")
+
+
+def plan_txt2img(inputs: MethodInputs) -> list[SynthUnit]:
+    p: Txt2ImgParams = inputs.params  # type: ignore[assignment]
+    units = []
+    train = inputs.train
+    for label, grp in train.groupby("label", sort=True):
+        for i in range(len(grp) * inputs.images_per_real):
+            units.append(SynthUnit(
+                label=label, seed=unit_seed(inputs, label, i), mode="txt2img",
+                prompt=p.prompt_template.format(label=label), guidance_scale=inputs.guidance_scale,
+                steps=inputs.steps, negative_prompt=inputs.negative_prompt, params={"index": i},
+            ))
+    return units
+
+
+class RealGuidanceParams(Img2ImgParams):
+    strength: float = Field(0.5, ge=0.0, le=1.0, description="SDEdit noise ratio t0")
+
+
+class Img2ImgLowParams(Img2ImgParams):
+    strength: float = Field(0.3, ge=0.0, le=1.0, description="SDEdit noise ratio r")
+
+
+class Img2ImgHighParams(Img2ImgParams):
+    strength: float = Field(0.7, ge=0.0, le=1.0, description="SDEdit noise ratio r")
+
+
+SPECS = (
+    MethodSpec("real_guidance", "1", "Real-Guidance: img2img of each real image, prompt 'a photo of a {class}', t0=0.5 (He et al.)",
+               RealGuidanceParams, plan_img2img),
+    MethodSpec("img2img_low", "1", "Img2Img^L: same-class SDEdit at r=0.3 with the class name (GeNIe baseline)",
+               Img2ImgLowParams, plan_img2img),
+    MethodSpec("img2img_high", "1", "Img2Img^H: same-class SDEdit at r=0.7 with the class name (GeNIe baseline)",
+               Img2ImgHighParams, plan_img2img),
+    MethodSpec("txt2img", "1", "Txt2Img: generation from 'a photo of a {class}' alone, M per real image",
+               Txt2ImgParams, plan_txt2img),
+)

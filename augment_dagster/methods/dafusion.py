@@ -1,0 +1,54 @@
+"""DA-Fusion (Trabucco et al.; METHODS.md §1): img2img from each real image with the class's textual-
+inversion token, "a photo of a <cls>", t0 drawn per image from {0.25, 0.5, 0.75, 1.0} ("stacking")
+or fixed, M per real image, guidance 7.5."""
+from __future__ import annotations
+
+import random
+
+from pydantic import Field, model_validator
+
+from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit, concept_token
+from .baselines import unit_seed
+
+
+class DAFusionParams(MethodParams):
+    strengths: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0],
+                                   description="t0 drawn uniformly per synthetic image (ComposeParallel)")
+    fixed_strength: float | None = Field(None, ge=0.0, le=1.0, description="use one t0 for all images (paper's single-t0 variant: 0.5)")
+    prompt_template: str = "a photo of a {token}"
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.strengths or any(not 0.0 <= s <= 1.0 for s in self.strengths):
+            raise ValueError("strengths must be a non-empty list of values in [0, 1]")
+        return self
+
+
+def plan(inputs: MethodInputs) -> list[SynthUnit]:
+    p: DAFusionParams = inputs.params  # type: ignore[assignment]
+    if inputs.concepts is None:
+        raise ValueError("dafusion needs the concept_embeddings stage")
+    base = inputs.concepts[inputs.concepts.get("variant", "base") == "base"] if "variant" in inputs.concepts else inputs.concepts
+    emb = {r.label: r for r in base.itertuples()}
+    units = []
+    for row in inputs.train.itertuples():
+        c = emb.get(row.label)
+        if c is None:
+            raise ValueError(f"no concept embedding for class {row.label!r}: rematerialize concept_embeddings")
+        for m in range(inputs.images_per_real):
+            seed = unit_seed(inputs, row.image_id, m)
+            t0 = p.fixed_strength if p.fixed_strength is not None else random.Random(seed).choice(p.strengths)
+            units.append(SynthUnit(
+                label=row.label, seed=seed, mode="img2img", prompt=p.prompt_template.format(token=c.token),
+                guide_ids=(row.image_id,), strength=float(t0), guidance_scale=inputs.guidance_scale,
+                steps=inputs.steps, negative_prompt=inputs.negative_prompt, init_image_id=row.image_id,
+                concepts={c.token: c.embedding_id}, embedding_id=c.embedding_id, prompt_source="template",
+                params={"m": m},
+            ))
+    return units
+
+
+SPECS = (
+    MethodSpec("dafusion", "1", "DA-Fusion: img2img with a per-class textual-inversion token, t0 in {.25,.5,.75,1}",
+               DAFusionParams, plan, needs=("concepts",)),
+)

@@ -1,0 +1,134 @@
+"""Dagster resources: the parquet manifest IO manager and the MLflow tracker.
+
+Kept free of torch imports; MLflow is imported when first used.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+
+from .store.manifests import manifest_path, read_manifest, write_manifest
+
+
+class ManifestIOManager(dg.ConfigurableIOManager):
+    """Stores every asset's manifest (a DataFrame) as ``<root>/manifests/<asset key>/<partition>.parquet``.
+
+    Loading a partitioned upstream into an unpartitioned asset (the report) concatenates the
+    partitions that exist and adds a ``partition`` column."""
+
+    root: str
+
+    def _path(self, key: dg.AssetKey, partition: str | None) -> Path:
+        return manifest_path(self.root, key.path, partition)
+
+    def handle_output(self, context: dg.OutputContext, obj: pd.DataFrame) -> None:
+        if obj is None:
+            return
+        if not isinstance(obj, pd.DataFrame):
+            raise TypeError(f"{context.asset_key.to_user_string()}: assets must return a manifest DataFrame, got {type(obj).__name__}")
+        part = context.partition_key if context.has_partition_key else None
+        write_manifest(self._path(context.asset_key, part), obj)
+
+    def load_input(self, context: dg.InputContext) -> pd.DataFrame:
+        key = context.asset_key
+        if context.has_asset_partitions:
+            keys = list(context.asset_partition_keys)
+            if context.has_partition_key:  # partitioned downstream: same partition of the upstream
+                return read_manifest(self._path(key, keys[0]))
+            frames = []  # unpartitioned downstream (the report): every partition that exists
+            for pk in keys:
+                p = self._path(key, pk)
+                if p.exists():
+                    df = read_manifest(p)
+                    df["partition"] = pk
+                    frames.append(df)
+            return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        return read_manifest(self._path(key, None))
+
+
+class MlflowTracker(dg.ConfigurableResource):
+    """A thin MLflow client wrapper. Failures (server down, bad URI) never fail the asset: they are
+    returned as an error string that the asset reports in its metadata, and ``augment report --relog``
+    can log the run later from the manifests."""
+
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite under ``default_root``
+    default_root: str = "augment_data/mlflow"
+    enabled: bool = True
+
+    def resolved_uri(self) -> str:
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
+        if self.tracking_uri:
+            return self.tracking_uri
+        Path(self.default_root).mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{Path(self.default_root).resolve() / 'mlflow.db'}"
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.resolved_uri())
+
+    def experiment_id(self, client, name: str) -> str:
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        uri = self.resolved_uri()
+        artifact_location = None
+        if uri.startswith("sqlite:") or uri.startswith("file:"):
+            artifact_location = (Path(self.default_root).resolve() / "artifacts" / name).as_uri()
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location)
+        except Exception:
+            exp = client.get_experiment_by_name(name)  # created concurrently
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def log_run(self, experiment: str, run_name: str, *, params: dict[str, Any], metrics: dict[str, float],
+                tags: dict[str, str], artifacts: dict[str, bytes] | None = None, model=None,
+                model_name: str = "classifier", find_existing: dict[str, str] | None = None) -> tuple[str | None, str | None]:
+        """Log one run; returns (run_id, error). ``find_existing`` tags identify a run to update instead of
+        creating a duplicate (reruns of the same asset partition + data version)."""
+        if not self.enabled:
+            return None, "mlflow disabled in config"
+        try:
+            import mlflow
+            from mlflow.entities import Metric, Param, RunTag
+
+            client = self.client()
+            exp_id = self.experiment_id(client, experiment)
+            if find_existing:
+                flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in find_existing.items())
+                found = client.search_runs([exp_id], filter_string=flt, max_results=1)
+                if found:
+                    return found[0].info.run_id, None
+            run = client.create_run(exp_id, run_name=run_name, tags=tags)
+            rid = run.info.run_id
+            import time as _t
+
+            now = int(_t.time() * 1000)
+            plist = [Param(k[:250], str(v)[:6000]) for k, v in sorted(params.items())]
+            mlist = [Metric(k[:250], float(v), now, 0) for k, v in sorted(metrics.items()) if v is not None and v == v]
+            for i in range(0, max(len(plist), 1), 100):
+                client.log_batch(rid, metrics=mlist if i == 0 else [], params=plist[i:i + 100], tags=[])
+            with tempfile.TemporaryDirectory() as td:
+                for name, data in (artifacts or {}).items():
+                    p = Path(td) / name
+                    p.parent.mkdir(parents=True, exist_ok=True)
+                    p.write_bytes(data)
+                    client.log_artifact(rid, str(p), artifact_path=str(Path(name).parent) if "/" in name else None)
+            if model is not None:
+                mlflow.set_tracking_uri(self.resolved_uri())
+                import mlflow.pytorch
+
+                with mlflow.start_run(run_id=rid):
+                    mlflow.pytorch.log_model(model, name=model_name, pip_requirements=["torch"])
+            client.set_terminated(rid, "FINISHED")
+            return rid, None
+        except Exception as e:  # noqa: BLE001 - tracking must never fail the asset
+            return None, f"{type(e).__name__}: {str(e)[:300]}"

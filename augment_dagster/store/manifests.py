@@ -1,0 +1,40 @@
+"""Parquet manifests: ``<root>/manifests/<asset key path>/<partition>.parquet`` (``__all__`` when the
+asset is not partitioned). Written atomically; the Dagster IO manager in ``resources.py`` and the
+lineage views both use these paths.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from ..util import atomic_path, hash_obj
+
+UNPARTITIONED = "__all__"
+
+
+def manifest_path(root: str | os.PathLike, asset_path: Sequence[str], partition: str | None) -> Path:
+    safe = [p.replace("/", "_") for p in asset_path]
+    return Path(root, "manifests", *safe, f"{partition or UNPARTITIONED}.parquet")
+
+
+def write_manifest(path: str | os.PathLike, df: pd.DataFrame) -> None:
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
+
+
+def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"manifest {p} does not exist: materialize its asset first")
+    return pd.read_parquet(p)
+
+
+def manifest_version(df: pd.DataFrame, ignore: Sequence[str] = ("created_by_run", "mlflow_run_id", "mlflow_error")) -> str:
+    """Deterministic content hash of a manifest, ignoring run-specific columns."""
+    cols = [c for c in df.columns if c not in ignore]
+    d = df[cols]
+    records = d.astype(object).where(pd.notna(d), None).to_dict(orient="list")
+    return hash_obj(cols, records)[:24]
