@@ -1,0 +1,158 @@
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from augment_dagster.llm import (LLMClient, LLMError, MissingAPIKeyError, diagen_meta_prompt, offline_class_prompts,
+                                 parse_numbered_prompts, sanitize_prompt)
+
+SECRET = "sk-test-NEVER-LOG-THIS-1234567890"
+
+
+class Stub:
+    """A local OpenAI-compatible server: replies follow a script of (status, body|None, delay)."""
+
+    def __init__(self, script):
+        self.script = list(script)
+        self.requests = []
+        stub = self
+
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                stub.requests.append({"body": body, "auth": self.headers.get("Authorization")})
+                status, content, delay = stub.script.pop(0) if stub.script else (200, "1. a photo of a cat", 0)
+                time.sleep(delay)
+                payload = {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "m",
+                           "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}]}
+                data = json.dumps(payload if status == 200 else {"error": {"message": "boom"}}).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def key(monkeypatch):
+    monkeypatch.setenv("TEST_LLM_KEY", SECRET)
+
+
+def client(url, tmp_path, **kw):
+    return LLMClient(provider="openai", model="m", base_url=url, api_key_env="TEST_LLM_KEY", timeout_s=kw.pop("timeout_s", 2),
+                     max_retries=kw.pop("max_retries", 2), backoff_s=0.01, cache_dir=tmp_path / "cache", **kw)
+
+
+def test_success_and_cache_never_calls_again(tmp_path, key):
+    s = Stub([(200, "1. a photo of a red cat\n2. a photo of a cat at night", 0)])
+    try:
+        c = client(s.url, tmp_path)
+        r = c.complete([{"role": "user", "content": "hi"}])
+        assert r.source == "openai" and "red cat" in r.text and r.response_id == "chatcmpl-1"
+        assert s.requests[0]["auth"] == f"Bearer {SECRET}"
+        r2 = c.complete([{"role": "user", "content": "hi"}])
+        assert r2.source == "cache:openai" and r2.text == r.text and len(s.requests) == 1
+        # the key is nowhere in the cache
+        for p in (tmp_path / "cache").rglob("*"):
+            if p.is_file():
+                assert SECRET not in p.read_text()
+    finally:
+        s.close()
+
+
+def test_429_then_success_retries(tmp_path, key):
+    s = Stub([(429, None, 0), (500, None, 0), (200, "1. a photo of a dog", 0)])
+    try:
+        r = client(s.url, tmp_path).complete([{"role": "user", "content": "x"}])
+        assert r.source == "openai" and len(s.requests) == 3
+    finally:
+        s.close()
+
+
+def test_timeout_falls_back_to_offline_and_records_it(tmp_path, key):
+    s = Stub([(200, "late", 1.5)] * 3)
+    try:
+        c = client(s.url, tmp_path, timeout_s=0.3, max_retries=1, fallback_to_offline=True)
+        msgs = diagen_meta_prompt("cat", 6)
+        r = c.complete(msgs)
+        assert r.source == "offline-fallback" and "Timeout" in r.error
+        assert len(parse_numbered_prompts(r.text, "cat")) == 6
+        assert SECRET not in r.error
+    finally:
+        s.close()
+
+
+def test_failure_without_fallback_raises_clear_error(tmp_path, key):
+    s = Stub([(503, None, 0)] * 3)
+    try:
+        with pytest.raises(LLMError, match="after 3 attempts"):
+            client(s.url, tmp_path, fallback_to_offline=False).complete([{"role": "user", "content": "x"}])
+    finally:
+        s.close()
+
+
+def test_server_down_connection_error(tmp_path, key):
+    s = Stub([])
+    url = s.url
+    s.close()
+    c = client(url, tmp_path, max_retries=1, fallback_to_offline=True)
+    r = c.complete([{"role": "user", "content": "x"}])
+    assert r.source == "offline-fallback" and "Connection" in r.error
+
+
+def test_malformed_output_parses_to_nothing(tmp_path, key):
+    s = Stub([(200, "Sure! Here are some ideas: cats are great.\n\x00\x1b[31m", 0)])
+    try:
+        r = client(s.url, tmp_path).complete([{"role": "user", "content": "x"}])
+        assert parse_numbered_prompts(r.text, "cat") == []
+    finally:
+        s.close()
+
+
+def test_missing_key_fails_fast(monkeypatch, tmp_path):
+    monkeypatch.delenv("TEST_LLM_KEY", raising=False)
+    c = client("http://127.0.0.1:9/v1", tmp_path, fallback_to_offline=False)
+    with pytest.raises(MissingAPIKeyError, match="TEST_LLM_KEY"):
+        c.check_ready()
+
+
+def test_parser_on_messy_text():
+    text = """Here you go:
+1. A photo of a shiny CAT in the rain
+2) a photo of a catalog on a desk
+3 - "a photo of a cat at night"
+- a photo of a small cat\x07 on a beach
+4. a photo of a dog
+not numbered cat line
+"""
+    got = parse_numbered_prompts(text, "cat")
+    assert got == ["A photo of a shiny {name} in the rain", "a photo of a {name} at night", "a photo of a small {name} on a beach"]
+
+
+def test_sanitize_caps_and_strips():
+    s = sanitize_prompt("a\x00b\u202ec  " + "x" * 500)
+    assert "\x00" not in s and "\u202e" not in s and len(s) <= 300
+
+
+def test_offline_prompts_deterministic_and_varied():
+    a = offline_class_prompts("star", 10, seed=1)
+    assert a == offline_class_prompts("star", 10, seed=1)
+    assert a != offline_class_prompts("star", 10, seed=2)
+    assert len(set(a)) == 10 and all("star" in p for p in a)
+    assert len({len(p.split()) for p in a}) > 2  # optional slots vary
