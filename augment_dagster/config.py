@@ -142,6 +142,23 @@ class ConceptsConfig(_Strict):
     batch_size: int = Field(4, ge=1)
     init_word: str = "the"
     checkpoint_every: int = Field(50, ge=1)
+    noise_sigmas: list[float] = Field(default_factory=lambda: [0.005, 0.01, 0.025],
+                                      description="DIAGen embedding noise: one fixed draw per sigma per class (std devs)")
+
+    @field_validator("noise_sigmas")
+    @classmethod
+    def _sigmas(cls, v: list[float]) -> list[float]:
+        if any(s <= 0 for s in v):
+            raise ValueError("noise_sigmas must be positive standard deviations")
+        return v
+
+
+class PromptsConfig(_Strict):
+    """LLM prompt sets per class (DIAGen §2b): ask for per_class + 5, keep per_class."""
+
+    per_class: int = Field(10, ge=1)
+    uncommon_settings: bool = Field(False, description="use the 'uncommon settings' meta-prompt variant")
+    top_up_offline: bool = Field(True, description="top up from the offline generator when the LLM yields fewer usable prompts")
 
 
 class TrainingConfig(_Strict):
@@ -192,6 +209,7 @@ class ExperimentConfig(_Strict):
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     concepts: ConceptsConfig = Field(default_factory=ConceptsConfig)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     methods: dict[str, MethodConfig] = Field(default_factory=dict)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)

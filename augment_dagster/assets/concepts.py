@@ -15,7 +15,8 @@ def build(exp: Experiment) -> list:
         partitions_def=exp.partitions, ins={"split": dg.AssetIn(key=exp.key("few_shot_split"))},
         code_version=exp.code_version("concepts", ("models", "diffusion")), pool="gpu",
         kinds={"pytorch", "diffusers"}, automation_condition=GPU_AUTOMATION,
-        description="Textual inversion: one new token per class learned on its K train images (frozen UNet/VAE/text encoder).",
+        description="Textual inversion: one new token per class learned on its K train images (frozen UNet/VAE/text encoder), "
+                    "plus DIAGen noisy copies S*+σε (one fixed draw per σ).",
     )
     def concept_embeddings(context: dg.AssetExecutionContext, split: pd.DataFrame) -> dg.Output:
         from ..methods.stages import learn_concepts
@@ -28,9 +29,14 @@ def build(exp: Experiment) -> list:
             batch_size=c.batch_size, init_word=c.init_word, seed=cfg.seed * 1000 + seed,
             checkpoint_dir=exp.data_dir / "checkpoints" / "concepts", checkpoint_every=c.checkpoint_every, progress=True,
         )
+        from ..methods.stages import noise_variants
+
+        for r in rows:
+            r.update({"sigma": 0.0, "draw": -1, "base_embedding_id": r["embedding_id"], "noise_norm": 0.0})
+        rows += noise_variants(rows, blobs=exp.blobs, sigmas=c.noise_sigmas, seed=cfg.seed * 1000 + seed)
         df = pd.DataFrame(rows)
         df["created_by_run"] = context.run_id
-        summary = df[["label", "token", "first_loss", "last_loss", "moved", "reused"]]
+        summary = df[df.variant == "base"][["label", "token", "first_loss", "last_loss", "moved", "reused"]]
         return output(df, {"computed": dg.MetadataValue.int(stats.computed), "reused": dg.MetadataValue.int(stats.reused),
                            "compute_seconds": dg.MetadataValue.float(round(stats.seconds, 3)),
                            "concepts": dg.MetadataValue.md(md_table(summary))})

@@ -67,7 +67,7 @@ def build_method_chain(exp: Experiment, name: str) -> list:
     entry = cfg.methods[name]
     spec = get_method(cfg.method_algorithm(name))
     params = method_params(name, entry)
-    alpha = entry.synthetic_probability if entry.synthetic_probability is not None else cfg.training.synthetic_probability
+    alpha = next(a for a in (entry.synthetic_probability, spec.default_alpha, cfg.training.synthetic_probability) if a is not None)
 
     @dg.asset(
         key=exp.key("confidence_weights", name), group_name=exp.name, io_manager_key=exp.io_manager_key,

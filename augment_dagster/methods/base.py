@@ -111,6 +111,8 @@ class MethodSpec:
     render: Callable[..., list] | None = None
     # optional post-filter after generation: filter(units, images, inputs, resources) -> keep mask + metadata
     post_filter: Callable[..., Any] | None = None
+    # synthetic probability α when the config entry sets none (DIAGen: 0.7); None = training default
+    default_alpha: float | None = None
 
     def __post_init__(self):
         bad = [n for n in self.needs if n not in STAGES]

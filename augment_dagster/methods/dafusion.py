@@ -7,7 +7,9 @@ import random
 
 from pydantic import Field, model_validator
 
-from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit, concept_token
+import pandas as pd
+
+from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit
 from .baselines import unit_seed
 
 
@@ -24,12 +26,17 @@ class DAFusionParams(MethodParams):
         return self
 
 
+def base_concepts(concepts: pd.DataFrame) -> dict:
+    """label -> manifest row of the class's learned (un-noised) concept."""
+    base = concepts[concepts["variant"] == "base"] if "variant" in concepts else concepts
+    return {r.label: r for r in base.itertuples()}
+
+
 def plan(inputs: MethodInputs) -> list[SynthUnit]:
     p: DAFusionParams = inputs.params  # type: ignore[assignment]
     if inputs.concepts is None:
         raise ValueError("dafusion needs the concept_embeddings stage")
-    base = inputs.concepts[inputs.concepts.get("variant", "base") == "base"] if "variant" in inputs.concepts else inputs.concepts
-    emb = {r.label: r for r in base.itertuples()}
+    emb = base_concepts(inputs.concepts)
     units = []
     for row in inputs.train.itertuples():
         c = emb.get(row.label)

@@ -335,3 +335,25 @@ def weight_rule(q: np.ndarray, rule: str) -> np.ndarray:
     if rule == "none":
         return np.ones_like(q)
     raise ValueError(f"unknown weighting rule {rule!r}: use none | paper | code")
+
+
+# ---------------------------------------------------------------- DIAGen embedding noise
+def noise_variants(base_rows: list[dict], *, blobs: BlobStore, sigmas: list[float], seed: int) -> list[dict]:
+    """DIAGen (METHODS §2a): S_v = S* + σ·ε, ε ~ N(0, I), one fixed draw per σ per class, stored as extra
+    concept vectors (tokens ``<cls_σ>``). Deterministic in (seed, class, σ)."""
+    import torch
+
+    from ..util import stable_int
+
+    out = []
+    for r in base_rows:
+        base = tensor_from_bytes(blobs.get(r["embedding_id"]))
+        for sigma in sigmas:
+            g = torch.Generator().manual_seed(stable_int("diagen-noise", seed, r["label"], float(sigma), 0))
+            eps = torch.randn(base.shape, generator=g, dtype=torch.float32)
+            v = base.float() + float(sigma) * eps
+            digest = blobs.put(tensor_bytes(v), "safetensors")
+            out.append({**r, "variant": "noise", "token": f"{r['token'][:-1]}_{sigma}>", "embedding_id": digest,
+                        "sigma": float(sigma), "draw": 0, "base_embedding_id": r["embedding_id"],
+                        "noise_norm": float((v - base.float()).norm()), "reused": r["reused"]})
+    return out

@@ -1,0 +1,44 @@
+"""class_prompts: per-class LLM prompt sets (DIAGen §2b) through llm.py (openai or offline), cached."""
+import dagster as dg
+import pandas as pd
+
+from ..config import parse_split_key
+from .common import CHEAP_AUTOMATION, Experiment, md_table, output
+
+
+def llm_client(exp: Experiment):
+    from ..llm import LLMClient
+
+    return LLMClient.from_config(exp.cfg.models.llm, cache_dir=exp.data_dir / "llm_cache")
+
+
+def build(exp: Experiment) -> list:
+    cfg = exp.cfg
+
+    @dg.asset(
+        key=exp.key("class_prompts"), group_name=exp.name, io_manager_key=exp.io_manager_key,
+        partitions_def=exp.partitions, ins={"split": dg.AssetIn(key=exp.key("few_shot_split"))},
+        code_version=exp.code_version("prompts", ("models", "llm")), kinds={"openai"},
+        automation_condition=CHEAP_AUTOMATION,
+        description="LLM prompt sets per class: DIAGen meta-prompt (ask P+5, keep P lines naming the class), "
+                    "provider/model/response hash recorded per prompt; responses cached so reruns never call the API.",
+    )
+    def class_prompts(context: dg.AssetExecutionContext, split: pd.DataFrame) -> dg.Output:
+        from ..methods.prompts import class_prompt_rows
+
+        _, seed = parse_split_key(context.partition_key)
+        client = llm_client(exp)
+        client.check_ready()
+        classes = sorted(split.loc[split["role"] == "train", "label"].unique())
+        p = cfg.prompts
+        rows = class_prompt_rows(classes, client, p.per_class, seed=cfg.seed, uncommon=p.uncommon_settings,
+                                 top_up_offline=p.top_up_offline)
+        df = pd.DataFrame(rows)
+        errors = sorted({e for e in df["llm_error"] if e})
+        for e in errors:
+            context.log.warning(f"LLM failed, offline fallback used: {e}")
+        src = df.groupby("prompt_source").size().to_dict()
+        return output(df, {"api_calls": dg.MetadataValue.int(client.calls), "sources": dg.MetadataValue.json(src),
+                           "examples": dg.MetadataValue.md(md_table(df.groupby("label").head(2)[["label", "template", "prompt_source"]]))})
+
+    return [class_prompts]

@@ -1,0 +1,66 @@
+"""DIAGen (METHODS.md §2): DA-Fusion + (a) embedding noise, (b) LLM prompt sets, (c) confidence weights.
+
+Assignment is DIAGen's deterministic round-robin: per class a counter c increments per generated image
+(looping over real images, then repeats m); prompt = prompts[c mod P], concept = names[c mod |names|] with
+names = [S*, S*+σ1ε1, S*+σ2ε2, S*+σ3ε3]. Ablations are config entries with use_noise/use_llm/weighting."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit
+from .baselines import unit_seed
+
+
+class DIAGenParams(MethodParams):
+    strength: float = Field(0.7, ge=0.0, le=1.0, description="SDEdit t0 (README example: 0.7)")
+    guidance_scale: float | None = Field(15.0, ge=0, description="CFG scale (README example: 15)")
+    use_noise: bool = Field(True, description="(a) round-robin over the noisy concept vectors")
+    use_llm: bool = Field(True, description="(b) round-robin over the class's LLM prompt set")
+    weighting: Literal["none", "paper", "code"] = Field("paper", description="(c) w = q (paper) or the code rule")
+
+
+def plan(inputs: MethodInputs) -> list[SynthUnit]:
+    p: DIAGenParams = inputs.params  # type: ignore[assignment]
+    if inputs.concepts is None:
+        raise ValueError("diagen needs the concept_embeddings stage")
+    con = inputs.concepts
+    prompts = inputs.class_prompts
+    units = []
+    for label, grp in inputs.train.groupby("label", sort=True):
+        cls = con[con["label"] == label]
+        if cls.empty:
+            raise ValueError(f"no concept embedding for class {label!r}: rematerialize concept_embeddings")
+        base = cls[cls["variant"] == "base"]
+        noise = cls[cls["variant"] == "noise"].sort_values("sigma")
+        names = [base.iloc[0]] + ([r for _, r in noise.iterrows()] if p.use_noise else [])
+        if p.use_llm:
+            if prompts is None or prompts[prompts["label"] == label].empty:
+                raise ValueError(f"no LLM prompts for class {label!r}: rematerialize class_prompts")
+            pr = prompts[prompts["label"] == label].sort_values("idx")
+            templates = list(zip(pr["template"], pr["prompt_source"]))
+        else:
+            templates = [("a photo of a {name}", "template")]
+        c = 0
+        for row in grp.itertuples():
+            for m in range(inputs.images_per_real):
+                tok = names[c % len(names)]
+                tmpl, src = templates[c % len(templates)]
+                units.append(SynthUnit(
+                    label=label, seed=unit_seed(inputs, row.image_id, m), mode="img2img",
+                    prompt=tmpl.replace("{name}", tok["token"]), guide_ids=(row.image_id,), strength=p.strength,
+                    guidance_scale=inputs.guidance_scale, steps=inputs.steps, negative_prompt=inputs.negative_prompt,
+                    init_image_id=row.image_id, concepts={tok["token"]: tok["embedding_id"]},
+                    embedding_id=tok["embedding_id"], prompt_source=src,
+                    params={"m": m, "counter": c, "sigma": float(tok["sigma"]), "noise_draw": int(tok["draw"]),
+                            "template": tmpl},
+                ))
+                c += 1
+    return units
+
+
+SPECS = (
+    MethodSpec("diagen", "1", "DIAGen: DA-Fusion + embedding noise + LLM prompts + confidence weighting (t0=0.7, w=15)",
+               DIAGenParams, plan, needs=("concepts", "class_prompts"), default_alpha=0.7),
+)

@@ -1,0 +1,117 @@
+"""Method plans (pure: no models) — round-robin assignment, seeds, lineage fields, registry."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from augment_dagster.methods.base import MethodInputs, concept_token
+from augment_dagster.methods.registry import available_methods, get_method
+from augment_dagster.methods.stages import synthetic_groups, weight_rule
+
+
+def split(n_per_class=2, classes=("circle", "star")):
+    rows = []
+    for c in classes:
+        for i in range(n_per_class):
+            rows.append({"image_id": f"{c}-{i}", "label": c, "role": "train", "rank": i, "path": f"{c}/{i}.png"})
+        rows.append({"image_id": f"{c}-val", "label": c, "role": "val", "rank": n_per_class, "path": "v.png"})
+    return pd.DataFrame(rows)
+
+
+def concepts(classes=("circle", "star"), sigmas=(0.005, 0.01, 0.025)):
+    rows = []
+    for c in classes:
+        tok = concept_token(c)
+        rows.append({"label": c, "token": tok, "variant": "base", "embedding_id": f"e-{c}", "sigma": 0.0, "draw": -1})
+        for s in sigmas:
+            rows.append({"label": c, "token": f"{tok[:-1]}_{s}>", "variant": "noise", "embedding_id": f"e-{c}-{s}", "sigma": s, "draw": 0})
+    return pd.DataFrame(rows)
+
+
+def prompts(classes=("circle", "star"), P=3):
+    return pd.DataFrame([{"label": c, "idx": i, "template": f"a photo of a {{name}} v{i}", "prompt_source": "offline"}
+                         for c in classes for i in range(P)])
+
+
+def inputs(name, params=None, M=2, **kw):
+    spec = get_method(name)
+    return spec, MethodInputs(method=name, split=split(), params=spec.Params.model_validate(params or {}), images_per_real=M,
+                              guidance_scale=7.5, steps=10, seed=0, **kw)
+
+
+def test_registry_has_the_methods():
+    assert {"dafusion", "diagen", "real_guidance", "txt2img", "img2img_low", "img2img_high", "standard"} <= set(available_methods())
+    with pytest.raises(KeyError, match="unknown method"):
+        get_method("nope")
+
+
+def test_img2img_baselines_one_unit_per_real_and_repeat():
+    for name, t in (("real_guidance", 0.5), ("img2img_low", 0.3), ("img2img_high", 0.7)):
+        spec, inp = inputs(name)
+        units = spec.plan(inp)
+        assert len(units) == 4 * 2
+        assert {u.strength for u in units} == {t}
+        assert all(u.guide_ids == (u.init_image_id,) and u.prompt == f"a photo of a {u.label}" for u in units)
+        assert len({u.seed for u in units}) == len(units)
+
+
+def test_seeds_do_not_depend_on_other_images():
+    spec, inp = inputs("real_guidance")
+    a = {(u.init_image_id, u.params["m"]): u.seed for u in spec.plan(inp)}
+    more = pd.concat([split(), pd.DataFrame([{"image_id": "circle-new", "label": "circle", "role": "train", "rank": 9, "path": "x"}])])
+    inp2 = MethodInputs(method="real_guidance", split=more, params=inp.params, images_per_real=2, guidance_scale=7.5, steps=10, seed=0)
+    b = {(u.init_image_id, u.params["m"]): u.seed for u in spec.plan(inp2)}
+    assert all(b[k] == v for k, v in a.items())
+
+
+def test_txt2img_counts():
+    spec, inp = inputs("txt2img", M=3)
+    units = spec.plan(inp)
+    assert len(units) == 2 * 2 * 3 and all(u.mode == "txt2img" and not u.guide_ids for u in units)
+
+
+def test_dafusion_strength_drawn_from_set_and_token():
+    spec, inp = inputs("dafusion", M=50, concepts=concepts())
+    units = spec.plan(inp)
+    assert {u.strength for u in units} == {0.25, 0.5, 0.75, 1.0}
+    u = units[0]
+    assert u.prompt == f"a photo of a {concept_token(u.label)}" and u.concepts == {concept_token(u.label): f"e-{u.label}"}
+    spec, inp = inputs("dafusion", {"fixed_strength": 0.5}, concepts=concepts())
+    assert {u.strength for u in spec.plan(inp)} == {0.5}
+
+
+def test_diagen_round_robin_exactly_as_methods_md():
+    spec, inp = inputs("diagen", M=3, concepts=concepts(), class_prompts=prompts(P=3))
+    units = [u for u in spec.plan(inp) if u.label == "circle"]
+    assert len(units) == 6
+    names = ["<circle>", "<circle_0.005>", "<circle_0.01>", "<circle_0.025>"]
+    for c, u in enumerate(units):
+        assert u.params["counter"] == c
+        assert list(u.concepts) == [names[c % 4]]
+        assert u.prompt == f"a photo of a {names[c % 4]} v{c % 3}"
+        assert u.strength == 0.7 and u.guidance_scale == 7.5  # inputs carry the resolved guidance
+    assert spec.default_alpha == 0.7 and inp.params.weighting == "paper"
+
+
+def test_diagen_ablations():
+    spec, inp = inputs("diagen", {"use_noise": False}, M=2, concepts=concepts(), class_prompts=prompts())
+    assert {tuple(u.concepts) for u in spec.plan(inp)} == {("<circle>",), ("<star>",)}
+    spec, inp = inputs("diagen", {"use_llm": False}, M=2, concepts=concepts(), class_prompts=prompts())
+    assert all(u.prompt == f"a photo of a {next(iter(u.concepts))}" for u in spec.plan(inp))
+
+
+def test_weight_rules():
+    q = np.array([0.1, 0.49, 0.5, 0.9])
+    assert np.allclose(weight_rule(q, "paper"), q)
+    assert np.allclose(weight_rule(q, "code"), [0.2, 0.98, 1.0, 1.0])
+    assert np.allclose(weight_rule(q, "none"), 1.0)
+    with pytest.raises(ValueError):
+        weight_rule(q, "x")
+
+
+def test_synthetic_groups_guide_and_class_pool():
+    train = split()[lambda d: d.role == "train"].reset_index(drop=True)
+    syn = pd.DataFrame({"synthetic_id": list("abcde"), "label": ["circle", "circle", "star", "circle", "star"],
+                        "guide_ids": [["circle-0"], ["circle-1"], ["circle-0"], [], ["star-1"]]})
+    g = synthetic_groups(train, syn)
+    # circle-0: its own guided image (a) + circle pool (d); star images: the cross-class 'c' (guide from circle) is a star pool item
+    assert [list(x) for x in g] == [[0, 3], [1, 3], [2], [4, 2]]
