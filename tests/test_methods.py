@@ -115,3 +115,105 @@ def test_synthetic_groups_guide_and_class_pool():
     g = synthetic_groups(train, syn)
     # circle-0: its own guided image (a) + circle pool (d); star images: the cross-class 'c' (guide from circle) is a star pool item
     assert [list(x) for x in g] == [[0, 3], [1, 3], [2], [4, 2]]
+
+
+# ---------------------------------------------------------------- GeNIe / GeNIe-Ada
+from augment_dagster.methods.genie import projection, select_ada, select_ratio  # noqa: E402
+from augment_dagster.methods.sgid import guidance_from_similarity, pick_caption  # noqa: E402
+
+
+@pytest.mark.parametrize("d, expect", [
+    ([0.0, 0.1, 0.2, 0.9, 1.0], 3),    # largest jump between r=.7 and .8 -> keep .8 (index 3)
+    ([0.0, 0.8, 0.85, 0.9, 0.95], 1),  # jump right at the start
+    ([0.0, 0.1, 0.2, 0.3, 1.0], 4),    # jump at the end
+    ([0.5, 0.5, 0.5, 0.5, 0.5], 1),    # flat trajectory: first index after a (zero) jump
+    ([0.0, 0.5, 1.0, 1.5, 2.0], 1),    # ties: the first (lowest r) jump wins
+    ([1.0, 0.2, 0.1, 0.0, 0.0], 1),    # uses |Δd|, direction does not matter
+])
+def test_select_ratio(d, expect):
+    assert select_ratio(d, [0.5, 0.6, 0.7, 0.8, 0.9]) == expect
+
+
+def test_select_ratio_errors():
+    with pytest.raises(ValueError):
+        select_ratio([1.0], [0.5])
+    with pytest.raises(ValueError):
+        select_ratio([1.0, 2.0], [0.6, 0.5])
+
+
+def test_genie_pairing_counts():
+    classes = ("a", "b", "c", "d", "e")
+    sp = split(n_per_class=3, classes=classes)
+    spec = get_method("genie")
+    inp = MethodInputs(method="genie", split=sp, params=spec.Params(), images_per_real=1, guidance_scale=7.5, steps=10, seed=0)
+    units = spec.plan(inp)
+    C, K = 5, 3
+    assert len(units) == C * (C - 1) * K
+    for c in classes:
+        mine = [u for u in units if u.label == c]
+        assert len(mine) == (C - 1) * K
+        assert all(u.params["source_class"] != c and u.strength == 0.8 and u.prompt == f"a photo of a {c}" for u in mine)
+    ada = get_method("genie_ada")
+    inp = MethodInputs(method="genie_ada", split=sp, params=ada.Params(), images_per_real=1, guidance_scale=7.5, steps=10, seed=0)
+    au = ada.plan(inp)
+    assert len(au) == C * (C - 1) * K * 5
+    # the 5 candidates of a pair share the seed (only r varies)
+    first = [u for u in au if u.guide_ids == au[0].guide_ids and u.label == au[0].label]
+    assert len({u.seed for u in first}) == 1 and [u.strength for u in first] == [0.5, 0.6, 0.7, 0.8, 0.9]
+
+
+def test_genie_confusion_topk():
+    import json as _json
+
+    classes = ["a", "b", "c"]
+    cm = [[5, 3, 0], [2, 5, 0], [0, 1, 5]]  # a<->b confused
+    rc = pd.DataFrame([{"classes": classes, "val_confusion": _json.dumps(cm), "blob": "x"}])
+    spec = get_method("genie")
+    inp = MethodInputs(method="genie", split=split(2, classes), params=spec.Params(sources="confusion_topk", topk=1),
+                       images_per_real=1, guidance_scale=7.5, steps=10, seed=0, real_classifier=rc)
+    units = spec.plan(inp)
+    assert {u.params["source_class"] for u in units if u.label == "a"} == {"b"}
+    assert {u.params["source_class"] for u in units if u.label == "c"} == {"b"}
+
+
+def test_select_ada_keeps_one_per_pair_and_records_projections():
+    import json as _json
+
+    zs, zt = np.array([1.0, 0.0]), np.array([0.0, 1.0])
+    ratios = [0.5, 0.6, 0.7]
+    feats = {"s0": np.array([1.0, 0.0]), "s1": np.array([0.9, 0.1]), "s2": np.array([0.1, 0.9])}
+    rows = [{"synthetic_id": f"s{i}", "label": "t", "guide_ids": ["src"], "strength": r, "params_json": "{}"} for i, r in enumerate(ratios)]
+    kept = select_ada(rows, feats, {"src": zs, "t0": zt}, {"src": "s", "t0": "t"}, ratios)
+    assert len(kept) == 1 and kept[0]["synthetic_id"] == "s2"
+    p = _json.loads(kept[0]["params_json"])
+    assert p["ada_choice"] == 2 and len(p["ada_projections"]) == 3
+    assert np.allclose(projection(np.stack([zs, zt]), zs, zt), [0.0, np.sqrt(2)])
+
+
+# ---------------------------------------------------------------- SGID
+def test_guidance_map():
+    assert guidance_from_similarity(0.0) == 1.0
+    assert guidance_from_similarity(0.25) == pytest.approx(1.25)
+    assert guidance_from_similarity(0.57) == pytest.approx(0.8404)
+    assert guidance_from_similarity(1.0) == pytest.approx(-1.0)
+    assert guidance_from_similarity(0.57, clamp_min=1.0) == 1.0
+
+
+def test_sgid_plan_prompt_weights_and_caption_choice():
+    caps = []
+    for iid in ("circle-0", "circle-1", "star-0", "star-1"):
+        caps += [{"image_id": iid, "idx": 0, "strategy": "greedy", "caption": "a thing", "clip_score": 0.2},
+                 {"image_id": iid, "idx": 1, "strategy": "beam", "caption": "a red shape", "clip_score": 0.3},
+                 {"image_id": iid, "idx": 2, "strategy": "nucleus", "caption": "a shape on stripes", "clip_score": 0.1}]
+    spec = get_method("sgid")
+    inp = MethodInputs(method="sgid", split=split(), params=spec.Params(), images_per_real=1, guidance_scale=7.5,
+                       steps=10, seed=0, captions=pd.DataFrame(caps))
+    units = spec.plan(inp)
+    assert len(units) == 4
+    u = units[0]
+    assert u.prompt == [(f"A picture of a {u.label}", 1.5), (", a red shape", 0.9)]  # clip_filter picks s*=0.3
+    assert u.guidance_scale == pytest.approx(guidance_from_similarity(0.3)) and u.params["clip_score"] == 0.3
+    assert u.strength == 0.5 and u.prompt_text() == f"A picture of a {u.label}, a red shape"
+    c = pd.DataFrame(caps)[lambda d: d.image_id == "circle-0"].to_dict("records")
+    assert pick_caption(c, "beam", 0)["caption"] == "a red shape"
+    assert pick_caption(c, "nucleus", 0)["strategy"] == "nucleus"

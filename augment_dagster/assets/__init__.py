@@ -7,13 +7,15 @@ from .common import Experiment
 
 
 def build_experiment_assets(cfg: ExperimentConfig) -> list:
-    from . import concepts, data, evaluation, prompts, report, synthetic
+    from . import captions, concepts, data, evaluation, prompts, report, synthetic
 
     exp = Experiment(cfg)
     needs = {n for name in cfg.enabled_methods() for n in get_method(cfg.method_algorithm(name)).needs}
     assets = data.build(exp)
     if "concepts" in needs:
         assets += concepts.build(exp)
+    if "captions" in needs:
+        assets += captions.build(exp)
     if "class_prompts" in needs:
         assets += prompts.build(exp)
     assets += synthetic.build(exp) + evaluation.build(exp) + report.build(exp)

@@ -148,6 +148,20 @@ def generation_core(exp: Experiment):
     return GenerationCore(diffusion_bundle(exp), batch_size=g.batch_size, scheduler=exp.cfg.models.diffusion.scheduler)
 
 
+def clip_bundle(exp: Experiment):
+    from ..models.loading import load_clip
+
+    c = exp.cfg.models.clip
+    return load_clip(c.source, exp.data_dir, device=exp.device)
+
+
+def captioner_bundle(exp: Experiment):
+    from ..models.loading import load_captioner
+
+    c = exp.cfg.models.captioner
+    return load_captioner(c.source, exp.data_dir, device=exp.device)
+
+
 def image_source(exp: Experiment, raw_or_split: pd.DataFrame):
     from ..methods.stages import ImageSource
 

@@ -9,7 +9,8 @@ import pandas as pd
 
 from ..config import parse_split_key
 from ..methods.registry import get_method, method_params
-from .common import (GPU_AUTOMATION, CHEAP_AUTOMATION, Experiment, diffusion_fingerprint, generation_core,
+from ..methods.runner import SYNTH_COLUMNS
+from .common import (GPU_AUTOMATION, CHEAP_AUTOMATION, Experiment, clip_bundle, diffusion_fingerprint, generation_core,
                      image_source, output, sample_grid_metadata)
 
 # stage name in MethodSpec.needs -> asset name
@@ -61,7 +62,13 @@ def build_one(exp: Experiment, name: str) -> dg.AssetsDefinition:
             batch_size=g.batch_size, run_id=context.run_id, progress=True,
             on_batch_done=lambda done, total: context.log.debug(f"{name}: {done}/{total} computed"),
         )
-        df = pd.DataFrame(rows)
+        filter_md = {}
+        if spec.post_filter is not None:
+            from ..methods.stages import FilterServices
+
+            services = FilterServices(images, exp.blobs, cfg.training.image_size, clip_factory=lambda: clip_bundle(exp))
+            rows, filter_md = spec.post_filter(rows, inputs, services)
+        df = pd.DataFrame(rows, columns=None if rows else SYNTH_COLUMNS)
         df["split"] = context.partition_key
         # sample grid: the first image of the first guides of each class
         sample = df.groupby("label").head(4).head(32)
@@ -72,6 +79,8 @@ def build_one(exp: Experiment, name: str) -> dg.AssetsDefinition:
             "images": dg.MetadataValue.int(len(df)),
             "per_class": dg.MetadataValue.json(df.groupby("label").size().to_dict()),
         }
+        if filter_md:
+            md["filter"] = dg.MetadataValue.json(filter_md)
         md.update(sample_grid_metadata(exp, [images.synthetic(b) for b in sample["blob"]], f"synthetic/{name} {context.partition_key}"))
         return output(df, md)
 

@@ -109,7 +109,8 @@ class MethodSpec:
     uses_diffusion: bool = True
     # for non-diffusion methods: render(units, images_by_id, params) -> list[PIL.Image]
     render: Callable[..., list] | None = None
-    # optional post-filter after generation: filter(units, images, inputs, resources) -> keep mask + metadata
+    # optional post-filter after generation: post_filter(rows, inputs, services) -> (kept rows, metadata);
+    # services: methods.stages.FilterServices (classifier features, CLIP zero-shot, image access)
     post_filter: Callable[..., Any] | None = None
     # synthetic probability α when the config entry sets none (DIAGen: 0.7); None = training default
     default_alpha: float | None = None

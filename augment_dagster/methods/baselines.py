@@ -67,6 +67,27 @@ class Img2ImgHighParams(Img2ImgParams):
     strength: float = Field(0.7, ge=0.0, le=1.0, description="SDEdit noise ratio r")
 
 
+class RealFilterParams(Txt2ImgParams):
+    zero_shot_template: str = Field("a photo of a {}", description="CLIP zero-shot class prompt")
+
+
+def filter_by_clip(rows: list[dict], inputs: MethodInputs, services) -> tuple[list[dict], dict]:
+    """Real-Filter: drop synthetic images that CLIP zero-shot assigns to another class."""
+    if not rows:
+        return rows, {"dropped": 0, "kept": 0}
+    p: RealFilterParams = inputs.params  # type: ignore[assignment]
+    classes = inputs.class_names
+    probs = services.clip_zero_shot([services.synthetic_image(r["blob"]) for r in rows], classes, p.zero_shot_template)
+    kept, dropped = [], {}
+    for r, pr in zip(rows, probs):
+        pred = classes[int(pr.argmax())]
+        if pred == r["label"]:
+            kept.append(r)
+        else:
+            dropped[r["label"]] = dropped.get(r["label"], 0) + 1
+    return kept, {"dropped": len(rows) - len(kept), "kept": len(kept), "dropped_per_class": dropped}
+
+
 SPECS = (
     MethodSpec("real_guidance", "1", "Real-Guidance: img2img of each real image, prompt 'a photo of a {class}', t0=0.5 (He et al.)",
                RealGuidanceParams, plan_img2img),
@@ -76,4 +97,6 @@ SPECS = (
                Img2ImgHighParams, plan_img2img),
     MethodSpec("txt2img", "1", "Txt2Img: generation from 'a photo of a {class}' alone, M per real image",
                Txt2ImgParams, plan_txt2img),
+    MethodSpec("real_filter", "1", "Real-Filter: txt2img from class-name prompts, minus images CLIP zero-shot assigns to another class",
+               RealFilterParams, plan_txt2img, post_filter=filter_by_clip),
 )

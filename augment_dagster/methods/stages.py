@@ -235,17 +235,21 @@ def train_classifier_stage(
         res = train_classifier(rx, ry, vx, vy, len(classes), cfg, **kw)
         T = 1.0
         nll_before = nll_after = None
+        val_confusion = None
         if fit_temperature:
+            from ..metrics import confusion_matrix
             from ..training.temperature import fit_temperature as fit_t, nll
 
             logits = predict_logits(res.model, vx)
+            val_confusion = json.dumps(np.asarray(confusion_matrix(logits.argmax(1), vy, len(classes))).tolist())
             T = float(fit_t(logits, vy))
             nll_before, nll_after = float(nll(logits, vy, 1.0)), float(nll(logits, vy, T))
         blob = blobs.put(save_classifier(res.model, {"classes": classes, "temperature": T, "backbone": classifier_cfg.source,
                                                     "image_size": size}), "pt")
         rec = {"blob": blob, "temperature": T, "best_epoch": int(res.best_epoch), "best_val_acc": float(res.best_val_acc),
                "history": res.history, "n_real_draws": int(res.n_real_draws), "n_syn_draws": int(res.n_syn_draws),
-               "val_nll_before_T": nll_before, "val_nll_after_T": nll_after, "train_seconds": time.perf_counter() - t0}
+               "val_nll_before_T": nll_before, "val_nll_after_T": nll_after, "val_confusion": val_confusion,
+               "train_seconds": time.perf_counter() - t0}
         memo.put(key, rec)
         stats.computed = 1
     out = {**rec, "classes": classes, "memo_key": key, "n_train": len(train), "n_val": len(val),
@@ -357,3 +361,35 @@ def noise_variants(base_rows: list[dict], *, blobs: BlobStore, sigmas: list[floa
                         "sigma": float(sigma), "draw": 0, "base_embedding_id": r["embedding_id"],
                         "noise_norm": float((v - base.float()).norm()), "reused": r["reused"]})
     return out
+
+
+# ---------------------------------------------------------------- services for post-filters
+class FilterServices:
+    """What a method's post_filter may use: images, classifier features, CLIP zero-shot."""
+
+    def __init__(self, images: ImageSource, blobs: BlobStore, image_size: int, clip_factory: Callable[[], Any] | None = None):
+        self.images, self.blobs, self.image_size, self.clip_factory = images, blobs, image_size, clip_factory
+
+    def real_image(self, image_id: str):
+        return self.images.real(image_id)
+
+    def synthetic_image(self, blob: str):
+        return self.images.synthetic(blob)
+
+    def classifier_features(self, classifier_blob: str, pil_images: list) -> np.ndarray:
+        """L2-normalised penultimate features of a stored classifier."""
+        import torch
+
+        from ..training.classifier import extract_features
+
+        model, _ = load_classifier_blob(self.blobs, classifier_blob)
+        with torch.no_grad():
+            f = extract_features(model, to_tensor(pil_images, self.image_size))
+        f = torch.nn.functional.normalize(f.float(), dim=1)
+        return f.numpy()
+
+    def clip_zero_shot(self, pil_images: list, class_names: list[str], template: str = "a photo of a {}") -> np.ndarray:
+        """Softmax over class prompts of CLIP image-text similarity, [N, C]."""
+        from ..models.clip_ops import zero_shot_probs
+
+        return zero_shot_probs(self.clip_factory(), pil_images, [template.format(c) for c in class_names])

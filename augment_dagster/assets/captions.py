@@ -1,0 +1,35 @@
+"""captions: BLIP candidates (greedy, beam, nucleus) + CLIP similarity per train image (shared by SGID and Diff-II)."""
+import dagster as dg
+import pandas as pd
+
+from ..config import parse_split_key
+from .common import CHEAP_AUTOMATION, Experiment, captioner_bundle, clip_bundle, image_source, md_table, output
+
+
+def build(exp: Experiment) -> list:
+    cfg = exp.cfg
+
+    @dg.asset(
+        key=exp.key("captions"), group_name=exp.name, io_manager_key=exp.io_manager_key,
+        partitions_def=exp.partitions, ins={"split": dg.AssetIn(key=exp.key("few_shot_split"))},
+        code_version=exp.code_version(("models", "captioner"), ("models", "clip")), kinds={"pytorch", "transformers"},
+        pool="gpu", automation_condition=CHEAP_AUTOMATION,
+        description="Captions of every train image: BLIP greedy, beam (3) and nucleus (top_p .9) candidates, 5-20 tokens, "
+                    "each with its CLIP image-text similarity; per-image memo.",
+    )
+    def captions(context: dg.AssetExecutionContext, split: pd.DataFrame) -> dg.Output:
+        from ..methods.captions import caption_images
+
+        _, seed = parse_split_key(context.partition_key)
+        cap, clip = captioner_bundle(exp), clip_bundle(exp)
+        train = split[split["role"] == "train"]
+        rows, stats = caption_images(train, images=image_source(exp, split), memo=exp.memo(), captioner_fp=cap.fingerprint,
+                                     clip_fp=clip.fingerprint, captioner_factory=lambda: cap, clip_factory=lambda: clip,
+                                     seed=cfg.seed * 1000 + seed)
+        df = pd.DataFrame(rows)
+        best = df.sort_values("clip_score", ascending=False).groupby("image_id").head(1)
+        return output(df, {"computed": dg.MetadataValue.int(stats.computed), "reused": dg.MetadataValue.int(stats.reused),
+                           "mean_best_clip_score": dg.MetadataValue.float(float(best["clip_score"].mean()) if len(best) else 0.0),
+                           "examples": dg.MetadataValue.md(md_table(best.head(6)[["label", "strategy", "caption", "clip_score"]]))})
+
+    return [captions]

@@ -1,0 +1,163 @@
+"""GeNIe and GeNIe-Ada (METHODS.md §4): hard negatives by img2img of a *source* image of another class
+with the *target* class prompt at noise ratio r, labelled as the target.
+
+* ``genie``: for every target class T, every train image of every other class is a source ((C−1)·K per
+  class), or with ``sources: confusion_topk`` only images of the k classes the real classifier confuses
+  most with T (val confusion matrix). r = 0.8 by default.
+* ``genie_ada``: the r grid {0.5,…,0.9} is generated for every (source, target) pair in one batched pass;
+  each candidate is embedded with the real classifier's L2-normalised penultimate features and projected
+  onto Z_T − Z_S; the image just after the largest jump of the projection is kept (Algorithm 1). Every
+  candidate's projection is kept in the manifest (``params_json``) so the choice can be audited.
+"""
+from __future__ import annotations
+
+import json
+from typing import Literal, Sequence
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit
+from .baselines import unit_seed
+
+
+def select_ratio(projections: Sequence[float], ratios: Sequence[float]) -> int:
+    """GeNIe-Ada's rule: the index of the ratio just *after* the largest jump |d_m − d_{m−1}|.
+
+    ``projections[i]`` is d at ``ratios[i]`` (ratios ascending). Ties pick the first (lowest-r) jump;
+    a flat trajectory (all jumps equal, e.g. zero) picks index 1. Needs at least two ratios."""
+    d = np.asarray(projections, dtype=np.float64)
+    if len(d) != len(ratios):
+        raise ValueError(f"{len(d)} projections for {len(ratios)} ratios")
+    if len(d) < 2:
+        raise ValueError("select_ratio needs at least two ratios")
+    if any(b <= a for a, b in zip(ratios, ratios[1:])):
+        raise ValueError("ratios must be strictly increasing")
+    jumps = np.abs(np.diff(d))
+    return int(np.argmax(jumps)) + 1
+
+
+def projection(z: np.ndarray, z_source: np.ndarray, z_target: np.ndarray) -> np.ndarray:
+    """d = (Z − Z_S)ᵀ(Z_T − Z_S) / ‖Z_T − Z_S‖₂ for each row of z."""
+    v = z_target - z_source
+    n = np.linalg.norm(v)
+    return (z - z_source) @ v / (n if n > 0 else 1.0)
+
+
+class GenieParams(MethodParams):
+    ratio: float = Field(0.8, ge=0.0, le=1.0, description="noise ratio r: noise to t=⌊1000r⌋, denoise the remaining steps")
+    sources: Literal["all", "confusion_topk"] = "all"
+    topk: int = Field(4, ge=1, description="with sources=confusion_topk: the k most confused classes")
+    prompt_template: str = "a photo of a {label}"
+    max_per_class: int | None = Field(None, ge=1, description="cap on images per target class (long-tail: 50)")
+
+
+class GenieAdaParams(GenieParams):
+    ratios: list[float] = Field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9])
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios(cls, v):
+        if len(v) < 2 or any(not 0 <= r <= 1 for r in v) or sorted(v) != v or len(set(v)) != len(v):
+            raise ValueError("ratios must be >= 2 strictly increasing values in [0, 1]")
+        return v
+
+
+def _confused_with(inputs: MethodInputs, target: str, k: int) -> list[str]:
+    rc = inputs.real_classifier
+    if rc is None or "val_confusion" not in rc:
+        raise ValueError("sources: confusion_topk needs the real_classifier's validation confusion matrix")
+    rec = rc.iloc[0]
+    classes = list(rec["classes"])
+    cm = np.asarray(json.loads(rec["val_confusion"]), dtype=float)
+    t = classes.index(target)
+    # how often images of class s are predicted as target t (s != t)
+    scores = [(cm[s, t] + cm[t, s], classes[s]) for s in range(len(classes)) if s != t]
+    scores.sort(key=lambda x: (-x[0], x[1]))
+    return [c for _, c in scores[:k]]
+
+
+def pairs(inputs: MethodInputs) -> list[tuple[str, str, str]]:
+    """(target class, source image id, source class) for every pair the method generates."""
+    p: GenieParams = inputs.params  # type: ignore[assignment]
+    train = inputs.train
+    out = []
+    for target in inputs.class_names:
+        allowed = set(_confused_with(inputs, target, p.topk)) if p.sources == "confusion_topk" else None
+        src = train[(train["label"] != target) & (train["label"].isin(allowed) if allowed is not None else True)]
+        rows = [(target, r.image_id, r.label) for r in src.itertuples()]
+        out += rows[: p.max_per_class] if p.max_per_class else rows
+    return out
+
+
+def _unit(inputs, target, sid, scls, r, seed, extra=None) -> SynthUnit:
+    p: GenieParams = inputs.params  # type: ignore[assignment]
+    return SynthUnit(label=target, seed=seed, mode="img2img", prompt=p.prompt_template.format(label=target),
+                     guide_ids=(sid,), strength=float(r), guidance_scale=inputs.guidance_scale, steps=inputs.steps,
+                     negative_prompt=inputs.negative_prompt, init_image_id=sid,
+                     params={"source_class": scls, "target_class": target, "ratio": float(r), **(extra or {})})
+
+
+def plan_genie(inputs: MethodInputs) -> list[SynthUnit]:
+    p: GenieParams = inputs.params  # type: ignore[assignment]
+    return [_unit(inputs, t, sid, scls, p.ratio, unit_seed(inputs, t, sid)) for t, sid, scls in pairs(inputs)]
+
+
+def plan_genie_ada(inputs: MethodInputs) -> list[SynthUnit]:
+    p: GenieAdaParams = inputs.params  # type: ignore[assignment]
+    units = []
+    for t, sid, scls in pairs(inputs):
+        seed = unit_seed(inputs, t, sid)  # same noise for every r of a pair: the trajectory varies r only
+        units += [_unit(inputs, t, sid, scls, r, seed, {"candidate": i}) for i, r in enumerate(p.ratios)]
+    return units
+
+
+def select_ada(rows: list[dict], features: dict[str, np.ndarray], real_features: dict[str, np.ndarray],
+               train_labels: dict[str, str], ratios: Sequence[float]) -> list[dict]:
+    """Keep one candidate per (target, source) pair by ``select_ratio``; record all projections.
+
+    ``features``: synthetic_id -> L2-normalised feature; ``real_features``: real image id -> feature."""
+    by_label: dict[str, list[np.ndarray]] = {}
+    for iid, lab in train_labels.items():
+        by_label.setdefault(lab, []).append(real_features[iid])
+    z_t_mean = {lab: np.mean(v, axis=0) for lab, v in by_label.items()}
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["label"], r["guide_ids"][0]), []).append(r)
+    kept = []
+    for (target, sid), cand in groups.items():
+        cand = sorted(cand, key=lambda r: r["strength"])
+        z = np.stack([features[r["synthetic_id"]] for r in cand])
+        d = projection(z, real_features[sid], z_t_mean[target])
+        i = select_ratio(d.tolist(), [r["strength"] for r in cand])
+        chosen = dict(cand[i])
+        params = json.loads(chosen["params_json"])
+        params.update({"ada_ratios": [r["strength"] for r in cand], "ada_projections": [round(float(x), 6) for x in d],
+                       "ada_candidates": [r["synthetic_id"] for r in cand], "ada_choice": i})
+        chosen["params_json"] = json.dumps(params, sort_keys=True)
+        kept.append(chosen)
+    return kept
+
+
+def post_filter_ada(rows: list[dict], inputs: MethodInputs, services) -> tuple[list[dict], dict]:
+    """Embed every candidate and the real train images with the real classifier, keep one per pair."""
+    p: GenieAdaParams = inputs.params  # type: ignore[assignment]
+    if not rows:
+        return rows, {"candidates": 0, "kept": 0}
+    clf_blob = inputs.real_classifier.iloc[0]["blob"]
+    syn = services.classifier_features(clf_blob, [services.synthetic_image(r["blob"]) for r in rows])
+    train = inputs.train
+    real = services.classifier_features(clf_blob, [services.real_image(i) for i in train["image_id"]])
+    kept = select_ada(rows, dict(zip([r["synthetic_id"] for r in rows], syn)), dict(zip(train["image_id"], real)),
+                      dict(zip(train["image_id"], train["label"])), p.ratios)
+    chosen = [json.loads(r["params_json"])["ada_choice"] for r in kept]
+    hist = {str(p.ratios[i]): chosen.count(i) for i in range(len(p.ratios))}
+    return kept, {"candidates": len(rows), "kept": len(kept), "chosen_ratio_histogram": hist}
+
+
+SPECS = (
+    MethodSpec("genie", "1", "GeNIe: hard negatives — img2img of other classes' images with the target prompt at r=0.8",
+               GenieParams, plan_genie, needs=("real_classifier",)),
+    MethodSpec("genie_ada", "1", "GeNIe-Ada: per pair, the r in {.5,...,.9} just after the largest feature jump toward the target",
+               GenieAdaParams, plan_genie_ada, needs=("real_classifier",), post_filter=post_filter_ada),
+)
