@@ -153,6 +153,22 @@ class ConceptsConfig(_Strict):
         return v
 
 
+class ConceptLoraConfig(_Strict):
+    """Diff-II concepts: per-class tokens + one shared UNet LoRA (paper: rank 10, 35k steps at lr 5e-5 on SD;
+    scaled down for the tiny model)."""
+
+    steps: int = Field(200, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    rank: int = Field(10, ge=1)
+    batch_size: int = Field(8, ge=1)
+    init_word: str = "the"
+
+
+class InversionConfig(_Strict):
+    steps: int = Field(50, ge=1, le=1000, description="DDIM inversion steps (paper: 200 on SD)")
+    check_reconstruction: bool = True
+
+
 class PromptsConfig(_Strict):
     """LLM prompt sets per class (DIAGen §2b): ask for per_class + 5, keep per_class."""
 
@@ -210,6 +226,8 @@ class ExperimentConfig(_Strict):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     concepts: ConceptsConfig = Field(default_factory=ConceptsConfig)
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    concept_lora: ConceptLoraConfig = Field(default_factory=ConceptLoraConfig)
+    inversion: InversionConfig = Field(default_factory=InversionConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     methods: dict[str, MethodConfig] = Field(default_factory=dict)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)

@@ -7,16 +7,19 @@ from .common import Experiment
 
 
 def build_experiment_assets(cfg: ExperimentConfig) -> list:
-    from . import captions, concepts, data, evaluation, prompts, report, synthetic
+    from . import captions, concepts, data, diff_ii, evaluation, prompts, report, synthetic
 
     exp = Experiment(cfg)
     needs = {n for name in cfg.enabled_methods() for n in get_method(cfg.method_algorithm(name)).needs}
     assets = data.build(exp)
     if "concepts" in needs:
         assets += concepts.build(exp)
+    if "prompt_suffixes" in needs:
+        needs.add("captions")
     if "captions" in needs:
         assets += captions.build(exp)
     if "class_prompts" in needs:
         assets += prompts.build(exp)
+    assets += diff_ii.build(exp, needs)
     assets += synthetic.build(exp) + evaluation.build(exp) + report.build(exp)
     return assets

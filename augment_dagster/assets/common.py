@@ -141,11 +141,19 @@ def diffusion_fingerprint(exp: Experiment) -> str:
     return fp(d.source, exp.data_dir, revision=d.revision)
 
 
-def generation_core(exp: Experiment):
+def generation_core(exp: Experiment, lora_blob: str | None = None):
+    """The generation core on the experiment's model; with ``lora_blob``, on a copy of the pipeline whose UNet
+    carries that LoRA (the cached base pipeline is never mutated)."""
     from ..models.generation import GenerationCore
 
     g = exp.cfg.generation
-    return GenerationCore(diffusion_bundle(exp), batch_size=g.batch_size, scheduler=exp.cfg.models.diffusion.scheduler)
+    bundle = diffusion_bundle(exp)
+    if lora_blob:
+        from ..methods.concept_lora import bundle_with_lora
+        from ..methods.stages import tensor_dict_from_bytes
+
+        bundle = bundle_with_lora(bundle, tensor_dict_from_bytes(exp.blobs.get(lora_blob)), key=lora_blob)
+    return GenerationCore(bundle, batch_size=g.batch_size, scheduler=exp.cfg.models.diffusion.scheduler)
 
 
 def clip_bundle(exp: Experiment):

@@ -46,19 +46,19 @@ def build_one(exp: Experiment, name: str) -> dg.AssetsDefinition:
 
         _, seed = parse_split_key(context.partition_key)
         g = cfg.generation
+        images = image_source(exp, split)
         inputs = MethodInputs(
             method=name, split=split, params=params,
             images_per_real=params.images_per_real or g.images_per_real,
             guidance_scale=params.guidance_scale if params.guidance_scale is not None else g.guidance_scale,
             steps=params.steps or g.steps, seed=cfg.seed * 1000 + seed, metaclass=cfg.dataset.metaclass,
-            negative_prompt=g.negative_prompt, **upstream,
+            negative_prompt=g.negative_prompt, extra={"load_tensor": images.tensor}, **upstream,
         )
         units = spec.plan(inputs)
-        images = image_source(exp, split)
         model_fp = diffusion_fingerprint(exp) if spec.uses_diffusion else ""
         rows, stats = run_units(
             spec, name, units, blobs=exp.blobs, memo=exp.memo(), model_fp=model_fp, load_image=images.real,
-            load_tensor=images.tensor, core_factory=lambda: generation_core(exp), render_params=params,
+            load_tensor=images.tensor, core_factory=lambda lora=None: generation_core(exp, lora), render_params=params,
             batch_size=g.batch_size, run_id=context.run_id, progress=True,
             on_batch_done=lambda done, total: context.log.debug(f"{name}: {done}/{total} computed"),
         )

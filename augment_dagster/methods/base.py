@@ -43,6 +43,9 @@ class SynthUnit:
     steps: int = 25
     init_image_id: str | None = None
     init_latents_blob: str | None = None
+    # Diff-II: start latents computed from stored ones, e.g. {"op": "circle", "z1": blob, "z2": blob, "alpha": a}
+    latent_recipe: dict[str, Any] | None = None
+    lora_blob: str | None = None  # a LoRA (safetensors state dict) applied to the UNet for this unit
     switch_prompt: str | list[tuple[str, float]] | None = None
     switch_t: int | None = None
     concepts: dict[str, str] = field(default_factory=dict)  # placeholder token -> embedding blob id
@@ -62,7 +65,8 @@ class SynthUnit:
             "label": self.label, "seed": self.seed, "mode": self.mode, "prompt": self.prompt,
             "guide_ids": list(self.guide_ids), "strength": self.strength, "guidance_scale": self.guidance_scale,
             "negative_prompt": self.negative_prompt, "steps": self.steps, "init_image_id": self.init_image_id,
-            "init_latents_blob": self.init_latents_blob, "switch_prompt": self.switch_prompt, "switch_t": self.switch_t,
+            "init_latents_blob": self.init_latents_blob, "latent_recipe": self.latent_recipe, "lora_blob": self.lora_blob,
+            "switch_prompt": self.switch_prompt, "switch_t": self.switch_t,
             "concepts": self.concepts, "weighting": self.weighting, "params": self.params,
         }
 

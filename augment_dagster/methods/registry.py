@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     from .base import MethodSpec
 
 # module that defines each method's SPEC(s); adding a method = one module + one line here
-_MODULES = ("baselines", "dafusion", "diagen", "genie", "sgid", "standard_method")
+_MODULES = ("baselines", "dafusion", "diagen", "diff_ii", "genie", "sgid", "standard_method")
 
 _REGISTRY: dict[str, "MethodSpec"] = {}
 

@@ -40,6 +40,20 @@ def unit_key(spec: MethodSpec, unit: SynthUnit, model_fp: str) -> str:
                     params=unit.identity(), seed=unit.seed)
 
 
+def start_latents(unit: SynthUnit, load_tensor: Callable[[str], Any]):
+    """The start latents of a 'latents' unit: a stored blob, or a recipe over stored latents."""
+    if unit.init_latents_blob:
+        return load_tensor(unit.init_latents_blob)
+    r = unit.latent_recipe or {}
+    if r.get("op") == "circle":
+        from .interpolation import circle_interpolate
+
+        return circle_interpolate(load_tensor(r["z1"]), load_tensor(r["z2"]), float(r["alpha"]))
+    if r.get("op") == "copy":
+        return load_tensor(r["z1"])
+    raise ValueError(f"unit has mode 'latents' but no usable start latents: {r}")
+
+
 def to_request(unit: SynthUnit, load_image: Callable[[str], Any], load_tensor: Callable[[str], Any]):
     from ..models.generation import GenRequest, Prompt
 
@@ -52,7 +66,7 @@ def to_request(unit: SynthUnit, load_image: Callable[[str], Any], load_tensor: C
         prompt=prompt(unit.prompt), seed=unit.seed,
         strength=1.0 if unit.strength is None else unit.strength,
         init_image=load_image(unit.init_image_id) if unit.mode == "img2img" else None,
-        init_latents=load_tensor(unit.init_latents_blob) if unit.mode == "latents" else None,
+        init_latents=start_latents(unit, load_tensor) if unit.mode == "latents" else None,
         guidance_scale=unit.guidance_scale, negative_prompt=unit.negative_prompt,
         num_inference_steps=unit.steps, switch_prompt=prompt(unit.switch_prompt), switch_t=unit.switch_t,
         concepts={tok: load_tensor(eid) for tok, eid in unit.concepts.items()} or None,
@@ -90,18 +104,23 @@ def run_units(
     stats.reused = len(units) - len(todo)
 
     if todo:
-        core = core_factory() if spec.uses_diffusion else None
-        passes0 = core.stats["unet_forward_passes"] if core is not None else 0
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(todo), desc=f"{method_name}", unit="img", leave=False)
         t0 = time.perf_counter()
-        for chunk in _chunks(todo, batch_size):
+        # units that need another UNet (a LoRA) are generated with their own core
+        by_lora: dict[str | None, list[int]] = {}
+        for i in todo:
+            by_lora.setdefault(units[i].lora_blob, []).append(i)
+        cores = {lb: (core_factory(lb) if lb else core_factory()) for lb in by_lora} if spec.uses_diffusion else {}
+        passes0 = sum(c.stats["unet_forward_passes"] for c in cores.values())
+        batches = [(lb, ch) for lb, idx in by_lora.items() for ch in _chunks(idx, batch_size)]
+        for lb, chunk in batches:
             cu = [units[i] for i in chunk]
             if spec.uses_diffusion:
-                images = core.generate([to_request(u, load_image, load_tensor) for u in cu])
+                images = cores[lb].generate([to_request(u, load_image, load_tensor) for u in cu])
             else:
                 images = spec.render(cu, {u.init_image_id: load_image(u.init_image_id) for u in cu}, render_params)
             for i, u, im in zip(chunk, cu, images):
@@ -117,8 +136,7 @@ def run_units(
         if bar is not None:
             bar.close()
         stats.compute_seconds = time.perf_counter() - t0
-        if core is not None:
-            stats.unet_forward_passes = core.stats["unet_forward_passes"] - passes0
+        stats.unet_forward_passes = sum(c.stats["unet_forward_passes"] for c in cores.values()) - passes0
 
     rows = []
     for u, k, rec in zip(units, keys, records):

@@ -45,6 +45,18 @@ def tensor_from_bytes(b: bytes):
     return load(b)["tensor"]
 
 
+def tensor_dict_bytes(d: dict) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous() for k, v in d.items()})
+
+
+def tensor_dict_from_bytes(b: bytes) -> dict:
+    from safetensors.torch import load
+
+    return load(b)
+
+
 class ImageSource:
     """Resolves image ids to PIL images: real ones from the dataset tree, synthetic ones from blobs."""
 
