@@ -118,6 +118,8 @@ class MlflowTracker(dg.ConfigurableResource):
                 client.log_batch(rid, metrics=mlist if i == 0 else [], params=plist[i:i + 100], tags=[])
             with tempfile.TemporaryDirectory() as td:
                 for name, data in (artifacts or {}).items():
+                    if not data:
+                        continue
                     p = Path(td) / name
                     p.parent.mkdir(parents=True, exist_ok=True)
                     p.write_bytes(data)

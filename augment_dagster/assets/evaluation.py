@@ -114,7 +114,35 @@ def build_method_chain(exp: Experiment, name: str) -> list:
                        rec["n_syn_draws"] / max(1, rec["n_syn_draws"] + rec["n_real_draws"]))})
         return output(_rec_df(rec, context), md)
 
-    return [weights, classifier, build_metrics(exp, name, exp.key("classifier", name), exp.key("synthetic", name))]
+    @dg.asset(
+        key=exp.key("set_metrics", name), group_name=exp.name, io_manager_key=exp.io_manager_key,
+        partitions_def=exp.partitions,
+        ins={"split": dg.AssetIn(key=exp.key("few_shot_split")), "synthetic": dg.AssetIn(key=exp.key("synthetic", name)),
+             "real_clf": dg.AssetIn(key=exp.key("real_classifier"))},
+        code_version=exp.code_version(("models", "clip")), kinds={"pytorch", "transformers"},
+        automation_condition=CHEAP_AUTOMATION,
+        description=f"Synthetic-set metrics of {name} on CLIP image features: improved precision/recall (k=3) vs the real "
+                    "ID test images, diversity, CLIP score, label consistency, original-vs-augmented similarity.",
+    )
+    def set_metrics(context: dg.AssetExecutionContext, split: pd.DataFrame, synthetic: pd.DataFrame, real_clf: pd.DataFrame) -> dg.Output:
+        from ..methods.set_metrics import set_metrics as compute
+        from ..methods.stages import FilterServices
+        from .common import clip_bundle
+
+        images = image_source(exp, split)
+        services = FilterServices(images, exp.blobs, cfg.training.image_size)
+        summary, per_class = compute(synthetic, split, images=images, clip=clip_bundle(exp),
+                                     classifier_blob=real_clf.iloc[0]["blob"], services=services)
+        summary.update({"method": name, "split": context.partition_key,
+                        "gpu_seconds": float(synthetic["compute_seconds"].sum()) if "compute_seconds" in synthetic and len(synthetic) else 0.0})
+        df = pd.DataFrame([summary])
+        md = {k: dg.MetadataValue.float(float(v)) for k, v in summary.items() if isinstance(v, float) and v == v}
+        if len(per_class):
+            md["per_class"] = dg.MetadataValue.md(md_table(per_class))
+        return output(df, md)
+
+    return [weights, classifier, set_metrics,
+            build_metrics(exp, name, exp.key("classifier", name), exp.key("synthetic", name))]
 
 
 def build_metrics(exp: Experiment, name: str, clf_key: dg.AssetKey, synth_key: dg.AssetKey | None) -> dg.AssetsDefinition:

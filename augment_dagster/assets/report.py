@@ -10,17 +10,27 @@ from .common import CHEAP_AUTOMATION, Experiment, md_table, output
 from .evaluation import REAL_ONLY
 
 
-def summarize(metrics: pd.DataFrame) -> pd.DataFrame:
-    """One row per (method, shots): mean ± std over seeds of ID/OOD accuracy."""
+SET_COLS = ["precision", "recall", "diversity", "clip_score", "label_consistency", "gpu_seconds"]
+
+
+def summarize(metrics: pd.DataFrame, setm: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per (method, shots): mean ± std over seeds of ID/OOD accuracy, plus the synthetic-set metrics
+    (mean over seeds) when available."""
     from ..metrics import mean_std
 
+    if setm is not None and len(setm):
+        keep = ["method", "split"] + [c for c in SET_COLS if c in setm]
+        metrics = metrics.merge(setm[keep], on=["method", "split"], how="left")
     rows = []
     for (method, shots), g in metrics.groupby(["method", "shots"], sort=True):
         m_id, s_id = mean_std(g["acc_id"].tolist())
         m_ood, s_ood = mean_std(g["acc_ood"].tolist())
-        rows.append({"method": method, "shots": int(shots), "seeds": int(g["seed"].nunique()),
-                     "acc_id_mean": m_id, "acc_id_std": s_id, "acc_ood_mean": m_ood, "acc_ood_std": s_ood,
-                     "n_synthetic": int(g["n_synthetic"].mean())})
+        row = {"method": method, "shots": int(shots), "seeds": int(g["seed"].nunique()),
+               "acc_id_mean": m_id, "acc_id_std": s_id, "acc_ood_mean": m_ood, "acc_ood_std": s_ood,
+               "n_synthetic": int(g["n_synthetic"].mean())}
+        for c in SET_COLS:
+            row[c] = float(pd.to_numeric(g[c], errors="coerce").mean()) if c in g else float("nan")
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -31,7 +41,65 @@ def pretty(summary: pd.DataFrame) -> pd.DataFrame:
     out["acc_id"] = [f"{m:.3f} ± {s:.3f}" for m, s in zip(summary.acc_id_mean, summary.acc_id_std)]
     out["acc_ood"] = [f"{m:.3f} ± {s:.3f}" for m, s in zip(summary.acc_ood_mean, summary.acc_ood_std)]
     out["n_synthetic"] = summary["n_synthetic"]
+    for c in SET_COLS:
+        if c in summary:
+            out[c] = [("-" if v != v else f"{v:.3f}") for v in summary[c]]
     return out
+
+
+def scatter_png(summary: pd.DataFrame) -> bytes:
+    """Fidelity (precision) vs diversity (recall) per method and shots."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    d = summary.dropna(subset=["precision", "recall"]) if "precision" in summary else summary.iloc[0:0]
+    for method, g in d.groupby("method"):
+        ax.scatter(g["recall"], g["precision"], label=method)
+        for r in g.itertuples():
+            ax.annotate(f"{r.shots}", (r.recall, r.precision), fontsize=7)
+    ax.set_xlabel("recall (diversity)")
+    ax.set_ylabel("precision (fidelity)")
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+    if len(d):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def comparison_grid(synth: dict[str, pd.DataFrame], split: pd.DataFrame, images, max_guides: int = 6):
+    """Rows: the real guide images, then one row per method with a synthetic image of the same guide (or,
+    for methods without a same-class guide, of the same class). Columns: one guide per class."""
+    from PIL import Image, ImageDraw
+
+    train = split[split["role"] == "train"].sort_values(["label", "rank"])
+    guides = train.groupby("label").head(1).head(max_guides)
+    cell = 64
+    methods = [m for m, df in synth.items() if df is not None and len(df)]
+    grid = Image.new("RGB", (cell * (len(guides) + 1) + 40, cell * (len(methods) + 1)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    draw.text((2, cell // 2), "real", fill=(0, 0, 0))
+    for j, g in enumerate(guides.itertuples()):
+        grid.paste(images.real(g.image_id).resize((cell, cell)), (100 + j * cell - 60, 0))
+    for i, m in enumerate(methods):
+        df = synth[m]
+        draw.text((2, (i + 1) * cell + cell // 2), m[:12], fill=(0, 0, 0))
+        for j, g in enumerate(guides.itertuples()):
+            hit = df[[g.image_id in list(x) for x in df["guide_ids"]] & (df["label"] == g.label)]
+            if hit.empty:
+                hit = df[df["label"] == g.label]
+            if len(hit):
+                grid.paste(images.synthetic(hit.iloc[0]["blob"]).resize((cell, cell)), (40 + j * cell, (i + 1) * cell))
+    return grid
 
 
 def accuracy_plot_png(summary: pd.DataFrame) -> bytes:
@@ -63,6 +131,10 @@ def build(exp: Experiment) -> list:
     cfg = exp.cfg
     methods = [REAL_ONLY] + list(cfg.enabled_methods())
     ins = {f"m_{m}": dg.AssetIn(key=exp.key("metrics", m)) for m in methods}
+    ins.update({f"s_{m}": dg.AssetIn(key=exp.key("set_metrics", m)) for m in cfg.enabled_methods()})
+    ins.update({f"y_{m}": dg.AssetIn(key=exp.key("synthetic", m)) for m in cfg.enabled_methods()})
+    first_split = cfg.splits.keys()[-1]
+    ins["split"] = dg.AssetIn(key=exp.key("few_shot_split"))
 
     @dg.asset(
         key=exp.key("report"), group_name=exp.name, io_manager_key=exp.io_manager_key, ins=ins,
@@ -70,18 +142,36 @@ def build(exp: Experiment) -> list:
         automation_condition=CHEAP_AUTOMATION,
         description="Comparison of all methods × splits: accuracy (ID, OOD) mean ± std over seeds; table, CSV, plot, MLflow run.",
     )
-    def report(context: dg.AssetExecutionContext, mlflow: MlflowTracker, **metrics) -> dg.Output:
-        frames = [df for df in metrics.values() if df is not None and len(df)]
-        allm = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-        summary = summarize(allm) if len(allm) else pd.DataFrame()
+    def report(context: dg.AssetExecutionContext, mlflow: MlflowTracker, split: pd.DataFrame, **inputs) -> dg.Output:
+        from ..util import png_bytes
+        from .common import image_source
+
+        def frames(prefix):
+            fs = [df for k, df in inputs.items() if k.startswith(prefix) and df is not None and len(df)]
+            return pd.concat(fs, ignore_index=True) if fs else pd.DataFrame()
+
+        allm, setm = frames("m_"), frames("s_")
+        summary = summarize(allm, setm) if len(allm) else pd.DataFrame()
         table = md_table(pretty(summary))
         out_dir = exp.data_dir / "report" / exp.name
         png = accuracy_plot_png(summary) if len(summary) else b""
+        scatter = scatter_png(summary) if len(summary) else b""
+        grid_png = b""
+        sp = split[split["partition"] == first_split] if "partition" in split else split
+        if len(sp):
+            synth = {k[2:]: (df[df["partition"] == first_split] if "partition" in df else df)
+                     for k, df in inputs.items() if k.startswith("y_") and df is not None and len(df)}
+            grid_png = png_bytes(comparison_grid(synth, sp, image_source(exp, sp)))
         if len(summary):
             atomic_write_text(out_dir / "report.csv", summary.to_csv(index=False))
             atomic_write_text(out_dir / "metrics_all.csv", allm.drop(columns=[c for c in allm.columns if c.startswith("confusion")]).to_csv(index=False))
             atomic_write_bytes(out_dir / "accuracy_vs_shots.png", png)
-        atomic_write_text(out_dir / "report.md", f"# {exp.name}: methods × shots\n\n{table}\n\n![accuracy](accuracy_vs_shots.png)\n")
+            atomic_write_bytes(out_dir / "fidelity_diversity.png", scatter)
+        if grid_png:
+            atomic_write_bytes(out_dir / "samples.png", grid_png)
+        atomic_write_text(out_dir / "report.md", f"# {exp.name}: methods × shots\n\n{table}\n\n"
+                          "![accuracy](accuracy_vs_shots.png)\n![fidelity vs diversity](fidelity_diversity.png)\n"
+                          f"![samples ({first_split})](samples.png)\n")
         missing = [m for m in methods if m not in set(allm.get("method", pd.Series(dtype=str)))]
         run_id, err = (None, None)
         if len(summary):
@@ -93,14 +183,16 @@ def build(exp: Experiment) -> list:
                 tags={"dagster.run_id": context.run_id, "dagster.asset_key": context.asset_key.to_user_string(),
                       "augment.experiment": exp.name, "augment.kind": "report"},
                 artifacts={"report.md": (out_dir / "report.md").read_bytes(), "report.csv": (out_dir / "report.csv").read_bytes(),
-                           "accuracy_vs_shots.png": png},
+                           "accuracy_vs_shots.png": png, "fidelity_diversity.png": scatter, "samples.png": grid_png},
             )
         md = {"report": dg.MetadataValue.md(table), "report_dir": dg.MetadataValue.path(str(out_dir)),
               "missing_methods": dg.MetadataValue.json(missing), "mlflow_run_id": dg.MetadataValue.text(run_id or f"(none: {err})")}
         if png:
             import base64
 
-            md["accuracy_plot"] = dg.MetadataValue.md(f"![accuracy](data:image/png;base64,{base64.b64encode(png).decode()})")
+            for name, data in (("accuracy_plot", png), ("fidelity_diversity", scatter), ("samples", grid_png)):
+                if data:
+                    md[name] = dg.MetadataValue.md(f"![{name}](data:image/png;base64,{base64.b64encode(data).decode()})")
         summary = summary.copy()
         summary["created_by_run"] = context.run_id
         return output(summary, md)

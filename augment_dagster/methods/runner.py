@@ -31,7 +31,7 @@ class RunStats:
 SYNTH_COLUMNS = [
     "synthetic_id", "method", "algorithm", "label", "guide_ids", "prompt", "prompt_segments", "negative_prompt",
     "prompt_source", "seed", "mode", "strength", "guidance_scale", "steps", "switch_prompt", "switch_t",
-    "embedding_id", "concepts", "model_fingerprint", "params_json", "blob", "memo_key", "created_by_run",
+    "embedding_id", "concepts", "model_fingerprint", "params_json", "blob", "memo_key", "created_by_run", "compute_seconds",
 ]
 
 
@@ -118,14 +118,16 @@ def run_units(
         passes0 = sum(c.stats["unet_forward_passes"] for c in cores.values())
         batches = [(lb, ch) for lb, idx in by_lora.items() for ch in _chunks(idx, batch_size)]
         for lb, chunk in batches:
+            tb = time.perf_counter()
             cu = [units[i] for i in chunk]
             if spec.uses_diffusion:
                 images = cores[lb].generate([to_request(u, load_image, load_tensor) for u in cu])
             else:
                 images = spec.render(cu, {u.init_image_id: load_image(u.init_image_id) for u in cu}, render_params)
+            per_unit = (time.perf_counter() - tb) / max(1, len(chunk))
             for i, u, im in zip(chunk, cu, images):
                 digest = blobs.put(png_bytes(im), "png")
-                rec = {"blob": digest, "created_by_run": run_id, "created_at": time.time()}
+                rec = {"blob": digest, "created_by_run": run_id, "created_at": time.time(), "seconds": per_unit}
                 memo.put(keys[i], rec)
                 records[i] = rec
             stats.computed += len(chunk)
@@ -153,7 +155,7 @@ def run_units(
             "switch_t": u.switch_t, "embedding_id": u.embedding_id, "concepts": json.dumps(u.concepts, sort_keys=True),
             "model_fingerprint": model_fp if spec.uses_diffusion else None,
             "params_json": json.dumps(u.params, sort_keys=True, default=str), "blob": rec["blob"], "memo_key": k,
-            "created_by_run": rec.get("created_by_run", ""),
+            "created_by_run": rec.get("created_by_run", ""), "compute_seconds": float(rec.get("seconds", 0.0)),
         })
     stats.seconds = time.perf_counter() - t_start
     return rows, stats
