@@ -2,6 +2,7 @@
 CSV + PNG + report.md under ``<data dir>/report/``, and an MLflow run."""
 
 import dagster as dg
+import numpy as np
 import pandas as pd
 
 from ..resources import MlflowTracker
@@ -94,7 +95,8 @@ def comparison_grid(synth: dict[str, pd.DataFrame], split: pd.DataFrame, images,
         df = synth[m]
         draw.text((2, (i + 1) * cell + cell // 2), m[:12], fill=(0, 0, 0))
         for j, g in enumerate(guides.itertuples()):
-            hit = df[[g.image_id in list(x) for x in df["guide_ids"]] & (df["label"] == g.label)]
+            guided = np.array([g.image_id in list(x) for x in df["guide_ids"]], dtype=bool)
+            hit = df[guided & (df["label"] == g.label).to_numpy()]
             if hit.empty:
                 hit = df[df["label"] == g.label]
             if len(hit):

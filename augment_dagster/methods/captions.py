@@ -32,7 +32,7 @@ def caption_images(train: pd.DataFrame, *, images: ImageSource, memo: Memo, capt
             cands = [(s, sanitize_prompt(c)) for s, c in cands]
             sims = pair_similarity(clip_factory(), [im] * len(cands), [c for _, c in cands])
             rec = {"candidates": [{"strategy": s, "caption": c, "clip_score": float(x)} for (s, c), x in zip(cands, sims)]}
-            memo.put(key, rec)
+            rec = memo.put(key, rec)
             stats.computed += 1
         else:
             stats.reused += 1

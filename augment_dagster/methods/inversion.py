@@ -40,7 +40,7 @@ def inversion_stage(train, *, images, blobs, memo, model_fp: str, core_factory, 
         for j, i in enumerate(todo):
             rec = {"blob": blobs.put(tensor_bytes(zT[j]), "safetensors"), "recon_rel_error": errs[j],
                    "z_std": float(zT[j].std())}
-            memo.put(rows[i][1], rec)
+            rec = memo.put(rows[i][1], rec)
             rows[i][2] = rec
         stats.computed = len(todo)
     stats.reused = len(rows) - len(todo)

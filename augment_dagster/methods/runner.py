@@ -128,7 +128,7 @@ def run_units(
             for i, u, im in zip(chunk, cu, images):
                 digest = blobs.put(png_bytes(im), "png")
                 rec = {"blob": digest, "created_by_run": run_id, "created_at": time.time(), "seconds": per_unit}
-                memo.put(keys[i], rec)
+                rec = memo.put(keys[i], rec)
                 records[i] = rec
             stats.computed += len(chunk)
             if bar is not None:

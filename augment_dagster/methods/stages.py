@@ -137,7 +137,7 @@ def learn_concepts(
             rec = {"blob": digest, "first_loss": float(np.mean(losses[:k])), "last_loss": float(np.mean(losses[-k:])),
                    "steps": int(res.steps_done), "resumed_from": int(getattr(res, "resumed_from", 0)),
                    "vector_norm": float(res.vector.norm()), "moved": float((res.vector - res.init_vector).norm())}
-            memo.put(key, rec)
+            rec = memo.put(key, rec)
             ck = checkpoint_dir / f"{key}.pt"
             if ck.exists():
                 ck.unlink()
@@ -262,7 +262,7 @@ def train_classifier_stage(
                "history": res.history, "n_real_draws": int(res.n_real_draws), "n_syn_draws": int(res.n_syn_draws),
                "val_nll_before_T": nll_before, "val_nll_after_T": nll_after, "val_confusion": val_confusion,
                "train_seconds": time.perf_counter() - t0}
-        memo.put(key, rec)
+        rec = memo.put(key, rec)
         stats.computed = 1
     out = {**rec, "classes": classes, "memo_key": key, "n_train": len(train), "n_val": len(val),
            "n_synthetic": int(len(synth)) if use_synth else 0, "alpha": alpha if use_synth else 0.0}

@@ -32,7 +32,7 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
     return pd.read_parquet(p)
 
 
-def manifest_version(df: pd.DataFrame, ignore: Sequence[str] = ("created_by_run", "mlflow_run_id", "mlflow_error", "compute_seconds")) -> str:
+def manifest_version(df: pd.DataFrame, ignore: Sequence[str] = ("created_by_run", "mlflow_run_id", "mlflow_error", "compute_seconds", "reused", "train_seconds")) -> str:
     """Deterministic content hash of a manifest, ignoring run-specific columns."""
     cols = [c for c in df.columns if c not in ignore]
     d = df[cols]

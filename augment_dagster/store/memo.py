@@ -41,8 +41,12 @@ class Memo:
         self.hits += 1
         return rec
 
-    def put(self, key: str, record: dict[str, Any]) -> None:
-        atomic_write_text(self._path(key), canonical_json(record))
+    def put(self, key: str, record: dict[str, Any]) -> dict[str, Any]:
+        """Store ``record``; returns it as a later ``get`` will (JSON round trip), so a cold run and a cached
+        rerun build byte-identical manifests."""
+        text = canonical_json(record)
+        atomic_write_text(self._path(key), text)
+        return json.loads(text)
 
     def __contains__(self, key: str) -> bool:
         return self._path(key).exists()

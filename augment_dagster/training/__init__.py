@@ -1,0 +1,1 @@
+"""Classifier training with weighted real/synthetic sampling, temperature scaling (no Dagster)."""
