@@ -23,7 +23,8 @@ def _setup(args) -> ExperimentConfig:
     os.environ["DAGSTER_HOME"] = str(home)
     if not (home / "dagster.yaml").exists() and (PROJECT_ROOT / "dagster.yaml").exists():
         shutil.copy(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1") if cfg.models.diffusion.source.startswith("tiny") else None
+    if cfg.models.diffusion.source.startswith("tiny"):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return cfg
 
 
@@ -64,17 +65,19 @@ def cmd_run(args) -> int:
         part_keys = [k for k in part_keys if len(k.path) < 3 or k.path[2] in keep]
     t0 = time.perf_counter()
     meta: dict[str, dict] = {}
+    level = "DEBUG" if args.verbose else "WARNING"
+    run_config = {"loggers": {"console": {"config": {"log_level": level}}}}
     print(f"augment run: experiment {exp}, data dir {cfg.resolved_data_dir()}, DAGSTER_HOME {os.environ['DAGSTER_HOME']}")
-    r = dg.materialize(assets, selection=[head], instance=instance, resources=resources, tags={"augment/cli": "run"})
+    r = dg.materialize(assets, selection=[head], instance=instance, resources=resources, tags={"augment/cli": "run"}, run_config=run_config)
     meta.update(_events_metadata(r))
     for pk in partitions:
         t1 = time.perf_counter()
         r = dg.materialize(assets, selection=part_keys, partition_key=pk, instance=instance, resources=resources,
-                           tags={"augment/cli": "run"})
+                           tags={"augment/cli": "run"}, run_config=run_config)
         meta.update(_events_metadata(r))
         print(f"  partition {pk}: done in {time.perf_counter() - t1:.1f}s (run {r.run_id[:8]})")
     if not args.partition and not args.methods:
-        r = dg.materialize(assets, selection=[report], instance=instance, resources=resources, tags={"augment/cli": "run"})
+        r = dg.materialize(assets, selection=[report], instance=instance, resources=resources, tags={"augment/cli": "run"}, run_config=run_config)
         meta.update(_events_metadata(r))
     # ---- summary
     comp = {"diffusion": [0, 0], "concepts": [0, 0], "classifiers": [0, 0]}
@@ -112,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     common(sp)
     sp.add_argument("--partition", action="append", help="only these split keys (e.g. 4shot-s0); repeatable")
     sp.add_argument("--methods", nargs="*", help="only these method entries")
+    sp.add_argument("--verbose", "-v", action="store_true", help="show Dagster's step logs")
     sp.set_defaults(fn=cmd_run)
 
     sp = sub.add_parser("status", help="per asset and partition: missing / unsynced / fresh, and why")

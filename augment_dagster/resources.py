@@ -129,7 +129,8 @@ class MlflowTracker(dg.ConfigurableResource):
                 import mlflow.pytorch
 
                 with mlflow.start_run(run_id=rid):
-                    mlflow.pytorch.log_model(model, name=model_name, pip_requirements=["torch"])
+                    mlflow.pytorch.log_model(model, name=model_name, serialization_format="pickle",
+                                             pip_requirements=["torch", "augment-dagster"])
             client.set_terminated(rid, "FINISHED")
             return rid, None
         except Exception as e:  # noqa: BLE001 - tracking must never fail the asset

@@ -28,7 +28,8 @@ class SGIDParams(MethodParams):
     caption_strategy: Literal["nucleus", "beam", "clip_filter"] = "clip_filter"
     label_weight: float = Field(1.5, gt=0)
     caption_weight: float = Field(0.9, gt=0)
-    weighting: Literal["output", "input_embeddings"] = Field("output", description="where token weights apply")
+    token_weighting: Literal["output", "input_embeddings"] = Field(
+        "output", description="where the label/caption token weights apply: text-encoder output states (mean restored) or input embeddings")
     clamp_min: float | None = Field(None, ge=0, description="lower bound on g (None = verbatim)")
     label_template: str = "A picture of a {label}"
 
@@ -67,7 +68,7 @@ def plan(inputs: MethodInputs) -> list[SynthUnit]:
             units.append(SynthUnit(
                 label=row.label, seed=seed, mode="img2img", prompt=segments, guide_ids=(row.image_id,),
                 strength=p.strength, guidance_scale=g, steps=inputs.steps, negative_prompt=inputs.negative_prompt,
-                init_image_id=row.image_id, prompt_source=f"blip:{c['strategy']}", weighting=p.weighting,
+                init_image_id=row.image_id, prompt_source=f"blip:{c['strategy']}", weighting=p.token_weighting,
                 params={"m": m, "caption": caption, "caption_strategy": p.caption_strategy, "clip_score": s,
                         "guidance_raw": guidance_from_similarity(s), "guidance": g, "cfg_active": g > 1.0},
             ))
