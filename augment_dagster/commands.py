@@ -12,17 +12,28 @@ from .config import ExperimentConfig
 from .store.manifests import manifest_path, read_manifest
 
 
+def stale_resolver(instance, asset_graph):
+    """Dagster's stale-status resolver (what the UI's Unsynced badge uses). Internal API of dagster 1.13."""
+    from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver
+    from dagster._time import get_current_datetime
+
+    view = AssetGraphView(temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
+                          instance=instance, asset_graph=asset_graph)
+    return CachingStaleStatusResolver(instance=instance, asset_graph=asset_graph, loading_context=view)
+
+
 def status(cfg: ExperimentConfig, args) -> int:
     """Per asset and partition: missing / unsynced / fresh, with the reason Dagster gives."""
     import dagster as dg
-    from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+    from dagster._core.definitions.data_version import StaleStatus
 
     from .definitions import build_definitions
 
     defs = build_definitions([cfg])
     instance = dg.DagsterInstance.get()
     graph = defs.resolve_asset_graph()
-    resolver = CachingStaleStatusResolver(instance, graph)
+    resolver = stale_resolver(instance, graph)
     rows = []
     for key in sorted(graph.get_all_asset_keys(), key=lambda k: k.to_user_string()):
         node = graph.get(key)

@@ -4,12 +4,18 @@ Imports no torch/diffusers at module level, so the code server starts in about a
 """
 from __future__ import annotations
 
+import warnings
+
 import dagster as dg
 
 from .assets import build_experiment_assets
 from .automation import new_data_sensor, schedule
 from .config import ExperimentConfig, discover_configs
 from .resources import ManifestIOManager, MlflowTracker
+
+
+# `Output(data_version=...)` is marked beta in dagster 1.13; it is the documented way to report content versions
+warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
 
 def experiment_defs(cfg: ExperimentConfig) -> dg.Definitions:

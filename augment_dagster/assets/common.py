@@ -18,13 +18,20 @@ from ..store.manifests import manifest_version
 
 IMPL_VERSION = "1"
 
-# Automation (ARCHITECTURE "Dagster specifics"): cheap assets follow upstream eagerly; GPU assets fire only
-# when upstream *content* (data version) or their own code version changed.
-CHEAP_AUTOMATION = dg.AutomationCondition.eager()
-GPU_AUTOMATION = (
-    dg.AutomationCondition.eager().replace("newly_updated", dg.AutomationCondition.data_version_changed())
+# Automation (ARCHITECTURE "Dagster specifics"). The ingest head (raw_images → few_shot_split) follows its
+# upstream eagerly. Every stage after the split fires only when an upstream *data version* changed (not on a
+# mere rematerialization, and not merely because an upstream "will be requested" in the same tick), or when its
+# own code version changed. So a new image that does not change a split triggers nothing beyond the split,
+# and one that does triggers exactly the partitions whose split changed, tick by tick.
+EAGER_AUTOMATION = dg.AutomationCondition.eager()
+CONTENT_AUTOMATION = (
+    dg.AutomationCondition.eager().replace(
+        "any_deps_updated", dg.AutomationCondition.any_deps_match(dg.AutomationCondition.data_version_changed()))
     | dg.AutomationCondition.code_version_changed()
 )
+# GPU assets and cheap downstream stages use the same content-driven rule
+GPU_AUTOMATION = CONTENT_AUTOMATION
+CHEAP_AUTOMATION = CONTENT_AUTOMATION
 
 
 @dataclass

@@ -9,7 +9,7 @@ from ..data.imagefolder import scan_imagefolder
 from ..data.splits import few_shot_split
 from ..config import parse_split_key
 from ..util import hash_obj
-from .common import CHEAP_AUTOMATION, Experiment, md_table, output
+from .common import EAGER_AUTOMATION, Experiment, md_table, output
 
 
 def dataset_root(exp: Experiment) -> Path:
@@ -36,7 +36,7 @@ def build(exp: Experiment) -> list:
         key=exp.key("raw_images"), group_name=exp.name, io_manager_key=exp.io_manager_key,
         code_version=exp.code_version("dataset"), kinds={"python"},
         description="Ingest of the dataset tree (root/<class>/*, test/, ood/): one row per image, id = sha256 of its bytes.",
-        automation_condition=CHEAP_AUTOMATION,
+        automation_condition=EAGER_AUTOMATION,
     )
     def raw_images(context: dg.AssetExecutionContext) -> dg.Output:
         root = dataset_root(exp)
@@ -60,7 +60,7 @@ def build(exp: Experiment) -> list:
     @dg.asset(
         key=exp.key("few_shot_split"), group_name=exp.name, io_manager_key=exp.io_manager_key,
         partitions_def=exp.partitions, ins={"raw": dg.AssetIn(key=exp.key("raw_images"))},
-        code_version=exp.code_version("splits"), kinds={"python"}, automation_condition=CHEAP_AUTOMATION,
+        code_version=exp.code_version("splits"), kinds={"python"}, automation_condition=EAGER_AUTOMATION,
         description="Stable few-shot split: per class, images ranked by hash(seed, image id); first K train, next V val.",
     )
     def split(context: dg.AssetExecutionContext, raw: pd.DataFrame) -> dg.Output:

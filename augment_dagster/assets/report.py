@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from ..resources import MlflowTracker
-from ..util import atomic_write_bytes, atomic_write_text
+from ..util import atomic_write_bytes, atomic_write_text, hash_obj
 from .common import CHEAP_AUTOMATION, Experiment, md_table, output
 from .evaluation import REAL_ONLY
 
@@ -140,7 +140,7 @@ def build(exp: Experiment) -> list:
 
     @dg.asset(
         key=exp.key("report"), group_name=exp.name, io_manager_key=exp.io_manager_key, ins=ins,
-        code_version=exp.code_version("splits", "methods"), kinds={"pandas", "mlflow"},
+        code_version=f"{exp.code_version('splits')}-{hash_obj(methods)[:8]}", kinds={"pandas", "mlflow"},
         automation_condition=CHEAP_AUTOMATION,
         description="Comparison of all methods × splits: accuracy (ID, OOD) mean ± std over seeds; table, CSV, plot, MLflow run.",
     )

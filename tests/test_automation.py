@@ -1,0 +1,127 @@
+"""Incremental recomputation with a real Dagster instance: data versions, automation conditions,
+the new-data sensor, code versions per method config block."""
+import os
+import shutil
+
+import dagster as dg
+import pytest
+from PIL import Image
+
+from augment_dagster.config import parse_config
+from augment_dagster.data.builtin import write_builtin
+from augment_dagster.definitions import build_definitions
+
+
+def cfg_for(root, methods=None):
+    return parse_config({
+        "experiment": "auto",
+        "dataset": {"source": str(root)},
+        "splits": {"shots": [2], "seeds": [0], "val_per_class": 1},
+        "models": {"diffusion": {"source": "tiny-random"}},
+        "generation": {"images_per_real": 1, "steps": 4, "batch_size": 16},
+        "training": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 8},
+        "methods": methods or {"real_guidance": {}},
+        "mlflow": {"enabled": False},
+    })
+
+
+@pytest.fixture
+def world(tmp_path, monkeypatch):
+    src = write_builtin(tmp_path / "gen", classes=["circle", "square", "star"], train_per_class=4, test_per_class=2,
+                        ood_per_class=0, size=32, seed=0)
+    data = tmp_path / "dataset"
+    shutil.copytree(src, data)
+    monkeypatch.setenv("AUGMENT_DATA_DIR", str(tmp_path / "store"))
+    (tmp_path / "dh").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dh")) as inst:
+        yield data, inst
+
+
+def materialize_all(defs, inst, exp="auto", pk="2shot-s0"):
+    assets = list(defs.assets)
+    keys = {k for a in assets for k in a.keys}
+    head, report = dg.AssetKey([exp, "raw_images"]), dg.AssetKey([exp, "report"])
+    for sel, p in (([head], None), ([k for k in keys if k not in (head, report)], pk), ([report], None)):
+        assert dg.materialize(assets, selection=sel, partition_key=p, instance=inst, resources=dict(defs.resources)).success
+
+
+def requested(result, defs):
+    out = {}
+    for a in defs.assets:
+        for k in a.keys:
+            n = result.get_num_requested(k)
+            if n:
+                out[k.to_user_string()] = n
+    return out
+
+
+def test_noop_requests_nothing_new_image_requests_the_split(world):
+    data, inst = world
+    defs = build_definitions([cfg_for(data)])
+    materialize_all(defs, inst)
+    r1 = dg.evaluate_automation_conditions(defs=defs, instance=inst)
+    r2 = dg.evaluate_automation_conditions(defs=defs, instance=inst, cursor=r1.cursor)
+    assert r2.total_requested == 0, requested(r2, defs)
+    # a new image in one class: the sensor requests raw_images; after it, eager automation asks for the split
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(data / "circle" / "new_red.png")
+    assets = list(defs.assets)
+    assert dg.materialize(assets, selection=[dg.AssetKey(["auto", "raw_images"])], instance=inst,
+                          resources=dict(defs.resources)).success
+    r3 = dg.evaluate_automation_conditions(defs=defs, instance=inst, cursor=r2.cursor)
+    got = requested(r3, defs)
+    assert got == {"auto/few_shot_split": 1}, got
+    # no GPU asset fires before the split's content is known to have changed
+    assert not any("synthetic" in k for k in got)
+
+
+def test_new_data_sensor(world):
+    data, inst = world
+    defs = build_definitions([cfg_for(data)])
+    sensor = defs.resolve_sensor_def("new_data_sensor_auto")
+    ctx = dg.build_sensor_context(instance=inst, cursor=None, definitions=defs)
+    first = sensor(ctx)
+    assert isinstance(first, dg.RunRequest)
+    ctx2 = dg.build_sensor_context(instance=inst, cursor=ctx.cursor, definitions=defs)
+    assert isinstance(sensor(ctx2), dg.SkipReason)
+    Image.new("RGB", (32, 32)).save(data / "star" / "another.png")
+    ctx3 = dg.build_sensor_context(instance=inst, cursor=ctx.cursor, definitions=defs)
+    again = sensor(ctx3)
+    assert isinstance(again, dg.RunRequest) and again.run_key != first.run_key
+    (data / "star" / "another.png").unlink()  # removal is a change too
+    ctx4 = dg.build_sensor_context(instance=inst, cursor=ctx3.cursor, definitions=defs)
+    assert isinstance(sensor(ctx4), dg.RunRequest)
+
+
+def _code_versions(cfg):
+    defs = build_definitions([cfg])
+    out = {}
+    for a in defs.assets:
+        for k, v in a.code_versions_by_key.items():
+            out[k.to_user_string()] = v
+    return out
+
+
+def test_method_params_change_only_that_methods_code_versions(tmp_path):
+    a = _code_versions(cfg_for(tmp_path, {"real_guidance": {}, "txt2img": {}}))
+    b = _code_versions(cfg_for(tmp_path, {"real_guidance": {"params": {"strength": 0.6}}, "txt2img": {}}))
+    changed = sorted(k for k in a if a[k] != b[k])
+    assert changed == ["auto/classifier/real_guidance", "auto/confidence_weights/real_guidance",
+                       "auto/synthetic/real_guidance"], changed
+
+
+def test_unsynced_after_param_change(world):
+    from dagster._core.definitions.data_version import StaleStatus
+
+    from augment_dagster.commands import stale_resolver
+
+    data, inst = world
+    methods = {"real_guidance": {}, "txt2img": {}}
+    defs = build_definitions([cfg_for(data, methods)])
+    materialize_all(defs, inst)
+    defs2 = build_definitions([cfg_for(data, {"real_guidance": {"params": {"strength": 0.6}}, "txt2img": {}})])
+    res = stale_resolver(inst, defs2.resolve_asset_graph())
+    stale = sorted(k.to_user_string() for a in defs2.assets for k in a.keys
+                   if res.get_status(k, "2shot-s0" if k.path[1] not in ("raw_images", "report") else None) == StaleStatus.STALE)
+    assert "auto/synthetic/real_guidance" in stale
+    assert not any("txt2img" in k for k in stale), stale
+    assert "auto/few_shot_split" not in stale and "auto/real_classifier" not in stale
