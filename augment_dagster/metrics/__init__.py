@@ -25,7 +25,12 @@ def accuracy(logits_or_preds, labels) -> float:
 
 def confusion_matrix(preds, labels, num_classes: int) -> np.ndarray:
     """cm[true, pred] counts."""
-    p, y = _preds(preds).astype(int), _np(labels).astype(int)
+    p, y = _preds(preds).astype(np.int64).reshape(-1), _np(labels).astype(np.int64).reshape(-1)
+    if len(p) != len(y):
+        raise ValueError(f"{len(p)} predictions for {len(y)} labels")
+    for name, a in (("prediction", p), ("label", y)):
+        if len(a) and (a.min() < 0 or a.max() >= num_classes):
+            raise ValueError(f"{name} out of range 0..{num_classes - 1}")
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(cm, (y, p), 1)
     return cm
@@ -38,15 +43,17 @@ def per_class_accuracy(preds, labels, num_classes: int) -> np.ndarray:
 
 
 def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Exact Euclidean distances [len(a), len(b)] (scipy cdist: identical points give exactly 0)."""
+    from scipy.spatial.distance import cdist
+
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
-    return np.sqrt(np.maximum(d2, 0.0))
+    return cdist(a.reshape(len(a), -1), b.reshape(len(b), -1), "euclidean")
 
 
 def _radii(feats: np.ndarray, k: int) -> np.ndarray:
     d = _pairwise(feats, feats)
     np.fill_diagonal(d, np.inf)  # exclude self
-    k = min(k, len(feats) - 1)
+    k = min(k, len(feats) - 1)  # tiny sets: the farthest other point
     return np.partition(d, k - 1, axis=1)[:, k - 1]
 
 
@@ -56,30 +63,39 @@ def _coverage(query: np.ndarray, ref: np.ndarray, k: int) -> float:
         return float("nan")
     r = _radii(ref, k)
     d = _pairwise(query, ref)
-    return float((d <= r[None, :] + 1e-12).any(1).mean())
+    return float((d <= r[None, :]).any(1).mean())
 
 
 def precision_recall(real_feats, fake_feats, k: int = 3) -> tuple[float, float]:
     """Improved precision (fake inside the real manifold) and recall (real inside the fake manifold),
     k-NN radii (k=3) with exact pairwise distances."""
-    real, fake = _np(real_feats).astype(np.float64), _np(fake_feats).astype(np.float64)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    real = _np(real_feats).astype(np.float64).reshape(len(real_feats), -1)
+    fake = _np(fake_feats).astype(np.float64).reshape(len(fake_feats), -1)
+    if len(real) and len(fake) and real.shape[1] != fake.shape[1]:
+        raise ValueError(f"feature sizes differ: real {real.shape[1]} vs fake {fake.shape[1]}")
     return _coverage(fake, real, k), _coverage(real, fake, k)
 
 
 def diversity(feats, labels=None) -> float:
     """Mean pairwise L2 distance (within class, then averaged over classes, when labels are given)."""
     f = _np(feats).astype(np.float64)
+    f = f.reshape(len(f), -1)
     if labels is None:
         if len(f) < 2:
             return 0.0
         d = _pairwise(f, f)
         return float(d[np.triu_indices(len(f), 1)].mean())
-    lab = _np(labels)
+    lab = _np(labels).reshape(-1)
+    if len(lab) != len(f):
+        raise ValueError(f"{len(lab)} labels for {len(f)} feature rows")
     vals = [diversity(f[lab == c]) for c in np.unique(lab) if (lab == c).sum() > 1]
     return float(np.mean(vals)) if vals else 0.0
 
 
 def mean_std(values) -> tuple[float, float]:
+    """(mean, sample std with ddof=1; 0 for a single value) over the non-NaN values; (nan, nan) if none."""
     v = np.asarray([x for x in values if x == x], dtype=np.float64)
     if len(v) == 0:
         return float("nan"), float("nan")
@@ -87,23 +103,32 @@ def mean_std(values) -> tuple[float, float]:
 
 
 def confusion_plot_png(cm, class_names) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """PNG of a confusion matrix (rows = true, columns = predicted) with counts; Agg canvas, no pyplot state."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     cm = np.asarray(cm)
-    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(class_names), 1 + 0.6 * len(class_names)))
+    names = [str(c) for c in class_names]
+    if cm.shape != (len(names), len(names)):
+        raise ValueError(f"confusion matrix shape {cm.shape} does not match {len(names)} class names")
+    side = 1.5 + 0.5 * len(names)
+    fig = Figure(figsize=(side, side))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
     ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(class_names)), class_names, fontsize=8)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels(names, fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
+    hi = cm.max() if cm.size else 0
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
-            ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7)
+            v = cm[i, j]
+            txt = f"{int(v)}" if float(v).is_integer() else f"{float(v):.2f}"
+            ax.text(j, i, txt, ha="center", va="center", fontsize=7, color="white" if hi and v > hi / 2 else "black")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
     return buf.getvalue()

@@ -2,13 +2,19 @@
 CLIP vision; hub id or local folder) with a linear head, linear-probe (``freeze_backbone``) or full fine-tuning.
 
 Batches are drawn by the α-mixing sampler (real with 1−α, synthetic ∝ weight within the real image's
-group); weak train augmentation (kornia), optional CutMix/MixUp; the best epoch is chosen on the
-*validation* split and deep-copied (never the test set, METHODS §8)."""
+group; DIAGen Eq. 2), weak train augmentation (kornia), optional CutMix/MixUp with soft-label CE; the best
+epoch is chosen on the *validation* split and deep-copied (never the test set, METHODS §8). A frozen
+backbone runs in eval mode under no_grad, so its BatchNorm statistics cannot drift (DA-Fusion bug, §8).
+
+Images are float tensors [N,3,H,W] in [0,1]; labels LongTensor [N]."""
 from __future__ import annotations
 
 import copy
 import io
-from dataclasses import dataclass, field
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,14 +25,19 @@ import torch.nn.functional as F
 from ..util import pick_device
 from .sampler import MixingSampler
 
+log = logging.getLogger(__name__)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+TRAIN_AUGS = ("none", "weak", "strong", "randaugment")
+OPTIMIZERS = ("adamw", "adam", "sgd")
 
 
 class TinyCNN(nn.Module):
-    """3 blocks × 2 conv (32/64/128 ch) + BatchNorm + ReLU + maxpool, global average pool, linear head."""
+    """3 blocks × 2 conv 3×3 (32/64/128 ch) + BatchNorm + ReLU, maxpool after each block, global average
+    pool, linear head. Inputs in [0,1] are ImageNet-normalised inside."""
 
-    def __init__(self, num_classes: int, width: int = 32):
+    def __init__(self, num_classes: int, width: int = 32, freeze_backbone: bool = False):
         super().__init__()
         layers, c_in = [], 3
         for c in (width, width * 2, width * 4):
@@ -35,60 +46,137 @@ class TinyCNN(nn.Module):
             c_in = c
         self.backbone = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Linear(c_in, num_classes)
+        self.width = width
+        self.freeze_backbone = bool(freeze_backbone)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        if self.freeze_backbone:
+            self.backbone.requires_grad_(False)
 
-    def features(self, x):
-        return self.backbone((x - self.mean) / self.std)
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled penultimate features [N, 4·width]."""
+        x = (x.float() - self.mean) / self.std
+        if self.freeze_backbone:
+            self.backbone.eval()
+            with torch.no_grad():
+                return self.backbone(x)
+        return self.backbone(x)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()
+        return self
+
+
+def _processor_image_size(source: str, cache_root: str | None) -> int | None:
+    """The crop/resize size from the checkpoint's preprocessor_config.json, if it has one."""
+    try:
+        p = Path(source) / "preprocessor_config.json"
+        if not p.is_file():
+            from transformers.utils import cached_file
+
+            found = cached_file(source, "preprocessor_config.json", cache_dir=cache_root,
+                                _raise_exceptions_for_missing_entries=False,
+                                _raise_exceptions_for_connection_errors=False)
+            if not found:
+                return None
+            p = Path(found)
+        cfg = json.loads(p.read_text())
+    except Exception:  # noqa: BLE001 - optional metadata
+        return None
+    for key in ("crop_size", "size"):
+        v = cfg.get(key)
+        if isinstance(v, int):
+            return v
+        if isinstance(v, dict):
+            for k in ("height", "shortest_edge"):
+                if isinstance(v.get(k), int):
+                    return v[k]
+    return None
 
 
 class HFBackboneClassifier(nn.Module):
-    """transformers ``AutoModel`` backbone + linear head; inputs in [0,1] are resized and ImageNet-normalised."""
+    """transformers ``AutoModel`` backbone + linear head.
 
-    def __init__(self, source: str, num_classes: int, freeze_backbone: bool = False, backbone=None):
+    Inputs in [0,1] are resized (bilinear) to the backbone's expected size — the checkpoint's
+    preprocessor crop/size, else the config's ``image_size``, else 224 — and ImageNet-normalised.
+    Features: ``pooler_output`` when the checkpoint has trained pooler weights, else the CLS token
+    (transformers) or the spatial mean (conv nets) of ``last_hidden_state``. CLIP checkpoints use the
+    vision tower only."""
+
+    def __init__(self, source: str, num_classes: int, freeze_backbone: bool = False, cache_root: str | None = None,
+                 image_size: int | None = None, backbone: nn.Module | None = None):
         super().__init__()
-        from transformers import AutoConfig, AutoModel
-
-        self.source = source
+        self.source = str(source)
+        self.cache_root = str(cache_root) if cache_root is not None else None
+        self.use_pooler = True
         if backbone is None:
-            cfg = AutoConfig.from_pretrained(source)
-            if getattr(cfg, "model_type", "") == "clip":  # use the vision tower of a CLIP checkpoint
-                from transformers import CLIPVisionModel
-
-                backbone = CLIPVisionModel.from_pretrained(source)
-            else:
-                backbone = AutoModel.from_pretrained(source)
+            backbone, self.use_pooler = self._load(self.source, self.cache_root)
         self.backbone = backbone
         c = backbone.config
-        self.image_size = int(getattr(c, "image_size", 224) or 224)
-        dim = getattr(c, "hidden_size", None) or (c.hidden_sizes[-1] if hasattr(c, "hidden_sizes") else None)
-        if dim is None:
-            raise ValueError(f"cannot infer the feature size of backbone {source}")
-        self.head = nn.Linear(int(dim), num_classes)
-        self.freeze_backbone = freeze_backbone
+        self.image_size = int(image_size or _processor_image_size(self.source, self.cache_root)
+                              or getattr(c, "image_size", None) or 224)
+        self.freeze_backbone = bool(freeze_backbone)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
-        if freeze_backbone:
+        dim = getattr(c, "hidden_size", None)
+        if not dim and getattr(c, "hidden_sizes", None):
+            dim = c.hidden_sizes[-1]
+        if not dim:  # fall back to a probe forward
+            was = backbone.training
+            backbone.eval()
+            with torch.no_grad():
+                dim = self._pool(backbone(pixel_values=torch.zeros(1, 3, self.image_size, self.image_size))).shape[1]
+            backbone.train(was)
+        self.feature_dim = int(dim)
+        self.head = nn.Linear(self.feature_dim, num_classes)
+        if self.freeze_backbone:
             self.backbone.requires_grad_(False)
+            self.backbone.eval()
 
-    def features(self, x):
-        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+    @staticmethod
+    def _load(source: str, cache_root: str | None):
+        from transformers import AutoConfig, AutoModel
+
+        kw = {"cache_dir": cache_root} if cache_root else {}
+        cfg = AutoConfig.from_pretrained(source, **kw)
+        if getattr(cfg, "model_type", "") == "clip":  # the vision tower of a CLIP checkpoint
+            from transformers import CLIPVisionModel
+
+            model, info = CLIPVisionModel.from_pretrained(source, output_loading_info=True, **kw)
+        else:
+            model, info = AutoModel.from_pretrained(source, output_loading_info=True, **kw)
+            if hasattr(model, "vision_model") and hasattr(cfg, "vision_config"):  # SigLIP & co.
+                model = model.vision_model
+                if not hasattr(model, "config"):
+                    model.config = cfg.vision_config
+        missing = [k for k in (info or {}).get("missing_keys", []) if "pooler" in k]
+        return model, not missing  # a randomly initialised pooler (ViTModel from a *ForImageClassification) is useless
+
+    def _pool(self, out) -> torch.Tensor:
+        pooled = getattr(out, "pooler_output", None) if self.use_pooler else None
+        if pooled is None:
+            h = out.last_hidden_state
+            pooled = h.mean(dim=(2, 3)) if h.ndim == 4 else h[:, 0]
+        return pooled.flatten(1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False,
+                              antialias=True)
         x = (x - self.mean) / self.std
         if self.freeze_backbone:
             self.backbone.eval()
             with torch.no_grad():
-                out = self.backbone(pixel_values=x)
-        else:
-            out = self.backbone(pixel_values=x)
-        pooled = getattr(out, "pooler_output", None)
-        if pooled is None:
-            pooled = out.last_hidden_state[:, 0]
-        return pooled.flatten(1)
+                return self._pool(self.backbone(pixel_values=x)).float()
+        return self._pool(self.backbone(pixel_values=x)).float()
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
     def train(self, mode: bool = True):
@@ -98,14 +186,19 @@ class HFBackboneClassifier(nn.Module):
         return self
 
 
-def build_classifier(backbone: str, num_classes: int, freeze_backbone: bool = False) -> nn.Module:
+def build_classifier(backbone: str, num_classes: int, freeze_backbone: bool = False, cache_root=None) -> nn.Module:
+    """'tiny-cnn' -> :class:`TinyCNN`; anything else is a transformers checkpoint (hub id or local folder)."""
+    if int(num_classes) < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if backbone == "tiny-cnn":
-        return TinyCNN(num_classes)
+        return TinyCNN(num_classes, freeze_backbone=freeze_backbone)
     try:
-        return HFBackboneClassifier(backbone, num_classes, freeze_backbone)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"could not load models.classifier.source={backbone!r}: {type(e).__name__}: {str(e)[:200]}; "
-                         "use 'tiny-cnn', a local folder or a reachable hub id") from None
+        return HFBackboneClassifier(backbone, num_classes, freeze_backbone, cache_root=cache_root)
+    except Exception as e:  # noqa: BLE001 - any load failure becomes one actionable message
+        raise ValueError(
+            f"could not load classifier backbone {backbone!r} (config key models.classifier.source): "
+            f"{type(e).__name__}: {str(e)[:300]}. Use 'tiny-cnn', a local transformers folder, or a hub id that is "
+            "already in the cache (this machine may be offline)") from e
 
 
 @dataclass
@@ -124,6 +217,19 @@ class TrainConfig:
     mixup_alpha: float = 0.0
     seed: int = 0
     device: str = "auto"
+    cache_root: str | None = None  # transformers cache folder for hub-id backbones
+
+    def validate(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+        if self.train_aug not in TRAIN_AUGS:
+            raise ValueError(f"unknown train_aug {self.train_aug!r}; valid: {', '.join(TRAIN_AUGS)}")
+        if self.epochs < 1 or self.steps_per_epoch < 1 or self.batch_size < 1:
+            raise ValueError("epochs, steps_per_epoch and batch_size must be >= 1")
+        if not 0.0 <= self.cutmix_prob <= 1.0:
+            raise ValueError(f"cutmix_prob must be in [0, 1], got {self.cutmix_prob}")
+        if self.mixup_alpha < 0 or not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError("mixup_alpha must be >= 0 and label_smoothing in [0, 1)")
 
 
 @dataclass
@@ -136,135 +242,223 @@ class TrainResult:
     n_syn_draws: int = 0
 
 
-def _weak_aug(size: tuple[int, int]):
-    import kornia.augmentation as K
+def _train_aug(name: str, size: tuple[int, int]):
+    if name == "none":
+        return None
+    if name == "weak":
+        import kornia.augmentation as K
 
-    return K.AugmentationSequential(K.RandomResizedCrop(size, scale=(0.6, 1.0)), K.RandomHorizontalFlip())
+        return K.AugmentationSequential(K.RandomResizedCrop(size, scale=(0.6, 1.0)), K.RandomHorizontalFlip())
+    from ..methods.standard_aug import make_policy
+
+    return make_policy(name, size)
 
 
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    dev = next(model.parameters()).device
+    """Logits [N, C] (float32, CPU), eval mode, on the model's device."""
+    dev = _model_device(model)
     model.eval()
-    outs = []
-    with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            outs.append(model(x[i:i + batch_size].to(dev)).float().cpu())
-    return torch.cat(outs) if outs else torch.zeros(0)
+    outs = [model(x[i:i + batch_size].to(dev)).float().cpu() for i in range(0, len(x), batch_size)]
+    if not outs:
+        return torch.zeros(0, model.head.out_features)
+    return torch.cat(outs)
 
 
+@torch.no_grad()
 def extract_features(model: nn.Module, x: torch.Tensor, batch_size: int = 256, normalize: bool = False) -> torch.Tensor:
-    dev = next(model.parameters()).device
+    """Penultimate (pooled) features [N, D] (float32, CPU); L2-normalised rows when ``normalize``."""
+    dev = _model_device(model)
     model.eval()
-    outs = []
-    with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            outs.append(model.features(x[i:i + batch_size].to(dev)).float().cpu())
+    outs = [model.features(x[i:i + batch_size].to(dev)).float().cpu() for i in range(0, len(x), batch_size)]
+    if not outs:
+        return torch.zeros(0, model.head.in_features)
     f = torch.cat(outs)
     return F.normalize(f, dim=1) if normalize else f
 
 
-def _mix(x, y_soft, cfg: TrainConfig, gen: torch.Generator):
-    """Batch-level CutMix (prob cutmix_prob, β=1) or MixUp (Beta(α, α)) with soft labels."""
-    B = len(x)
-    if cfg.cutmix_prob > 0 and torch.rand(1, generator=gen).item() < cfg.cutmix_prob:
-        lam = float(np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen))).beta(1.0, 1.0))
-        perm = torch.randperm(B, generator=gen)
-        H, W = x.shape[-2:]
-        rh, rw = int(H * np.sqrt(1 - lam)), int(W * np.sqrt(1 - lam))
-        cy, cx = int(torch.randint(0, H, (1,), generator=gen)), int(torch.randint(0, W, (1,), generator=gen))
-        y0, y1, x0, x1 = max(cy - rh // 2, 0), min(cy + rh // 2, H), max(cx - rw // 2, 0), min(cx + rw // 2, W)
-        x = x.clone()
-        x[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
-        lam = 1 - (y1 - y0) * (x1 - x0) / (H * W)
-        return x, lam * y_soft + (1 - lam) * y_soft[perm]
+def _mix(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch-level CutMix (probability ``cutmix_prob``, β=1, kornia RandomCutMixV2) or else MixUp
+    (λ ~ Beta(α, α), convex pixel + label mix); returns images and soft labels [B, C]. Uses the (seeded)
+    global torch RNG."""
+    y_soft = F.one_hot(y, num_classes).float()
+    if cfg.cutmix_prob > 0 and float(torch.rand(())) < cfg.cutmix_prob:
+        from kornia.augmentation import RandomCutMixV2
+
+        cut = RandomCutMixV2(num_mix=1, beta=1.0, p=1.0, data_keys=["input", "class"], use_correct_lambda=True)
+        xm, lab = cut(x, y)
+        lab = lab[0]  # [B, 3]: label, permuted label, λ = weight of the original label (1 − area)
+        lam = lab[:, 2:3].float()
+        y_soft = lam * y_soft + (1 - lam) * F.one_hot(lab[:, 1].long(), num_classes).float()
+        return xm, y_soft
     if cfg.mixup_alpha > 0:
-        lam = float(np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen))).beta(cfg.mixup_alpha, cfg.mixup_alpha))
-        perm = torch.randperm(B, generator=gen)
+        a = torch.tensor(float(cfg.mixup_alpha))
+        lam = float(torch.distributions.Beta(a, a).sample())
+        perm = torch.randperm(len(x), device="cpu").to(x.device)
         return lam * x + (1 - lam) * x[perm], lam * y_soft + (1 - lam) * y_soft[perm]
     return x, y_soft
 
 
-def train_classifier(real_x, real_y, val_x, val_y, num_classes: int, cfg: TrainConfig, synth_x=None, synth_y=None,
-                     groups=None, syn_weights=None, alpha: float = 0.0, progress: bool = False,
-                     model: nn.Module | None = None) -> TrainResult:
-    dev = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    model = (model or build_classifier(cfg.backbone, num_classes, cfg.freeze_backbone)).to(dev)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = (torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay) if cfg.optimizer == "sgd"
-           else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
-    total = cfg.epochs * cfg.steps_per_epoch
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(total, 1), pct_start=0.15)
+def _make_optimizer(params, cfg: TrainConfig):
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def train_classifier(real_x: torch.Tensor, real_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+                     num_classes: int, cfg: TrainConfig, synth_x: torch.Tensor | None = None,
+                     synth_y: torch.Tensor | None = None, groups=None, syn_weights=None, alpha: float = 0.0,
+                     progress: bool = False, model: nn.Module | None = None) -> TrainResult:
+    """Train for ``cfg.epochs`` × ``cfg.steps_per_epoch`` batches drawn by :class:`MixingSampler`
+    (class-balanced real draws; with probability ``alpha`` a synthetic of the drawn image's group).
+
+    ``groups`` defaults to the class pool (every synthetic of the same class) when synthetics are given.
+    The returned model holds the weights of the best validation epoch (accuracy, ties -> lower val loss),
+    on the CPU. Seeded: identical inputs + cfg give identical weights on CPU; the caller's global RNG
+    state is left untouched."""
+    cfg.validate()
+    real_y = torch.as_tensor(real_y).long().reshape(-1)
+    val_y = torch.as_tensor(val_y).long().reshape(-1)
+    if len(real_x) != len(real_y) or len(real_x) == 0:
+        raise ValueError(f"need >= 1 real image and one label per image (got {len(real_x)} images, {len(real_y)} labels)")
+    if len(val_x) != len(val_y):
+        raise ValueError(f"val images/labels differ in length ({len(val_x)} vs {len(val_y)})")
     use_syn = synth_x is not None and len(synth_x) > 0 and alpha > 0
+    if use_syn:
+        if synth_y is None or len(synth_y) != len(synth_x):
+            raise ValueError("synth_y must give one label per synthetic image")
+        synth_y = torch.as_tensor(synth_y).long().reshape(-1)
+        if groups is None:
+            sy = synth_y.numpy()
+            groups = [np.nonzero(sy == int(c))[0] for c in real_y.numpy()]
+        if syn_weights is None:
+            syn_weights = np.ones(len(synth_x))
+        if len(syn_weights) != len(synth_x):
+            raise ValueError(f"{len(syn_weights)} synthetic weights for {len(synth_x)} synthetic images")
     sampler = MixingSampler(real_y.numpy(), groups if use_syn else None, syn_weights if use_syn else None,
                             alpha if use_syn else 0.0, seed=cfg.seed)
-    aug = _weak_aug(tuple(real_x.shape[-2:])) if cfg.train_aug == "weak" else None
-    best = (-1.0, 0, None)
-    history = []
-    n_real = n_syn = 0
-    for epoch in range(cfg.epochs):
-        model.train()
-        tot = 0.0
-        syn_this = 0
-        for _ in range(cfg.steps_per_epoch):
-            is_syn, idx = sampler.draw(cfg.batch_size)
-            xs = torch.empty((cfg.batch_size,) + tuple(real_x.shape[1:]))
-            ys = torch.empty(cfg.batch_size, dtype=torch.long)
-            r = ~is_syn
-            xs[torch.from_numpy(r)] = real_x[idx[r]]
-            ys[torch.from_numpy(r)] = real_y[idx[r]]
-            if is_syn.any():
-                xs[torch.from_numpy(is_syn)] = synth_x[idx[is_syn]]
-                ys[torch.from_numpy(is_syn)] = synth_y[idx[is_syn]]
-            n_syn += int(is_syn.sum())
-            syn_this += int(is_syn.sum())
-            n_real += int(r.sum())
-            if aug is not None:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
-                    xs = aug(xs)
-            y_soft = F.one_hot(ys, num_classes).float()
-            xs, y_soft = _mix(xs, y_soft, cfg, gen)
-            if cfg.label_smoothing > 0:
-                y_soft = y_soft * (1 - cfg.label_smoothing) + cfg.label_smoothing / num_classes
-            logits = model(xs.to(dev))
-            loss = torch.sum(-y_soft.to(dev) * F.log_softmax(logits.float(), dim=1), dim=1).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            tot += float(loss.detach())
-        vl = predict_logits(model, val_x)
-        val_acc = float((vl.argmax(1) == val_y).float().mean()) if len(val_y) else 0.0
-        val_loss = float(F.cross_entropy(vl, val_y)) if len(val_y) else 0.0
-        history.append({"epoch": epoch, "train_loss": tot / cfg.steps_per_epoch, "val_acc": val_acc, "val_loss": val_loss,
-                        "n_synthetic_drawn": syn_this})
-        # best epoch on validation accuracy (ties: lower val loss), weights deep-copied
-        if val_acc > best[0] or (val_acc == best[0] and best[2] is not None and val_loss < best[2][1]):
-            best = (val_acc, epoch, (copy.deepcopy(model.state_dict()), val_loss))
-    model.load_state_dict(best[2][0])
-    model.eval()
-    return TrainResult(model.cpu(), history, best[1], best[0], n_real, n_syn)
+
+    dev = torch.device(pick_device(cfg.device))
+    fork_devices = [dev] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(cfg.seed)
+        model = (model if model is not None else build_classifier(cfg.backbone, num_classes, cfg.freeze_backbone,
+                                                                           cfg.cache_root)).to(dev)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters")
+        opt = _make_optimizer(params, cfg)
+        total = cfg.epochs * cfg.steps_per_epoch
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.15)
+        rx, ry = real_x.float().to(dev), real_y.to(dev)
+        sx = synth_x.float().to(dev) if use_syn else None
+        sy = synth_y.to(dev) if use_syn else None
+        vx, vy = val_x.float(), val_y
+        aug = _train_aug(cfg.train_aug, tuple(real_x.shape[-2:]))
+        if aug is not None:
+            aug = aug.to(dev)
+
+        best_acc, best_loss, best_epoch, best_state = -1.0, float("inf"), 0, None
+        history: list[dict] = []
+        n_real = n_syn = 0
+        for epoch in range(cfg.epochs):
+            model.train()
+            tot, syn_this = 0.0, 0
+            for _ in range(cfg.steps_per_epoch):
+                is_syn, idx = sampler.draw(cfg.batch_size)
+                r_idx = torch.from_numpy(np.where(is_syn, 0, idx)).to(dev)
+                xs, ys = rx[r_idx], ry[r_idx]  # advanced indexing copies
+                if is_syn.any():
+                    m = torch.from_numpy(is_syn).to(dev)
+                    s_idx = torch.from_numpy(idx[is_syn]).to(dev)
+                    xs[m] = sx[s_idx]
+                    ys[m] = sy[s_idx]
+                k_syn = int(is_syn.sum())
+                n_syn += k_syn
+                syn_this += k_syn
+                n_real += cfg.batch_size - k_syn
+                if aug is not None:
+                    with torch.no_grad():
+                        xs = aug(xs).reshape(xs.shape).clamp(0.0, 1.0)
+                xs, y_soft = _mix(xs, ys, num_classes, cfg)
+                if cfg.label_smoothing > 0:
+                    y_soft = y_soft * (1 - cfg.label_smoothing) + cfg.label_smoothing / num_classes
+                logits = model(xs)
+                loss = torch.sum(-y_soft * F.log_softmax(logits.float(), dim=1), dim=1).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                tot += float(loss.detach())
+            if len(vy):
+                vl = predict_logits(model, vx)
+                val_acc = float((vl.argmax(1) == vy).float().mean())
+                val_loss = float(F.cross_entropy(vl, vy))
+            else:
+                val_acc, val_loss = float("nan"), float("nan")
+            history.append({"epoch": epoch, "train_loss": tot / cfg.steps_per_epoch, "val_acc": val_acc,
+                            "val_loss": val_loss, "n_synthetic_drawn": syn_this})
+            if progress:
+                log.info("epoch %d/%d train_loss %.4f val_acc %.4f val_loss %.4f synthetic %d", epoch + 1, cfg.epochs,
+                         tot / cfg.steps_per_epoch, val_acc, val_loss, syn_this)
+            # best epoch on validation accuracy (ties: lower val loss); weights deep-copied (METHODS §8).
+            # Without a validation split, the last epoch is kept.
+            better = (not len(vy)) or val_acc > best_acc or (val_acc == best_acc and val_loss < best_loss)
+            if best_state is None or better:
+                best_acc, best_loss, best_epoch = val_acc, val_loss, epoch
+                best_state = copy.deepcopy(model.state_dict())
+        model.load_state_dict(best_state)
+    model = model.cpu().eval()
+    return TrainResult(model, history, best_epoch, best_acc, n_real, n_syn)
+
+
+def classifier_meta(model: nn.Module) -> dict[str, Any]:
+    """What :func:`load_classifier` needs to rebuild ``model``."""
+    if isinstance(model, TinyCNN):
+        return {"arch": "tiny-cnn", "backbone": "tiny-cnn", "num_classes": model.head.out_features,
+                "width": model.width, "freeze_backbone": model.freeze_backbone}
+    if isinstance(model, HFBackboneClassifier):
+        return {"arch": "hf", "backbone": model.source, "source": model.source, "num_classes": model.head.out_features,
+                "freeze_backbone": model.freeze_backbone, "cache_root": model.cache_root,
+                "model_image_size": model.image_size, "use_pooler": model.use_pooler}
+    raise TypeError(f"cannot serialise a {type(model).__name__}")
 
 
 def save_classifier(model: nn.Module, meta: dict[str, Any]) -> bytes:
-    m = dict(meta)
-    if isinstance(model, TinyCNN):
-        m.update(arch="tiny-cnn", num_classes=model.head.out_features)
-    else:
-        m.update(arch="hf", source=model.source, num_classes=model.head.out_features, freeze_backbone=model.freeze_backbone)
+    """torch.save bytes of {"state_dict", "meta"}; meta = the caller's meta + the architecture fields."""
+    m = {**dict(meta), **classifier_meta(model)}
     buf = io.BytesIO()
-    torch.save({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "meta": m}, buf)
+    torch.save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": m}, buf)
     return buf.getvalue()
 
 
-def load_classifier(data: bytes) -> tuple[nn.Module, dict[str, Any]]:
+def load_classifier(data: bytes, cache_root: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Inverse of :func:`save_classifier` -> (model in eval mode on the CPU, meta). An HF backbone is
+    rebuilt from its source (architecture/config) and then overwritten with the saved weights."""
     obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     meta = obj["meta"]
     if meta["arch"] == "tiny-cnn":
-        model = TinyCNN(meta["num_classes"])
+        model: nn.Module = TinyCNN(meta["num_classes"], width=meta.get("width", 32),
+                                   freeze_backbone=meta.get("freeze_backbone", False))
     else:
-        model = HFBackboneClassifier(meta["source"], meta["num_classes"], meta.get("freeze_backbone", False))
+        try:
+            model = HFBackboneClassifier(meta["source"], meta["num_classes"], meta.get("freeze_backbone", False),
+                                         cache_root=cache_root or meta.get("cache_root"),
+                                         image_size=meta.get("model_image_size"))
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"could not rebuild classifier backbone {meta['source']!r} (models.classifier.source): "
+                             f"{type(e).__name__}: {str(e)[:300]}") from e
+        model.use_pooler = meta.get("use_pooler", model.use_pooler)
     model.load_state_dict(obj["state_dict"])
     return model.eval(), meta
+
+
+def config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return asdict(cfg)
