@@ -8,6 +8,11 @@ import sys
 import time
 from pathlib import Path
 
+import os as _os
+
+# On small shared CPUs, OpenMP worker threads that spin-wait make every small torch op 50-250x slower while
+# another process is busy; passive waiting avoids it. Must be set before torch is imported.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from .config import DEFAULT_CONFIG_DIR, PROJECT_ROOT, ConfigError, ExperimentConfig, load_config
 
 DEFAULT_CONFIG = DEFAULT_CONFIG_DIR / "demo.yaml"
@@ -40,8 +45,65 @@ def _events_metadata(result) -> dict[str, dict]:
     return out
 
 
+def preflight(cfg: ExperimentConfig) -> None:
+    """Checks that must fail before any GPU work: LLM credentials for methods that need the LLM."""
+    from .methods.registry import get_method
+
+    needs = {n for m in cfg.enabled_methods() for n in get_method(cfg.method_algorithm(m)).needs}
+    if needs & {"class_prompts", "prompt_suffixes"}:
+        from .llm import LLMClient
+
+        LLMClient.from_config(cfg.models.llm).check_ready()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def release_dead_runs(instance) -> list[str]:
+    """Runs of `augment run` whose process died (SIGKILL, OOM, power loss) still look STARTED and still hold
+    their `gpu` pool slot, which would block the next run forever without the run-monitoring daemon. Mark them
+    failed and free their slots (same host, pid no longer alive)."""
+    import socket
+
+    import dagster as dg
+
+    freed = []
+    flt = dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING], tags={"augment/cli": "run"})
+    for run in instance.get_runs(filters=flt):
+        pid, host = run.tags.get("augment/pid"), run.tags.get("augment/host")
+        if pid and host == socket.gethostname() and not _pid_alive(int(pid)):
+            instance.report_run_failed(run, message=f"process {pid} of this run is gone (killed); marked failed by augment run")
+            freed.append(run.run_id)
+    for rid in set(instance.event_log_storage.get_concurrency_run_ids()) - _active_run_ids(instance):
+        instance.event_log_storage.free_concurrency_slots_for_run(rid)
+        freed.append(rid)
+    return sorted(set(freed))
+
+
+def _active_run_ids(instance) -> set[str]:
+    import dagster as dg
+
+    flt = dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.QUEUED,
+                                  dg.DagsterRunStatus.NOT_STARTED])
+    return {r.run_id for r in instance.get_runs(filters=flt)}
+
+
 def cmd_run(args) -> int:
     cfg = _setup(args)
+    from .llm import MissingAPIKeyError
+
+    try:
+        preflight(cfg)
+    except MissingAPIKeyError as e:
+        print(f"augment run: {e}", file=sys.stderr)
+        return 2
     import dagster as dg
 
     from .definitions import build_definitions
@@ -50,6 +112,8 @@ def cmd_run(args) -> int:
     assets = list(defs.assets)
     resources = dict(defs.resources)
     instance = dg.DagsterInstance.get()
+    for rid in release_dead_runs(instance):
+        print(f"  released GPU slot / marked failed: run {rid[:8]} (its process is gone)")
     exp = cfg.experiment
     partitions = args.partition or cfg.splits.keys()
     bad = [p for p in partitions if p not in cfg.splits.keys()]
@@ -65,19 +129,22 @@ def cmd_run(args) -> int:
         part_keys = [k for k in part_keys if len(k.path) < 3 or k.path[2] in keep]
     t0 = time.perf_counter()
     meta: dict[str, dict] = {}
+    import socket
+
+    tags = {"augment/cli": "run", "augment/pid": str(os.getpid()), "augment/host": socket.gethostname()}
     level = "DEBUG" if args.verbose else "WARNING"
     run_config = {"loggers": {"console": {"config": {"log_level": level}}}}
     print(f"augment run: experiment {exp}, data dir {cfg.resolved_data_dir()}, DAGSTER_HOME {os.environ['DAGSTER_HOME']}")
-    r = dg.materialize(assets, selection=[head], instance=instance, resources=resources, tags={"augment/cli": "run"}, run_config=run_config)
+    r = dg.materialize(assets, selection=[head], instance=instance, resources=resources, tags=tags, run_config=run_config)
     meta.update(_events_metadata(r))
     for pk in partitions:
         t1 = time.perf_counter()
         r = dg.materialize(assets, selection=part_keys, partition_key=pk, instance=instance, resources=resources,
-                           tags={"augment/cli": "run"}, run_config=run_config)
+                           tags=tags, run_config=run_config)
         meta.update(_events_metadata(r))
         print(f"  partition {pk}: done in {time.perf_counter() - t1:.1f}s (run {r.run_id[:8]})")
     if not args.partition and not args.methods:
-        r = dg.materialize(assets, selection=[report], instance=instance, resources=resources, tags={"augment/cli": "run"}, run_config=run_config)
+        r = dg.materialize(assets, selection=[report], instance=instance, resources=resources, tags=tags, run_config=run_config)
         meta.update(_events_metadata(r))
     # ---- summary
     comp = {"diffusion": [0, 0], "concepts": [0, 0], "classifiers": [0, 0]}

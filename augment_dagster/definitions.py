@@ -4,6 +4,11 @@ Imports no torch/diffusers at module level, so the code server starts in about a
 """
 from __future__ import annotations
 
+import os as _os
+
+# On small shared CPUs, OpenMP worker threads that spin-wait make every small torch op 50-250x slower while
+# another process is busy; passive waiting avoids it. Must be set before torch is imported.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import warnings
 
 import dagster as dg

@@ -59,6 +59,8 @@ class MlflowTracker(dg.ConfigurableResource):
     tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite under ``default_root``
     default_root: str = "augment_data/mlflow"
     enabled: bool = True
+    http_retries: int = 2  # MLflow's own default (7 with backoff) blocks an asset for minutes when the server is down
+    http_timeout_s: int = 10
 
     def resolved_uri(self) -> str:
         if os.environ.get("MLFLOW_TRACKING_URI"):
@@ -71,6 +73,9 @@ class MlflowTracker(dg.ConfigurableResource):
     def client(self):
         from mlflow.tracking import MlflowClient
 
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(self.http_retries))
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(self.http_timeout_s))
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         return MlflowClient(tracking_uri=self.resolved_uri())
 
     def experiment_id(self, client, name: str) -> str:

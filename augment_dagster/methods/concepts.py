@@ -1,10 +1,21 @@
-"""Concept learning: textual inversion (DA-Fusion §1.2) and TI + shared LoRA (Diff-II §3.1), one trainer.
+"""Concept learning: textual inversion (DA-Fusion §1.2, METHODS.md §0) and TI + shared LoRA (Diff-II §3.1), one trainer.
 
-Only the new tokens' input-embedding rows are optimised (gradients of every other row are masked, their
-weights stay bit-identical); with ``lora_rank`` a peft LoRA on the UNet attention projections is trained
-jointly. The loss is the LDM objective ‖ε − ε_θ(z_t, t, c(prompt))‖² with t and ε from a seeded generator.
-Training runs on *copies* of the text encoder, tokenizer and UNet, so the cached pipeline is never mutated.
-A checkpoint (atomic) every ``checkpoint_every`` steps lets a killed run resume where it stopped.
+* One new placeholder token per class. Its input embedding is a separate ``nn.Parameter`` (initialised from the
+  embedding of ``init_word``) that is spliced into the token-embedding output by a forward hook wherever the
+  placeholder id occurs; the embedding matrix itself is frozen, so every pre-existing row stays bit-identical and
+  the optimiser state is just [n_tokens, D].
+* The loss is the LDM objective ‖ε − ε_θ(z_t, t, c(template.format(token)))‖² (velocity target for
+  v-prediction models) with z0 = VAE posterior mean · scaling_factor, t ~ U{0..T−1} and ε from a seeded
+  ``torch.Generator``; image indices and templates come from a seeded ``random.Random``. ``hflip`` adds the
+  mirrored latents to the pool (so a draw is flipped with p = 0.5). The noise schedule is
+  ``DDPMScheduler.from_config(pipe.scheduler.config)`` (the inference scheduler may be PNDM/Euler).
+* The bundle is left exactly as it was: training runs on deep copies of the tokenizer and text encoder (the
+  copy is resized for the new tokens before any grad forward — ENVIRONMENT.md pitfall), the UNet/VAE are frozen
+  (their ``requires_grad`` flags are restored afterwards); with ``lora_rank`` a copy of the UNet gets a peft LoRA
+  on the attention projections, trained jointly (Diff-II).
+* Checkpoint: every ``checkpoint_every`` steps {step, vectors, optimizer state, losses, RNG states[, LoRA]} is
+  written atomically to ``checkpoint_path``; if that file exists at start (same tokens, step ≤ steps) training
+  resumes from it, and the result equals that of an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -16,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+CHECKPOINT_VERSION = 2
 
-# DA-Fusion's imagenet_templates_small (textual inversion templates)
+# DA-Fusion's imagenet_templates_small (textual-inversion templates), 27 entries
 IMAGENET_TEMPLATES_SMALL = [
     "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}", "a photo of a clean {}",
     "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}", "a photo of the cool {}", "a close-up photo of a {}",
@@ -30,12 +42,12 @@ IMAGENET_TEMPLATES_SMALL = [
 
 @dataclass
 class ConceptResult:
-    vectors: dict[str, Any]  # token -> learned input-embedding vector (cpu float32)
-    init_vectors: dict[str, Any]
-    lora_state: dict[str, Any] | None = None
-    losses: list[float] = field(default_factory=list)
+    vectors: dict[str, Any]  # token -> learned input-embedding vector (cpu float32, [D])
+    init_vectors: dict[str, Any]  # token -> its initial vector (the init word's embedding)
+    lora_state: dict[str, Any] | None = None  # peft LoRA state dict (cpu) when lora_rank was given
+    losses: list[float] = field(default_factory=list)  # one per step, including the steps before a resume
     steps_done: int = 0
-    resumed_from: int = 0
+    resumed_from: int = 0  # the checkpoint step training resumed from (0 = fresh start)
     seconds: float = 0.0
 
     # single-token convenience (textual inversion of one class)
@@ -65,123 +77,168 @@ def _latents(pipe, images, resolution: int, hflip: bool):
         x = torch.cat([x, x.flip(-1)])
     with torch.no_grad():
         z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
-    return z.float()
+    return z.float().cpu()
 
 
 def train_concepts(bundle, images_by_label: dict[str, list], tokens: dict[str, str], templates: dict[str, list[str]], *,
                    init_word: str = "the", steps: int = 100, lr: float = 5e-3, batch_size: int = 4, seed: int = 0,
                    hflip: bool = True, lora_rank: int | None = None, checkpoint_path: Path | None = None,
-                   checkpoint_every: int = 50, progress: bool = False, desc: str = "textual inversion") -> ConceptResult:
+                   checkpoint_every: int = 50, progress: bool = False, desc: str = "textual inversion",
+                   weight_decay: float = 0.0, fixed_batch: bool = False) -> ConceptResult:
+    """Learn one token per label (``tokens[label]``) on ``images_by_label[label]`` with ``templates[label]``.
+
+    ``fixed_batch=True`` draws one batch (images, templates, t, ε) and reuses it every step (overfit check).
+    """
     import torch
     import torch.nn.functional as F
+    from diffusers import DDPMScheduler
 
     from ..util import atomic_path
 
     t_start = time.perf_counter()
     pipe = bundle.pipe
-    dev = pipe.unet.device
-    tok = copy.deepcopy(pipe.tokenizer)
-    te = copy.deepcopy(pipe.text_encoder).float()
-    unet = copy.deepcopy(pipe.unet).float() if lora_rank else pipe.unet
-    sched = pipe.scheduler
+    dev = next(pipe.unet.parameters()).device
     labels = sorted(images_by_label)
     new_tokens = [tokens[l] for l in labels]
-    tok.add_tokens([t for t in new_tokens if t not in tok.get_vocab()])
-    te.resize_token_embeddings(len(tok), mean_resizing=False)  # before any grad forward (ENVIRONMENT.md pitfall)
+    if len(set(new_tokens)) != len(new_tokens):
+        raise ValueError(f"concept tokens must be distinct: {new_tokens}")
+
+    # --- copies of tokenizer + text encoder, resized before any grad forward
+    tok = copy.deepcopy(pipe.tokenizer)
+    te = copy.deepcopy(pipe.text_encoder).float().to(dev).eval().requires_grad_(False)
+    missing = [t for t in new_tokens if t not in tok.get_vocab()]
+    if missing:
+        tok.add_tokens(missing)
+    if te.get_input_embeddings().weight.shape[0] < len(tok):
+        te.resize_token_embeddings(len(tok), mean_resizing=False)
     emb = te.get_input_embeddings()
-    emb.weight = torch.nn.Parameter(emb.weight.detach().clone())
-    init_ids = tok(init_word, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]
+    emb.requires_grad_(False)
     new_ids = tok.convert_tokens_to_ids(new_tokens)
-    with torch.no_grad():
-        for i in new_ids:
-            emb.weight[i] = emb.weight[init_ids[0]]
-    init_vectors = {t: emb.weight[i].detach().cpu().clone() for t, i in zip(new_tokens, new_ids)}
-    te.requires_grad_(False)
-    emb.weight.requires_grad_(True)
-    groups = [{"params": [emb.weight], "weight_decay": 0.0}]
+    init_ids = tok(init_word, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]  # first piece if several
+    init = emb.weight[init_ids[0]].detach().float().clone()
+    vec = torch.nn.Parameter(init.repeat(len(new_tokens), 1))  # [n_tokens, D], the only trained text weights
+    init_vectors = {t: init.cpu().clone() for t in new_tokens}
+    row_of = torch.full((emb.weight.shape[0],), -1, dtype=torch.long, device=dev)
+    row_of[torch.tensor(new_ids, device=dev)] = torch.arange(len(new_ids), device=dev)
+
+    def splice(module, inputs, out):
+        rows = row_of[inputs[0]]
+        m = rows >= 0
+        return torch.where(m[..., None], vec[rows.clamp(min=0)].to(out.dtype), out)
+
+    hook = emb.register_forward_hook(splice)
+
+    # --- frozen UNet (or a LoRA'd copy); VAE only used under no_grad
+    frozen_flags: list[tuple[Any, bool]] = []
     if lora_rank:
         from peft import LoraConfig
 
+        unet = copy.deepcopy(pipe.unet).float().requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
+                                    target_modules=LORA_TARGETS))
+    else:
+        unet = pipe.unet
+        frozen_flags = [(p, p.requires_grad) for p in unet.parameters()]
         unet.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    groups = [{"params": [vec], "weight_decay": weight_decay}]
+    if lora_rank:
         groups.append({"params": [p for p in unet.parameters() if p.requires_grad], "weight_decay": 1e-2})
     opt = torch.optim.AdamW(groups, lr=lr)
-    mask = torch.zeros(emb.weight.shape[0], 1)
-    mask[new_ids] = 1.0
 
-    lat, lab = [], []
-    for li, l in enumerate(labels):
-        z = _latents(pipe, images_by_label[l], bundle.resolution, hflip)
-        lat.append(z)
-        lab += [li] * len(z)
-    lat = torch.cat(lat)
-    all_prompts = {l: [t.format(tokens[l]) for t in templates[l]] for l in labels}
+    try:
+        lat, lab = [], []
+        for li, l in enumerate(labels):
+            z = _latents(pipe, images_by_label[l], bundle.resolution, hflip)
+            lat.append(z)
+            lab += [li] * len(z)
+        lat = torch.cat(lat)
+        all_prompts = {l: [t.format(tokens[l]) for t in templates[l]] for l in labels}
+        noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+        T = int(noise_sched.config.num_train_timesteps)
+        pred_type = noise_sched.config.prediction_type
 
-    losses: list[float] = []
-    start = 0
-    g = torch.Generator().manual_seed(seed)
-    rng = random.Random(seed)
-    if checkpoint_path is not None and Path(checkpoint_path).exists():
-        ck = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        with torch.no_grad():
-            emb.weight.copy_(ck["emb"])
-        if lora_rank:
-            from peft.utils import set_peft_model_state_dict
+        losses: list[float] = []
+        start = 0
+        g = torch.Generator().manual_seed(seed)
+        rng = random.Random(seed)
+        if checkpoint_path is not None and Path(checkpoint_path).exists():
+            ck = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+            if ck.get("version") == CHECKPOINT_VERSION and ck.get("tokens") == new_tokens and int(ck["step"]) <= steps:
+                with torch.no_grad():
+                    vec.copy_(ck["vectors"].to(vec.device))
+                if lora_rank:
+                    from peft.utils import set_peft_model_state_dict
 
-            set_peft_model_state_dict(unet, ck["lora"])
-        opt.load_state_dict(ck["opt"])
-        losses, start = list(ck["losses"]), int(ck["step"])
-        g.set_state(ck["gen"])
-        rng.setstate(ck["rng"])
-    bar = None
-    if progress and steps > start:
-        from tqdm.auto import tqdm
+                    set_peft_model_state_dict(unet, ck["lora"])
+                opt.load_state_dict(ck["opt"])
+                losses, start = list(ck["losses"]), int(ck["step"])
+                g.set_state(ck["gen"])
+                rng.setstate(ck["rng"])
 
-        bar = tqdm(total=steps, initial=start, desc=desc, leave=False)
-    T = sched.config.num_train_timesteps
-    te.to(dev)
-    for step in range(start, steps):
-        idx = [rng.randrange(len(lat)) for _ in range(batch_size)]
-        prompts = [rng.choice(all_prompts[labels[lab[i]]]) for i in idx]
-        z0 = lat[idx]
-        noise = torch.randn(z0.shape, generator=g)
-        t = torch.randint(0, T, (batch_size,), generator=g)
-        zt = sched.add_noise(z0, noise, t)
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")["input_ids"]
-        enc = te(ids.to(dev))[0]
-        pred = unet(zt.to(dev, unet.dtype), t.to(dev), encoder_hidden_states=enc.to(unet.dtype)).sample
-        loss = F.mse_loss(pred.float(), noise.to(dev))
-        opt.zero_grad(set_to_none=False)
-        loss.backward()
-        emb.weight.grad.mul_(mask.to(emb.weight.grad.device))  # only the new tokens' rows learn
-        opt.step()
-        losses.append(float(loss.detach()))
+        def draw():
+            idx = [rng.randrange(len(lat)) for _ in range(batch_size)]
+            prompts = [rng.choice(all_prompts[labels[lab[i]]]) for i in idx]
+            z0 = lat[idx]
+            noise = torch.randn(z0.shape, generator=g)
+            t = torch.randint(0, T, (batch_size,), generator=g)
+            return z0, prompts, noise, t
+
+        fixed = draw() if fixed_batch else None
+        bar = None
+        if progress and steps > start:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps, initial=start, desc=desc, leave=False)
+        for step in range(start, steps):
+            z0, prompts, noise, t = fixed if fixed is not None else draw()
+            zt = noise_sched.add_noise(z0, noise, t)
+            target = noise if pred_type == "epsilon" else noise_sched.get_velocity(z0, noise, t)
+            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt")["input_ids"]
+            enc = te(ids.to(dev))[0]
+            pred = unet(zt.to(dev, unet.dtype), t.to(dev), encoder_hidden_states=enc.to(unet.dtype)).sample
+            loss = F.mse_loss(pred.float(), target.to(dev))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            if bar is not None:
+                bar.update(1)
+            if checkpoint_path is not None and (step + 1) % max(1, checkpoint_every) == 0:
+                state = {"version": CHECKPOINT_VERSION, "tokens": new_tokens, "step": step + 1,
+                         "vectors": vec.detach().cpu().clone(), "opt": opt.state_dict(), "losses": list(losses),
+                         "gen": g.get_state(), "rng": rng.getstate()}
+                if lora_rank:
+                    from peft.utils import get_peft_model_state_dict
+
+                    state["lora"] = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(unet).items()}
+                with atomic_path(checkpoint_path) as tmp:
+                    torch.save(state, tmp)
         if bar is not None:
-            bar.update(1)
-        if checkpoint_path is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-            state = {"emb": emb.weight.detach().cpu(), "opt": opt.state_dict(), "losses": losses, "step": step + 1,
-                     "gen": g.get_state(), "rng": rng.getstate()}
-            if lora_rank:
-                from peft.utils import get_peft_model_state_dict
+            bar.close()
+        lora_state = None
+        if lora_rank:
+            from peft.utils import get_peft_model_state_dict
 
-                state["lora"] = get_peft_model_state_dict(unet)
-            with atomic_path(checkpoint_path) as tmp:
-                torch.save(state, tmp)
-    if bar is not None:
-        bar.close()
-    lora_state = None
-    if lora_rank:
-        from peft.utils import get_peft_model_state_dict
-
-        lora_state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
-    vectors = {t: emb.weight[i].detach().cpu().float().clone() for t, i in zip(new_tokens, new_ids)}
+            lora_state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+        vectors = {t: vec[i].detach().cpu().float().clone() for i, t in enumerate(new_tokens)}
+    finally:
+        hook.remove()
+        for p, flag in frozen_flags:
+            p.requires_grad_(flag)
     return ConceptResult(vectors, init_vectors, lora_state, losses, steps, start, time.perf_counter() - t_start)
 
 
 def learn_concept(bundle, images: list, token: str, init_word: str = "the", steps: int = 100, lr: float = 5e-3,
                   batch_size: int = 4, seed: int = 0, hflip: bool = True, checkpoint_path: Path | None = None,
-                  checkpoint_every: int = 50, progress: bool = False, templates: list[str] | None = None) -> ConceptResult:
-    """Textual inversion of one class: token ``token`` initialised from ``init_word``, DA-Fusion templates."""
+                  checkpoint_every: int = 50, progress: bool = False, templates: list[str] | None = None,
+                  weight_decay: float = 0.0, fixed_batch: bool = False) -> ConceptResult:
+    """Textual inversion of one class: token ``token`` initialised from ``init_word``, DA-Fusion templates.
+
+    Returns a :class:`ConceptResult` (``.token``, ``.vector`` [D] cpu float32, ``.init_vector``, ``.losses``,
+    ``.steps_done``, ``.resumed_from``). Generation uses the vector via ``GenRequest.concepts={token: vector}``.
+    """
     return train_concepts(bundle, {"_": images}, {"_": token}, {"_": templates or IMAGENET_TEMPLATES_SMALL},
                           init_word=init_word, steps=steps, lr=lr, batch_size=batch_size, seed=seed, hflip=hflip,
-                          checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, progress=progress)
+                          checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, progress=progress,
+                          weight_decay=weight_decay, fixed_batch=fixed_batch)

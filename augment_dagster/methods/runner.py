@@ -127,7 +127,8 @@ def run_units(
             per_unit = (time.perf_counter() - tb) / max(1, len(chunk))
             for i, u, im in zip(chunk, cu, images):
                 digest = blobs.put(png_bytes(im), "png")
-                rec = {"blob": digest, "created_by_run": run_id, "created_at": time.time(), "seconds": per_unit}
+                rec = {"blob": digest, "fn": f"synthetic/{spec.name}", "method": method_name, "created_by_run": run_id,
+                       "created_at": time.time(), "seconds": per_unit}
                 rec = memo.put(keys[i], rec)
                 records[i] = rec
             stats.computed += len(chunk)

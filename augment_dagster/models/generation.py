@@ -1,18 +1,34 @@
 """The one generation core every method uses (DA-Fusion, DIAGen, Diff-II, GeNIe, SGID and the baselines).
 
-One denoising loop over a diffusers pipeline's components and scheduler:
+ONE denoising loop (:meth:`GenerationCore._run`) over a diffusers pipeline's components and a fresh diffusers
+scheduler per batch (``set_timesteps`` / ``scale_model_input`` / ``step`` / ``add_noise``):
 
-* img2img at strength t (SDEdit: noise z0 to the first kept timestep, denoise the remaining
-  ``min(int(N·t), N)`` steps — StableDiffusionImg2ImgPipeline's convention), txt2img from N(0, I), and
-  denoise-from-latents (e.g. DDIM-inverted z_T) over the full schedule;
-* per-request guidance scale (CFG off when ≤ 1, like diffusers), negative prompt, and a prompt switch at a
-  timestep (Diff-II two-stage: t ≥ switch_t uses ``prompt``, later steps ``switch_prompt``);
+* img2img / SDEdit at strength s: encode the image (posterior mean · scaling_factor), ``add_noise`` at the first
+  kept timestep and denoise the remaining ``min(int(N·s), N)`` steps — StableDiffusionImg2ImgPipeline's
+  convention (``strength=0`` returns the VAE reconstruction);
+* txt2img from ``N(0, I)·init_noise_sigma``;
+* denoising given start latents (e.g. DDIM-inverted z_T) over the full schedule, or — with ``init_latents_t`` —
+  from that timestep on (partial inversion);
+* per-request guidance scale (CFG off when ≤ 1, like diffusers), negative prompt, and a per-request prompt
+  switch (Diff-II two-stage: timesteps t ≥ switch_t use ``prompt``, t < switch_t use ``switch_prompt``);
 * prompt embeddings with per-token weights (SGID) and injected concept vectors (textual inversion);
-* DDIM inversion (diffusers ``DDIMInverseScheduler``).
+* DDIM inversion with diffusers' ``DDIMInverseScheduler``.
 
-Requests are grouped by (steps, start step, start kind, CFG on/off) and run ``batch_size`` at a time through
-the UNet. Each request's noise comes from its own ``torch.Generator('cpu').manual_seed(seed)``, so a request
-gives the same image alone or in a batch.
+Batching: requests are grouped by (num_inference_steps, number of denoising steps, start kind, CFG on/off) and
+run up to ``batch_size`` at a time through the UNet (a CFG batch of B requests is one UNet call on 2B latents).
+Noise: request i's noise is drawn on the CPU from its own ``torch.Generator('cpu').manual_seed(seed)`` and then
+moved to the device, so a request gives the same image alone or inside any batch.
+
+Concept injection (``GenRequest.concepts``): placeholder tokens missing from the tokenizer are added
+(``tokenizer.add_tokens`` + ``text_encoder.resize_token_embeddings``) and the given vectors are written into
+those input-embedding rows under ``no_grad`` right before the prompts that use them are encoded. This MUTATES the
+bundle's tokenizer/text encoder (new rows only; pre-existing rows are never written): the table keeps the last
+vectors written, and a later call with other vectors for the same token overwrites them. Requests of one batch
+that give different vectors for the same token are encoded in separate sub-batches, so each gets its own.
+
+Counters in ``stats``: ``unet_forward_passes`` counts image-passes (a CFG call on 2B latents counts 2B, a
+call without CFG counts B; inversion steps included), ``unet_calls`` counts UNet invocations, ``images`` counts
+generated latents/images, ``inverted_images`` counts images passed through :meth:`invert`.
 """
 from __future__ import annotations
 
@@ -28,6 +44,7 @@ SCHEDULERS = {
     "dpmsolver": "DPMSolverMultistepScheduler",
     "euler": "EulerDiscreteScheduler",
 }
+WEIGHTINGS = ("output", "input_embeddings")
 
 
 @dataclass
@@ -37,37 +54,59 @@ class Prompt:
     segments: list[tuple[str, float]]
 
     @classmethod
-    def of(cls, p: "str | Prompt") -> "Prompt":
-        return p if isinstance(p, Prompt) else cls([(str(p), 1.0)])
+    def of(cls, text_or_prompt: "str | Prompt") -> "Prompt":
+        if isinstance(text_or_prompt, Prompt):
+            return text_or_prompt
+        return cls([(str(text_or_prompt), 1.0)])
 
     @property
     def text(self) -> str:
         return "".join(t for t, _ in self.segments)
+
+    @property
+    def weighted(self) -> bool:
+        return any(float(w) != 1.0 for _, w in self.segments)
 
 
 @dataclass
 class GenRequest:
     prompt: "str | Prompt"
     seed: int
-    strength: float = 1.0
-    init_image: Any = None
-    init_latents: "torch.Tensor | None" = None
-    guidance_scale: float = 7.5
+    strength: float = 1.0  # SDEdit/img2img noise ratio in [0,1]; ignored when init_latents is given
+    init_image: Any = None  # PIL image; None and no init_latents -> txt2img
+    init_latents: "torch.Tensor | None" = None  # [4,h,w] start latents (e.g. DDIM-inverted z_T)
+    guidance_scale: float = 7.5  # CFG off (no uncond branch) when <= 1, like diffusers
     negative_prompt: str = ""
     num_inference_steps: int = 25
-    switch_prompt: "str | Prompt | None" = None
+    switch_prompt: "str | Prompt | None" = None  # t >= switch_t: prompt; t < switch_t: switch_prompt
     switch_t: int | None = None
-    concepts: dict[str, torch.Tensor] | None = None
+    concepts: "dict[str, torch.Tensor] | None" = None  # placeholder token -> input-embedding vector
     weighting: str = "output"  # "output" (text-encoder states, mean restored) | "input_embeddings"
+    # extension: the timestep init_latents sit at (e.g. the end of a partial inversion, see
+    # GenerationCore.inversion_timesteps); None = pure z_T, denoised over the full schedule
+    init_latents_t: int | None = None
 
 
 @dataclass
 class _Encoded:
-    embeds: torch.Tensor
-    unrestored: torch.Tensor | None = None
+    embeds: torch.Tensor  # what the UNet sees
+    unrestored: torch.Tensor | None = None  # output weighting only: weighted states before the mean restore
+
+
+@dataclass
+class _SubBatch:
+    concepts: dict[str, torch.Tensor]
+    weighting: str
+    idx: list[int] = field(default_factory=list)
+
+
+def _same_vector(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.shape == b.shape and torch.equal(a.detach().cpu(), b.detach().cpu()))
 
 
 class GenerationCore:
+    """Batched, seeded generation on a :class:`~augment_dagster.models.loading.DiffusionBundle`."""
+
     def __init__(self, bundle, batch_size: int = 16, scheduler: str = "ddim"):
         import diffusers
 
@@ -79,12 +118,14 @@ class GenerationCore:
         self.scheduler_name = scheduler
         self._sched_cls = getattr(diffusers, SCHEDULERS[scheduler])
         self._sched_config = dict(self.pipe.scheduler.config)
-        self.device = self.pipe.unet.device
-        self.dtype = self.pipe.unet.dtype
-        self.stats = {"unet_forward_passes": 0, "unet_calls": 0, "images": 0}
+        p = next(self.pipe.unet.parameters())
+        self.device = p.device
+        self.dtype = p.dtype
+        self.stats = {"unet_forward_passes": 0, "unet_calls": 0, "images": 0, "inverted_images": 0}
 
     # ------------------------------------------------------------------ text
     def _ensure_concepts(self, concepts: dict[str, torch.Tensor] | None) -> None:
+        """Add missing placeholder tokens and write the vectors into their embedding rows (see module doc)."""
         if not concepts:
             return
         tok, te = self.pipe.tokenizer, self.pipe.text_encoder
@@ -92,16 +133,24 @@ class GenerationCore:
         missing = [t for t in concepts if t not in vocab]
         if missing:
             tok.add_tokens(missing)
-            te.resize_token_embeddings(len(tok), mean_resizing=False)
         emb = te.get_input_embeddings()
+        if emb.weight.shape[0] < len(tok):
+            te.resize_token_embeddings(len(tok), mean_resizing=False)
+            emb = te.get_input_embeddings()
         with torch.no_grad():
             for t, v in concepts.items():
-                i = tok.convert_tokens_to_ids(t)
-                if v.shape[-1] != emb.weight.shape[1]:
-                    raise ValueError(f"concept {t}: vector has {v.shape[-1]} dims, the text encoder expects {emb.weight.shape[1]}")
-                emb.weight[i] = v.to(emb.weight.device, emb.weight.dtype)
+                ids = tok.convert_tokens_to_ids([t])
+                i = ids[0]
+                if not isinstance(i, int) or i < 0 or i >= emb.weight.shape[0]:
+                    raise ValueError(f"concept token {t!r} could not be added to the tokenizer")
+                if tuple(v.shape[-1:]) != (emb.weight.shape[1],) or v.numel() != emb.weight.shape[1]:
+                    raise ValueError(f"concept {t!r}: vector of shape {tuple(v.shape)}, the text encoder expects "
+                                     f"{emb.weight.shape[1]} dims")
+                emb.weight[i] = v.reshape(-1).to(emb.weight.device, emb.weight.dtype)
 
-    def _ids_and_weights(self, prompt: Prompt) -> tuple[list[int], list[float]]:
+    def token_ids_and_weights(self, prompt: "str | Prompt") -> tuple[list[int], list[float]]:
+        """Token ids (BOS + segments + EOS, padded/truncated to ``model_max_length``) and each token's weight."""
+        prompt = Prompt.of(prompt)
         tok = self.pipe.tokenizer
         L = tok.model_max_length
         ids, ws = [tok.bos_token_id], [1.0]
@@ -116,46 +165,80 @@ class GenerationCore:
         return ids, ws
 
     def _encode(self, prompts: list[Prompt], concepts=None, weighting: str = "output") -> _Encoded:
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {weighting!r}; choose from {WEIGHTINGS}")
         self._ensure_concepts(concepts)
         te = self.pipe.text_encoder
-        rows = [self._ids_and_weights(p) for p in prompts]
-        ids = torch.tensor([r[0] for r in rows], device=te.device)
-        w = torch.tensor([r[1] for r in rows], device=te.device, dtype=torch.float32)
+        dev = next(te.parameters()).device
+        rows = [self.token_ids_and_weights(p) for p in prompts]
+        ids = torch.tensor([r[0] for r in rows], device=dev)
+        w = torch.tensor([r[1] for r in rows], device=dev, dtype=torch.float32)
         weighted = bool((w != 1.0).any())
         with torch.inference_mode():
             if weighted and weighting == "input_embeddings":
-                emb = te.get_input_embeddings()
-                h = emb.register_forward_hook(lambda m, i, o: o * w[..., None].to(o.dtype))
+                # scale the token-embedding rows (not the position embeddings) via a forward hook
+                hook = te.get_input_embeddings().register_forward_hook(lambda m, i, o: o * w[..., None].to(o.dtype))
                 try:
                     out = te(ids)[0]
                 finally:
-                    h.remove()
+                    hook.remove()
                 return _Encoded(out.to(self.dtype))
             out = te(ids)[0]
-            if not weighted or weighting != "output":
+            if not weighted:
                 return _Encoded(out.to(self.dtype))
-            if weighting != "output":
-                raise ValueError(f"unknown weighting {weighting!r}: 'output' or 'input_embeddings'")
+            # lpw / A1111 convention: weight the output states per token, then restore the overall mean
             o = out.float()
             scaled = o * w[..., None]
             restore = o.mean(dim=(1, 2), keepdim=True) / scaled.mean(dim=(1, 2), keepdim=True)
             return _Encoded((scaled * restore).to(self.dtype), unrestored=scaled)
 
-    def encode_prompts(self, prompts, concepts=None, weighting: str = "output") -> torch.Tensor:
-        return self._encode([Prompt.of(p) for p in prompts], concepts, weighting).embeds
+    def encode_prompts(self, prompts: list["str | Prompt"], concepts: dict[str, torch.Tensor] | None = None,
+                       weighting: str = "output", restore_mean: bool = True) -> torch.Tensor:
+        """Text-encoder states [B, 77, D] for the UNet. ``restore_mean=False`` (output weighting only) returns
+        the weighted states before the mean restore: the states of tokens with weight 1 are then unchanged."""
+        enc = self._encode([Prompt.of(p) for p in prompts], concepts, weighting)
+        if not restore_mean and enc.unrestored is not None:
+            return enc.unrestored.to(self.dtype)
+        return enc.embeds
+
+    def _encode_requests(self, prompts: list[Prompt], reqs: list[GenRequest]) -> torch.Tensor:
+        """Encode per-request prompts, in sub-batches of requests whose concepts agree and weighting is equal."""
+        subs: list[_SubBatch] = []
+        for i, r in enumerate(reqs):
+            c = r.concepts or {}
+            for s in subs:
+                if s.weighting == r.weighting and all(_same_vector(s.concepts[k], v) for k, v in c.items() if k in s.concepts):
+                    s.concepts.update(c)
+                    s.idx.append(i)
+                    break
+            else:
+                subs.append(_SubBatch(dict(c), r.weighting, [i]))
+        out: torch.Tensor | None = None
+        for s in subs:
+            e = self._encode([prompts[i] for i in s.idx], s.concepts, s.weighting).embeds
+            if len(subs) == 1:
+                return e
+            if out is None:
+                out = torch.empty((len(reqs), *e.shape[1:]), dtype=e.dtype, device=e.device)
+            out[s.idx] = e
+        return out
 
     # ------------------------------------------------------------------ images
     def encode_images(self, images) -> torch.Tensor:
+        """z0 = posterior mean · scaling_factor of RGB images resized (bilinear) to the bundle's resolution."""
         from PIL import Image
 
         r = self.bundle.resolution
-        arr = np.stack([np.asarray(im.convert("RGB").resize((r, r), Image.BILINEAR), dtype=np.float32) for im in images]) / 127.5 - 1.0
-        x = torch.from_numpy(arr).permute(0, 3, 1, 2).to(self.device, self.pipe.vae.dtype)
+        arr = np.stack([np.asarray(im.convert("RGB").resize((r, r), Image.BILINEAR), dtype=np.float32)
+                        for im in images]) / 127.5 - 1.0
+        vae = self.pipe.vae
+        x = torch.from_numpy(arr).permute(0, 3, 1, 2).to(self.device, vae.dtype)
         with torch.inference_mode():
-            z = self.pipe.vae.encode(x).latent_dist.mean * self.pipe.vae.config.scaling_factor
+            z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
         return z.float()
 
     def decode(self, latents: torch.Tensor) -> list:
+        """PIL images (bundle resolution) of latents; decoded values are clamped to [-1, 1]."""
         from PIL import Image
 
         vae = self.pipe.vae
@@ -167,6 +250,7 @@ class GenerationCore:
     # ------------------------------------------------------------------ scheduling
     @staticmethod
     def denoising_steps(num_inference_steps: int, strength: float) -> int:
+        """Steps actually run at ``strength`` (diffusers img2img: ``min(int(N·strength), N)``)."""
         return min(int(num_inference_steps * strength), num_inference_steps)
 
     def _new_scheduler(self):
@@ -180,16 +264,26 @@ class GenerationCore:
     def _noise(seed: int, shape) -> torch.Tensor:
         return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(seed)), dtype=torch.float32)
 
+    def _latents_denoise_steps(self, r: GenRequest) -> int:
+        if r.init_latents_t is None:
+            return r.num_inference_steps
+        s = self._new_scheduler()
+        s.set_timesteps(r.num_inference_steps)
+        return int((s.timesteps[:: s.order] <= int(r.init_latents_t)).sum())
+
     def _group_key(self, r: GenRequest) -> tuple:
         cfg = r.guidance_scale > 1.0
+        if r.weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {r.weighting!r}; choose from {WEIGHTINGS}")
         if r.init_latents is not None:
-            return (r.num_inference_steps, 0, "latents", cfg)
+            return (r.num_inference_steps, self._latents_denoise_steps(r), "latents", cfg)
         if r.init_image is not None:
             return (r.num_inference_steps, self.denoising_steps(r.num_inference_steps, r.strength), "image", cfg)
         return (r.num_inference_steps, r.num_inference_steps, "noise", cfg)
 
     # ------------------------------------------------------------------ generation
     def generate_latents(self, requests: list[GenRequest], progress: bool = False) -> torch.Tensor:
+        """Final latents [N, 4, h, w] (CPU float32), in request order."""
         out: list[torch.Tensor | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
@@ -213,12 +307,30 @@ class GenerationCore:
         return torch.stack(out) if out else torch.zeros(0, *self._latent_shape())
 
     def generate(self, requests: list[GenRequest], progress: bool = False) -> list:
+        """PIL images at the bundle's resolution, in request order."""
         if not requests:
             return []
         lat = self.generate_latents(requests, progress)
         return [im for s in range(0, len(lat), self.batch_size) for im in self.decode(lat[s:s + self.batch_size])]
 
+    def _unet_eps(self, z: torch.Tensor, t, emb: torch.Tensor, uncond: torch.Tensor | None,
+                  g: torch.Tensor | float) -> torch.Tensor:
+        """ε̂ for one step: with ``uncond`` one UNet call on [uncond; cond] and ε_u + g·(ε_c − ε_u)."""
+        unet = self.pipe.unet
+        B = z.shape[0]
+        if uncond is not None:
+            eps = unet(torch.cat([z, z]).to(self.dtype), t, encoder_hidden_states=torch.cat([uncond, emb])).sample.float()
+            eu, ec = eps.chunk(2)
+            eps = eu + g * (ec - eu)
+            self.stats["unet_forward_passes"] += 2 * B
+        else:
+            eps = unet(z.to(self.dtype), t, encoder_hidden_states=emb).sample.float()
+            self.stats["unet_forward_passes"] += B
+        self.stats["unet_calls"] += 1
+        return eps
+
     def _run(self, reqs: list[GenRequest], key: tuple) -> torch.Tensor:
+        """THE denoising loop (one batch of one group)."""
         steps, n_denoise, kind, cfg = key
         sched = self._new_scheduler()
         sched.set_timesteps(steps, device=self.device)
@@ -229,70 +341,80 @@ class GenerationCore:
         shape = self._latent_shape()
         B = len(reqs)
         if kind == "latents":
-            z = torch.stack([r.init_latents.float().reshape(shape) for r in reqs]).to(self.device) * sched.init_noise_sigma
+            z = torch.stack([r.init_latents.detach().float().cpu().reshape(shape) for r in reqs]).to(self.device)
+            if n_denoise == steps:  # pure z_T, like the pipelines' `latents=` argument
+                z = z * sched.init_noise_sigma
+            elif n_denoise == 0:
+                return z.cpu()
         elif kind == "image":
             z0 = self.encode_images([r.init_image for r in reqs])
             if n_denoise == 0:
                 return z0.cpu()
             noise = torch.stack([self._noise(r.seed, shape) for r in reqs]).to(self.device)
-            z = sched.add_noise(z0, noise, timesteps[:1].repeat(B))
+            z = sched.add_noise(z0.to(self.device), noise, timesteps[:1].repeat(B))
         else:
             z = torch.stack([self._noise(r.seed, shape) for r in reqs]).to(self.device) * sched.init_noise_sigma
-        # text conditioning (concept vectors of the batch are written into the embedding table first)
-        concepts: dict[str, torch.Tensor] = {}
-        for r in reqs:
-            concepts.update(r.concepts or {})
-        weighting = reqs[0].weighting
-        cond = self._encode([Prompt.of(r.prompt) for r in reqs], concepts, weighting).embeds
+        # text conditioning
+        prompts = [Prompt.of(r.prompt) for r in reqs]
+        cond = self._encode_requests(prompts, reqs)
         has_switch = [r.switch_prompt is not None and r.switch_t is not None for r in reqs]
-        switch = self._encode([Prompt.of(r.switch_prompt if h else r.prompt) for r, h in zip(reqs, has_switch)], concepts,
-                              weighting).embeds if any(has_switch) else cond
-        switch_t = torch.tensor([r.switch_t if h else -1 for r, h in zip(reqs, has_switch)], device=self.device)
-        uncond = self._encode([Prompt.of(r.negative_prompt) for r in reqs]).embeds if cfg else None
-        g = torch.tensor([r.guidance_scale for r in reqs], device=self.device, dtype=torch.float32).view(B, 1, 1, 1)
-        unet = self.pipe.unet
+        if any(has_switch):
+            switch = self._encode_requests([Prompt.of(r.switch_prompt) if h else p
+                                            for r, h, p in zip(reqs, has_switch, prompts)], reqs)
+        else:
+            switch = cond
+        switch_t = torch.tensor([int(r.switch_t) if h else -1 for r, h in zip(reqs, has_switch)], device=self.device)
+        uncond = None
+        if cfg:
+            neg = [GenRequest(prompt=r.negative_prompt, seed=0, concepts=r.concepts) for r in reqs]
+            uncond = self._encode_requests([Prompt.of(r.negative_prompt) for r in reqs], neg)
+        g = torch.tensor([float(r.guidance_scale) for r in reqs], device=self.device, dtype=torch.float32).view(B, 1, 1, 1)
         with torch.inference_mode():
             for t in timesteps:
-                use_first = (t >= switch_t) | (switch_t < 0)
-                emb = torch.where(use_first.view(B, 1, 1), cond, switch)
+                first = (t >= switch_t) | (switch_t < 0)
+                emb = torch.where(first.view(B, 1, 1), cond, switch) if any(has_switch) else cond
                 x = sched.scale_model_input(z, t)
-                if cfg:
-                    eps = unet(torch.cat([x, x]).to(self.dtype), t, encoder_hidden_states=torch.cat([uncond, emb])).sample.float()
-                    eu, ec = eps.chunk(2)
-                    eps = eu + g * (ec - eu)
-                    self.stats["unet_forward_passes"] += 2 * B
-                else:
-                    eps = unet(x.to(self.dtype), t, encoder_hidden_states=emb).sample.float()
-                    self.stats["unet_forward_passes"] += B
-                self.stats["unet_calls"] += 1
+                eps = self._unet_eps(x, t, emb, uncond, g)
                 z = sched.step(eps, t, z).prev_sample
         return z.float().cpu()
 
     # ------------------------------------------------------------------ inversion
-    def invert(self, images, prompts, num_steps: int, concepts=None, guidance_scale: float = 1.0, until: float = 1.0) -> torch.Tensor:
-        """DDIM inversion z0 → z_T (or to t ≈ 1000·until) with diffusers' DDIMInverseScheduler."""
+    def _inverse_scheduler(self, num_steps: int):
         from diffusers import DDIMInverseScheduler
 
         inv = DDIMInverseScheduler.from_config(self._sched_config)
         inv.set_timesteps(num_steps, device=self.device)
-        z = self.encode_images(images).to(self.device)
-        cond = self.encode_prompts(prompts, concepts)
-        B = len(images)
-        cfg = guidance_scale > 1.0
-        uncond = self.encode_prompts([""] * B) if cfg else None
+        return inv
+
+    def inversion_timesteps(self, num_steps: int, until: float = 1.0) -> list[int]:
+        """The timesteps :meth:`invert` steps through; the returned latents sit at the last one
+        (pass it as ``GenRequest.init_latents_t`` with the same ``num_inference_steps`` to denoise them back)."""
+        inv = self._inverse_scheduler(num_steps)
         limit = until * inv.config.num_train_timesteps
-        unet = self.pipe.unet
-        with torch.inference_mode():
-            for t in inv.timesteps:
-                if t >= limit:
-                    break
-                if cfg:
-                    eu, ec = unet(torch.cat([z, z]).to(self.dtype), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.float().chunk(2)
-                    eps = eu + guidance_scale * (ec - eu)
-                    self.stats["unet_forward_passes"] += 2 * B
-                else:
-                    eps = unet(z.to(self.dtype), t, encoder_hidden_states=cond).sample.float()
-                    self.stats["unet_forward_passes"] += B
-                self.stats["unet_calls"] += 1
-                z = inv.step(eps, t, z).prev_sample
-        return z.float().cpu()
+        return [int(t) for t in inv.timesteps if t < limit]
+
+    def invert(self, images, prompts: list["str | Prompt"], num_steps: int, concepts: dict[str, torch.Tensor] | None = None,
+               guidance_scale: float = 1.0, until: float = 1.0) -> torch.Tensor:
+        """DDIM inversion z0 → z_T (``until<1``: only up to t ≈ 1000·until, see :meth:`inversion_timesteps`)
+        with diffusers' ``DDIMInverseScheduler``; CFG (with an empty negative prompt) when guidance_scale > 1.
+        Runs ``batch_size`` images at a time; returns CPU float32 [N, 4, h, w]."""
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        ts = self.inversion_timesteps(num_steps, until)
+        out = []
+        for s in range(0, len(images), self.batch_size):
+            imgs, ps = images[s:s + self.batch_size], prompts[s:s + self.batch_size]
+            B = len(imgs)
+            inv = self._inverse_scheduler(num_steps)
+            z = self.encode_images(imgs).to(self.device)
+            cond = self.encode_prompts(ps, concepts)
+            uncond = self.encode_prompts([""] * B, concepts) if guidance_scale > 1.0 else None
+            with torch.inference_mode():
+                for t in inv.timesteps:
+                    if int(t) not in ts:
+                        break
+                    eps = self._unet_eps(inv.scale_model_input(z, t), t, cond, uncond, float(guidance_scale))
+                    z = inv.step(eps, t, z).prev_sample
+            out.append(z.float().cpu())
+            self.stats["inverted_images"] += B
+        return torch.cat(out) if out else torch.zeros(0, *self._latent_shape())

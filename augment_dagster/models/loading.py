@@ -1,13 +1,27 @@
 """Model loading: ``tiny-random`` (built offline, saved once, loaded back with ``from_pretrained(dir)``),
 ``tiny`` (trained weights shipped in the package), or any hub id / local folder passed to ``from_pretrained``.
 
-Every bundle carries a fingerprint that enters every memo key; ``*_fingerprint`` functions compute it
-without loading the model, so a fully cached rerun never imports diffusers.
+* ``tiny-random``: ``models.tiny`` builds the model with seed 0, saves it ONCE to
+  ``<cache_root>/models/tiny-random-<kind>-<hash of the build config>/`` (written to a temp folder, then
+  ``os.rename``d, so a concurrent or killed process never leaves a half folder), and it is ALWAYS loaded back
+  with ``from_pretrained(dir)`` exactly like a real model.
+* ``tiny``: ``augment_dagster/builtin_models/tiny-<kind>/``; a ``FileNotFoundError`` while they are not shipped.
+* anything else: passed unchanged to ``from_pretrained(source, revision=...)``; a failure becomes a
+  :class:`ModelSourceError` naming the source.
+
+Every bundle carries a fingerprint that enters every memo key; the ``*_fingerprint`` functions compute it
+without loading (or importing) the model, so a fully cached rerun never imports diffusers:
+tiny-random → hash of the build config + seed; local folder → sha256 over (relative path, sha256 of content)
+of its files (per-file hashes cached by (path, size, mtime_ns)); hub id → hash of (id, revision).
+
+Loaded bundles are cached per process, keyed by (kind, source, cache_root, device, dtype, revision).
 """
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,12 +29,13 @@ from typing import Any
 from ..util import hash_obj, pick_device, pick_dtype, sha256_file
 
 PACKAGE_MODELS = Path(__file__).resolve().parent.parent / "builtin_models"
-TINY_BUILD_VERSION = 1
 TINY_SD_SIZE = "small"
+TINY_SEED = 0
+_KIND_KEY = {"sd": "diffusion", "blip": "captioner", "clip": "clip"}
 
 
 class ModelSourceError(ValueError):
-    pass
+    """A model source that could not be loaded; the message names the source and the config key to change."""
 
 
 @dataclass
@@ -53,147 +68,113 @@ class ClipBundle:
 
 _CACHE: dict[tuple, Any] = {}
 _FILE_HASHES: dict[tuple, str] = {}
+_LOCK = threading.RLock()
+build_counts: dict[str, int] = {"sd": 0, "blip": 0, "clip": 0}  # how often a tiny-random model was built (tests)
+
+
+def clear_cache() -> None:
+    """Forget the process-level cache of loaded bundles (the on-disk tiny-random copies stay)."""
+    with _LOCK:
+        _CACHE.clear()
+
+
+# ---------------------------------------------------------------- fingerprints
+def _tiny_build_config(kind: str) -> dict:
+    from .tiny import build_config  # tiny.py imports nothing heavy at module level
+
+    return build_config(kind, size=TINY_SD_SIZE, seed=TINY_SEED)
 
 
 def _tiny_build_id(kind: str) -> str:
-    from .tiny import SD_CONFIGS
-
-    return hash_obj("tiny-random", kind, TINY_BUILD_VERSION, SD_CONFIGS.get(TINY_SD_SIZE) if kind == "sd" else None)[:12]
+    return hash_obj("tiny-random", _tiny_build_config(kind))[:12]
 
 
-def _dir_fingerprint(d: Path) -> str:
+def dir_fingerprint(d: str | os.PathLike) -> str:
+    """sha256 over (relative path, sha256 of content) of every file under ``d`` (dot-files skipped)."""
+    d = Path(d)
     items = []
     for p in sorted(d.rglob("*")):
-        if p.is_file() and not p.name.startswith("."):
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(d).parts):
             st = p.stat()
-            k = (str(p), st.st_size, st.st_mtime_ns)
-            if k not in _FILE_HASHES:
-                _FILE_HASHES[k] = sha256_file(p)
-            items.append((p.relative_to(d).as_posix(), _FILE_HASHES[k]))
+            k = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+            h = _FILE_HASHES.get(k)
+            if h is None:
+                h = _FILE_HASHES[k] = sha256_file(p)
+            items.append((p.relative_to(d).as_posix(), h))
     return hash_obj(items)[:24]
 
 
-def _fingerprint(kind: str, source: str, cache_root, revision: str | None) -> str:
+def _fingerprint(kind: str, source: str, revision: str | None) -> str:
     if source == "tiny-random":
         return f"tiny-random-{kind}-{_tiny_build_id(kind)}"
     if source == "tiny":
         d = PACKAGE_MODELS / f"tiny-{kind}"
-        return f"tiny-{kind}-{_dir_fingerprint(d)}" if d.exists() else f"tiny-{kind}-missing"
+        return f"tiny-{kind}-{dir_fingerprint(d)}" if d.is_dir() else f"tiny-{kind}-missing"
     p = Path(source).expanduser()
     if p.is_dir():
-        return f"dir-{_dir_fingerprint(p)}"
+        return f"dir-{dir_fingerprint(p)}"
     return f"hub-{hash_obj(source, revision)[:24]}"
 
 
 def diffusion_fingerprint(source: str, cache_root=None, revision: str | None = None) -> str:
-    return _fingerprint("sd", source, cache_root, revision)
+    return _fingerprint("sd", source, revision)
 
 
 def captioner_fingerprint(source: str, cache_root=None, revision: str | None = None) -> str:
-    return _fingerprint("blip", source, cache_root, revision)
+    return _fingerprint("blip", source, revision)
 
 
 def clip_fingerprint(source: str, cache_root=None, revision: str | None = None) -> str:
-    return _fingerprint("clip", source, cache_root, revision)
+    return _fingerprint("clip", source, revision)
 
 
-def _tiny_random_dir(kind: str, cache_root) -> Path:
-    """Build the random model once into <cache_root>/models/ (temp dir + rename), return its folder."""
+# ---------------------------------------------------------------- sources
+def tiny_random_dir(kind: str, cache_root: str | os.PathLike) -> Path:
+    """Build the random model once into ``<cache_root>/models/`` (temp folder + rename) and return its folder."""
     d = Path(cache_root) / "models" / f"tiny-random-{kind}-{_tiny_build_id(kind)}"
-    if d.exists():
+    if d.is_dir():
         return d
-    from .tiny import build_tiny_blip, build_tiny_clip, build_tiny_sd
+    from . import tiny
 
-    tmp = d.parent / f".tmp-{d.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    _quiet()
-    if kind == "sd":
-        build_tiny_sd(seed=0, size=TINY_SD_SIZE).save_pretrained(tmp)
-    else:
-        model, proc = (build_tiny_blip if kind == "blip" else build_tiny_clip)(seed=0)
-        model.save_pretrained(tmp)
-        proc.save_pretrained(tmp)
+    d.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{d.name}-", dir=d.parent))
     try:
-        os.rename(tmp, d)
-    except OSError:
+        _quiet()
+        build_counts[kind] += 1
+        if kind == "sd":
+            tiny.build_tiny_sd(seed=TINY_SEED, size=TINY_SD_SIZE).save_pretrained(tmp)
+        else:
+            model, proc = (tiny.build_tiny_blip if kind == "blip" else tiny.build_tiny_clip)(seed=TINY_SEED)
+            model.save_pretrained(tmp)
+            proc.save_pretrained(tmp)
+        try:
+            os.rename(tmp, d)
+        except OSError:
+            if not d.is_dir():  # not "another process won the race"
+                raise
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not d.exists():
-            raise
     return d
 
 
 def _resolve(kind: str, source: str, cache_root) -> str:
     if source == "tiny-random":
-        return str(_tiny_random_dir(kind, cache_root))
+        return str(tiny_random_dir(kind, cache_root))
     if source == "tiny":
         d = PACKAGE_MODELS / f"tiny-{kind}"
-        if not d.exists():
+        if not d.is_dir():
             raise FileNotFoundError(
-                f"the trained tiny {kind} weights are not shipped in this build ({d} is missing); "
-                "use source: tiny-random, or train them with scripts/train_tiny_models.py")
+                f"the trained tiny {_KIND_KEY[kind]} model is not shipped in this build ({d} does not exist); "
+                f"set models.{_KIND_KEY[kind]}.source: tiny-random to use a random-weight tiny model instead")
         return str(d)
     return source
 
 
-def _error(kind_key: str, source: str, e: Exception) -> ModelSourceError:
+def _error(kind: str, source: str, e: BaseException) -> ModelSourceError:
+    key = _KIND_KEY[kind]
     return ModelSourceError(
-        f"could not load models.{kind_key}.source={source!r}: {type(e).__name__}: {str(e)[:300]}. "
-        f"Set models.{kind_key}.source to a local folder, a hub id reachable from this machine, 'tiny' or 'tiny-random'.")
-
-
-def load_diffusion(source: str, cache_root, device: str = "auto", dtype: str = "auto", revision: str | None = None) -> DiffusionBundle:
-    dev = pick_device(device)
-    dt = pick_dtype(dev, dtype)
-    key = ("sd", source, str(cache_root), dev, str(dt), revision)
-    if key in _CACHE:
-        return _CACHE[key]
-    from diffusers import StableDiffusionPipeline
-
-    try:
-        path = _resolve("sd", source, cache_root)
-        _quiet()
-        kw: dict[str, Any] = {"dtype": dt}
-        if revision:
-            kw["revision"] = revision
-        if not source.startswith("tiny"):
-            kw.update(safety_checker=None, requires_safety_checker=False)
-        pipe = StableDiffusionPipeline.from_pretrained(path, **kw)
-    except FileNotFoundError as e:
-        raise _error("diffusion", source, e) from None
-    except (OSError, ValueError, EnvironmentError) as e:
-        raise _error("diffusion", source, e) from None
-    pipe = pipe.to(dev)
-    pipe.set_progress_bar_config(disable=True)
-    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
-        m.eval().requires_grad_(False)
-    res = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
-    b = DiffusionBundle(pipe, diffusion_fingerprint(source, cache_root, revision), source, dev, dt, res)
-    _CACHE[key] = b
-    return b
-
-
-def _load_pair(kind: str, kind_key: str, source: str, cache_root, device: str, revision):
-    dev = pick_device(device)
-    key = (kind, source, str(cache_root), dev, revision)
-    if key in _CACHE:
-        return _CACHE[key]
-    if kind == "blip":
-        from transformers import BlipForConditionalGeneration as M, BlipProcessor as P
-    else:
-        from transformers import CLIPModel as M, CLIPProcessor as P
-    _quiet()
-    try:
-        path = _resolve(kind, source, cache_root)
-        kw = {"revision": revision} if revision else {}
-        model = M.from_pretrained(path, **kw).to(dev).eval()
-        proc = P.from_pretrained(path, **kw)
-    except (OSError, ValueError, FileNotFoundError) as e:
-        raise _error(kind_key, source, e) from None
-    fp = (captioner_fingerprint if kind == "blip" else clip_fingerprint)(source, cache_root, revision)
-    b = (CaptionerBundle if kind == "blip" else ClipBundle)(model, proc, fp, source, dev)
-    _CACHE[key] = b
-    return b
+        f"could not load the {key} model from source {source!r} ({type(e).__name__}: {str(e)[:300]}); "
+        f"set models.{key}.source to a local folder, a hub id reachable from this machine, 'tiny' or 'tiny-random'")
 
 
 def _quiet() -> None:
@@ -210,9 +191,70 @@ def _quiet() -> None:
         pass
 
 
-def load_captioner(source: str, cache_root, device: str = "auto", revision: str | None = None) -> CaptionerBundle:
-    return _load_pair("blip", "captioner", source, cache_root, device, revision)
+# ---------------------------------------------------------------- loaders
+def load_diffusion(source: str, cache_root: str | os.PathLike, device: str = "auto", dtype: str = "auto",
+                   revision: str | None = None) -> DiffusionBundle:
+    """A ``StableDiffusionPipeline`` (eval mode, no grads, no safety checker) on ``device`` in ``dtype``."""
+    dev = pick_device(device)
+    dt = pick_dtype(dev, dtype)
+    key = ("sd", source, str(cache_root), dev, str(dt), revision)
+    with _LOCK:
+        if key in _CACHE:
+            return _CACHE[key]
+        path = _resolve("sd", source, cache_root)  # FileNotFoundError for a missing 'tiny'
+        _quiet()
+        from diffusers import StableDiffusionPipeline
+
+        kw: dict[str, Any] = {"dtype": dt, "safety_checker": None, "requires_safety_checker": False}
+        if revision:
+            kw["revision"] = revision
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(path, **kw)
+        except Exception as e:  # noqa: BLE001 - any failure: the source is unusable
+            raise _error("sd", source, e) from e
+        pipe = pipe.to(dev)
+        pipe.set_progress_bar_config(disable=True)
+        for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+            m.eval().requires_grad_(False)
+        if source in ("tiny", "tiny-random"):
+            from .tiny import TINY_RESOLUTION as res
+        else:
+            res = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+        b = DiffusionBundle(pipe, diffusion_fingerprint(source, cache_root, revision), source, dev, dt, res)
+        _CACHE[key] = b
+        return b
 
 
-def load_clip(source: str, cache_root, device: str = "auto", revision: str | None = None) -> ClipBundle:
-    return _load_pair("clip", "clip", source, cache_root, device, revision)
+def _load_pair(kind: str, source: str, cache_root, device: str, revision: str | None):
+    dev = pick_device(device)
+    key = (kind, source, str(cache_root), dev, revision)
+    with _LOCK:
+        if key in _CACHE:
+            return _CACHE[key]
+        path = _resolve(kind, source, cache_root)
+        _quiet()
+        if kind == "blip":
+            from transformers import BlipForConditionalGeneration as M, BlipProcessor as P
+        else:
+            from transformers import CLIPModel as M, CLIPProcessor as P
+        kw = {"revision": revision} if revision else {}
+        try:
+            model = M.from_pretrained(path, **kw).to(dev).eval().requires_grad_(False)
+            proc = P.from_pretrained(path, **kw)
+        except Exception as e:  # noqa: BLE001
+            raise _error(kind, source, e) from e
+        fp = _fingerprint(kind, source, revision)
+        b = (CaptionerBundle if kind == "blip" else ClipBundle)(model, proc, fp, source, dev)
+        _CACHE[key] = b
+        return b
+
+
+def load_captioner(source: str, cache_root: str | os.PathLike, device: str = "auto",
+                   revision: str | None = None) -> CaptionerBundle:
+    """``BlipForConditionalGeneration`` + ``BlipProcessor`` (same source rules as :func:`load_diffusion`)."""
+    return _load_pair("blip", source, cache_root, device, revision)
+
+
+def load_clip(source: str, cache_root: str | os.PathLike, device: str = "auto", revision: str | None = None) -> ClipBundle:
+    """``CLIPModel`` + ``CLIPProcessor`` (same source rules as :func:`load_diffusion`)."""
+    return _load_pair("clip", source, cache_root, device, revision)

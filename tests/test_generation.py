@@ -1,0 +1,205 @@
+"""The generation core (augment_dagster.models.generation) on the tiny random SD model."""
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from _fixtures_models import core, model_cache_root, shape_image, tiny_bundle  # noqa: F401  (fixtures)
+from augment_dagster.models.generation import GenerationCore, GenRequest, Prompt
+
+STEPS = 6
+
+
+def _mixed_requests(concept_vec=None):
+    im0, im1 = shape_image(0), shape_image(1)
+    return [
+        GenRequest("a photo of a circle", seed=1, init_image=im0, strength=0.5, num_inference_steps=STEPS),
+        GenRequest("a photo of a square", seed=2, init_image=im1, strength=0.5, num_inference_steps=STEPS, guidance_scale=3.0),
+        GenRequest("a photo of a ring", seed=3, num_inference_steps=STEPS, guidance_scale=1.0),  # txt2img, no CFG
+        GenRequest("a photo of a star", seed=4, num_inference_steps=STEPS, guidance_scale=7.5, negative_prompt="blurry"),
+        GenRequest("a photo of a cross", seed=5, num_inference_steps=STEPS, guidance_scale=4.0,
+                   switch_prompt="a photo of a cross on a striped background", switch_t=500),
+        GenRequest("a photo of a circle", seed=6, init_image=im1, strength=0.8, num_inference_steps=STEPS, guidance_scale=2.0),
+        GenRequest("a photo of a triangle", seed=7, num_inference_steps=STEPS, guidance_scale=5.0,
+                   switch_prompt="a photo of a red triangle", switch_t=300),
+        GenRequest(Prompt([("a photo of a", 1.0), (" circle", 1.5)]), seed=8, init_image=im0, strength=0.8,
+                   num_inference_steps=STEPS, guidance_scale=2.0),
+    ] + ([GenRequest("a photo of a <cpt>", seed=9, num_inference_steps=STEPS, guidance_scale=2.0,
+                     concepts={"<cpt>": concept_vec})] if concept_vec is not None else [])
+
+
+def test_denoising_steps():
+    assert GenerationCore.denoising_steps(50, 0.8) == 40
+    assert GenerationCore.denoising_steps(25, 1.0) == 25
+    assert GenerationCore.denoising_steps(25, 0.0) == 0
+    assert GenerationCore.denoising_steps(10, 1.5) == 10
+
+
+def test_batched_equals_one_at_a_time(tiny_bundle):
+    torch.manual_seed(0)
+    vec = torch.randn(tiny_bundle.pipe.text_encoder.config.hidden_size)
+    reqs = _mixed_requests(vec)
+    batched = GenerationCore(tiny_bundle, batch_size=16)
+    single = GenerationCore(tiny_bundle, batch_size=1)
+    zb = batched.generate_latents(reqs)
+    zs = torch.stack([single.generate_latents([r])[0] for r in reqs])
+    assert zb.shape == (len(reqs), 4, 8, 8)
+    torch.testing.assert_close(zb, zs, atol=1e-4, rtol=1e-4)
+    # output order == input order, whatever the grouping
+    perm = [3, 0, 7, 5, 1, 8, 2, 6, 4]
+    torch.testing.assert_close(batched.generate_latents([reqs[i] for i in perm]), zb[perm], atol=1e-4, rtol=1e-4)
+    ib, is_ = batched.generate(reqs[:3]), [single.generate([r])[0] for r in reqs[:3]]
+    assert all(im.size == (32, 32) and im.mode == "RGB" for im in ib)
+    diff = max(np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() for a, b in zip(ib, is_))
+    assert diff < 2
+
+
+def test_seeds_and_switch_change_outputs(core):
+    base = dict(prompt="a photo of a circle", num_inference_steps=STEPS, guidance_scale=3.0)
+    z = core.generate_latents([GenRequest(seed=0, **base), GenRequest(seed=0, **base), GenRequest(seed=1, **base),
+                               GenRequest(seed=0, switch_prompt="a photo of a square", switch_t=500, **base),
+                               GenRequest(seed=0, switch_prompt="a photo of a square", switch_t=0, **base)])
+    assert torch.equal(z[0], z[1])
+    assert not torch.allclose(z[0], z[2], atol=1e-3)
+    assert not torch.allclose(z[0], z[3], atol=1e-5)  # switched for t < 500
+    torch.testing.assert_close(z[0], z[4])  # switch_t=0: every step uses the first prompt
+    im = shape_image(2)
+    z2 = core.generate_latents([GenRequest("a photo of a circle", seed=s, init_image=im, strength=0.6, num_inference_steps=STEPS)
+                                for s in (0, 1)])
+    assert not torch.allclose(z2[0], z2[1], atol=1e-3)
+
+
+def test_strength_zero_is_vae_reconstruction(core):
+    im = shape_image(3)
+    out = core.generate([GenRequest("a photo of a circle", seed=0, init_image=im, strength=0.0)])[0]
+    recon = core.decode(core.encode_images([im]))[0]
+    assert np.abs(np.asarray(out, dtype=int) - np.asarray(recon, dtype=int)).max() <= 1
+    z0 = core.encode_images([im.resize((64, 48))])  # any size is resized to the bundle resolution
+    assert z0.shape == (1, 4, 8, 8)
+
+
+def test_unet_forward_pass_counter(core):
+    core.stats.update(unet_forward_passes=0, unet_calls=0, images=0)
+    core.generate_latents([GenRequest("a", seed=0, num_inference_steps=5, guidance_scale=7.5),
+                           GenRequest("b", seed=1, num_inference_steps=5, guidance_scale=2.0)])
+    assert core.stats == {**core.stats, "unet_forward_passes": 2 * 2 * 5, "unet_calls": 5, "images": 2}
+    core.generate_latents([GenRequest("a", seed=0, num_inference_steps=5, guidance_scale=1.0)])
+    assert core.stats["unet_forward_passes"] == 20 + 5 and core.stats["unet_calls"] == 10
+    core.generate_latents([GenRequest("a", seed=0, init_image=shape_image(0), strength=0.6, num_inference_steps=5)])
+    assert core.stats["unet_forward_passes"] == 25 + 2 * 3 and core.stats["images"] == 4
+
+
+def test_token_ids_match_the_tokenizer(core):
+    tok = core.pipe.tokenizer
+    for text in ["a photo of a circle", "", "x " * 100]:
+        ids, ws = core.token_ids_and_weights(text)
+        assert ids == tok(text, padding="max_length", max_length=77, truncation=True)["input_ids"]
+        assert ws == [1.0] * 77
+    ids, ws = core.token_ids_and_weights(Prompt([("a photo of a", 1.5), (" circle", 0.9)]))
+    assert ids[:7] == tok("a photo of a circle")["input_ids"][:7] and ws[:7] == [1.0, 1.5, 1.5, 1.5, 1.5, 0.9, 1.0]
+
+
+def test_weighted_prompt_scales_only_weighted_tokens(core):
+    plain = core.encode_prompts(["a photo of a circle"])
+    wp = Prompt([("a photo of a", 1.0), (" circle", 1.5)])
+    assert wp.text == "a photo of a circle" and Prompt.of("x").text == "x" and Prompt.of(wp) is wp
+    un = core.encode_prompts([wp], restore_mean=False)
+    pos = 5  # BOS a photo of a circle -> circle at 5
+    torch.testing.assert_close(un[0, pos], 1.5 * plain[0, pos])
+    others = [i for i in range(77) if i != pos]
+    assert torch.equal(un[0, others], plain[0, others])
+    restored = core.encode_prompts([wp])
+    torch.testing.assert_close(restored.mean(), plain.mean())
+    # unweighted Prompt == plain string
+    assert torch.equal(core.encode_prompts([Prompt([("a photo of a", 1.0), (" circle", 1.0)])]), plain)
+    # input-embedding weighting: causal text encoder -> states before the weighted token are unchanged
+    inp = core.encode_prompts([wp], weighting="input_embeddings")
+    assert torch.equal(inp[0, :pos], plain[0, :pos]) and not torch.allclose(inp[0, pos:], plain[0, pos:])
+    with pytest.raises(ValueError):
+        core.encode_prompts([wp], weighting="bogus")
+
+
+def test_concept_injection(core):
+    te, tok = core.pipe.text_encoder, core.pipe.tokenizer
+    before_circle = core.encode_prompts(["a photo of a circle"])
+    D = te.config.hidden_size
+    g = torch.Generator().manual_seed(0)
+    v1, v2 = torch.randn(D, generator=g), torch.randn(D, generator=g)
+    n_before = te.get_input_embeddings().weight.shape[0]
+    rows_before = te.get_input_embeddings().weight[:n_before].clone()
+    e1 = core.encode_prompts(["a photo of a <inj-test>"], concepts={"<inj-test>": v1})
+    e2 = core.encode_prompts(["a photo of a <inj-test>"], concepts={"<inj-test>": v2})
+    tid = tok.convert_tokens_to_ids("<inj-test>")
+    ids, _ = core.token_ids_and_weights("a photo of a <inj-test>")
+    pos = ids.index(tid)
+    assert pos == 5
+    # causal CLIP text encoder: positions before the placeholder are untouched, the rest see the vector
+    assert torch.equal(e1[0, :pos], e2[0, :pos]) and not torch.allclose(e1[0, pos:], e2[0, pos:])
+    assert torch.equal(te.get_input_embeddings().weight[tid], v2)  # the last call's vector is in the table
+    # pre-existing rows and prompts without the token are unchanged
+    assert torch.equal(te.get_input_embeddings().weight[:n_before][: rows_before.shape[0]], rows_before)
+    assert torch.equal(core.encode_prompts(["a photo of a circle"]), before_circle)
+    # a later call with v1 overwrites v2 again
+    assert torch.equal(core.encode_prompts(["a photo of a <inj-test>"], concepts={"<inj-test>": v1}), e1)
+    # one batch with conflicting vectors for the same token: each request gets its own
+    reqs = [GenRequest("a photo of a <inj-test>", seed=0, concepts={"<inj-test>": v}) for v in (v1, v2)]
+    enc = core._encode_requests([Prompt.of(r.prompt) for r in reqs], reqs)
+    assert torch.equal(enc[0], e1[0]) and torch.equal(enc[1], e2[0])
+
+
+def test_schedulers_run(tiny_bundle):
+    im = shape_image(4)
+    for name in ("pndm", "dpmsolver", "euler"):
+        c = GenerationCore(tiny_bundle, batch_size=4, scheduler=name)
+        reqs = [GenRequest("a photo of a circle", seed=s, init_image=im, strength=0.5, num_inference_steps=4) for s in (0, 1)]
+        reqs.append(GenRequest("a photo of a ring", seed=2, num_inference_steps=4, guidance_scale=2.0))
+        z = c.generate_latents(reqs)
+        assert torch.isfinite(z).all(), name
+        torch.testing.assert_close(c.generate_latents(reqs[2:]), z[2:], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError):
+        GenerationCore(tiny_bundle, scheduler="nope")
+
+
+class _StubUNet(torch.nn.Module):
+    """ε that ignores the latents and t (depends only on the text states): DDIM inversion is then exact."""
+
+    def __init__(self, eps: torch.Tensor):
+        super().__init__()
+        self.eps = torch.nn.Parameter(eps, requires_grad=False)
+        self.config = SimpleNamespace(in_channels=4, sample_size=8)
+
+    def forward(self, sample, t, encoder_hidden_states):
+        e = self.eps + 0.1 * encoder_hidden_states.float().mean(dim=(1, 2)).view(-1, 1, 1, 1)
+        return SimpleNamespace(sample=e.expand_as(sample).to(sample.dtype))
+
+
+def test_inversion_round_trip_exact_with_stub(tiny_bundle):
+    p = tiny_bundle.pipe
+    stub = _StubUNet(0.5 * torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(0)))
+    pipe = SimpleNamespace(unet=stub, vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer, scheduler=p.scheduler)
+    c = GenerationCore(dataclasses.replace(tiny_bundle, pipe=pipe), batch_size=4)
+    imgs, prompts = [shape_image(0), shape_image(1)], ["a photo of a circle", "a photo of a square"]
+    zT = c.invert(imgs, prompts, num_steps=10)
+    z0 = c.encode_images(imgs)
+    assert not torch.allclose(zT, z0, atol=1e-2)
+    rec = c.generate_latents([GenRequest(pr, seed=0, init_latents=z, guidance_scale=1.0, num_inference_steps=10)
+                              for pr, z in zip(prompts, zT)])
+    assert float((rec - z0).norm() / z0.norm()) < 1e-4
+
+
+def test_partial_inversion_error_shrinks_with_steps(core):
+    imgs, prompts = [shape_image(5), shape_image(6)], ["a photo of a circle", "a photo of a ring"]
+    z0 = core.encode_images(imgs)
+    errs = []
+    for n in (10, 40):
+        ts = core.inversion_timesteps(n, until=0.5)
+        assert ts[-1] < 500 and len(ts) == n // 2
+        zt = core.invert(imgs, prompts, num_steps=n, until=0.5)
+        rec = core.generate_latents([GenRequest(pr, seed=0, init_latents=z, init_latents_t=ts[-1], guidance_scale=1.0,
+                                                num_inference_steps=n) for pr, z in zip(prompts, zt)])
+        errs.append(float((rec - z0).norm() / z0.norm()))
+    assert errs[1] < errs[0] and errs[1] < 0.5, errs
