@@ -215,6 +215,30 @@ class AutomationConfig(_Strict):
     sensor_interval_s: int = Field(60, ge=5)
 
 
+class K8sExecutionConfig(_Strict):
+    """Kubernetes settings for GPU assets (``dagster-k8s/config`` op tags; image for ``pipes_k8s``)."""
+
+    gpu_limit: int = Field(1, ge=1, description="nvidia.com/gpu limit of a GPU asset's container")
+    node_selector: dict[str, str] = Field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
+    tolerations: list[dict[str, Any]] = Field(
+        default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
+    namespace: str | None = Field(None, description="pipes_k8s: namespace of the worker pod (None: the client's default)")
+    image: str | None = Field(None, description="pipes_k8s: image of the worker pod (must contain augment_dagster)")
+
+
+class ExecutionConfig(_Strict):
+    """Where GPU work runs (ARCHITECTURE "Scale-out"). ``mode`` picks how diffusion ``synthetic/<method>`` assets
+    execute: in the run process, in a Dagster Pipes subprocess, or in a Kubernetes pod via Pipes. ``executor``
+    picks the code location's run executor (k8s_job / celery need the ``k8s`` / ``celery`` extras)."""
+
+    mode: Literal["in_process", "pipes_subprocess", "pipes_k8s"] = "in_process"
+    executor: Literal["in_process", "multiprocess", "k8s_job", "celery"] = "in_process"
+    max_concurrent: int = Field(2, ge=1, description="multiprocess executor: processes (each imports torch)")
+    python: str | None = Field(None, description="pipes_subprocess: interpreter for the worker (None: this one)")
+    k8s: K8sExecutionConfig = Field(default_factory=K8sExecutionConfig)
+    celery_gpu_queue: str = Field("gpu", description="celery queue that GPU assets are routed to")
+
+
 class ExperimentConfig(_Strict):
     experiment: str
     description: str = ""
@@ -232,6 +256,7 @@ class ExperimentConfig(_Strict):
     methods: dict[str, MethodConfig] = Field(default_factory=dict)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     automation: AutomationConfig = Field(default_factory=AutomationConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
 
     # filled by load_config, not part of the YAML
     source_path: str | None = Field(None, exclude=True)

@@ -129,3 +129,24 @@ def _write_cfg(tmp_path):
     p = tmp_path / "mini.yaml"
     p.write_text(yaml.safe_dump(MINI))
     return p
+
+
+def test_lineage_and_status_cli(env, tmp_path, capsys):
+    cfg, defs, instance, data = env
+    from augment_dagster.cli import main
+    from augment_dagster.store.lineage import connect
+
+    df = pd.read_parquet(data / "manifests" / "mini" / "synthetic" / "dafusion" / "2shot-s0.parquet")
+    path = data / "blobs" / df["blob"].iloc[0][:2] / f"{df['blob'].iloc[0]}.png"
+    cfgp = _write_cfg(tmp_path)
+    assert main(["lineage", "--config", str(cfgp), str(path), "--json"]) == 0  # by file path
+    ch = json.loads(capsys.readouterr().out)
+    assert ch["synthetic_id"] == df["synthetic_id"].iloc[0] and ch["guides"][0]["file"].endswith(".png")
+    assert main(["lineage", "--config", str(cfgp), "0000"]) == 1  # no such prefix: clear error, exit 1
+    assert "no synthetic image" in capsys.readouterr().err
+    con = connect(data)
+    views = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    assert {"real", "splits", "captions", "prompts", "embeddings", "inversions", "synthetic", "weights", "classifiers",
+            "metrics"} <= views
+    n = con.sql("SELECT count(DISTINCT method) FROM classifiers").fetchall()[0][0]
+    assert n == 5  # the four methods + real_only

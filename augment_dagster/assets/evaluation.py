@@ -26,8 +26,8 @@ def _classifier_md(rec: dict) -> dict:
     }
 
 
-def _rec_df(rec: dict, context) -> pd.DataFrame:
-    row = {k: v for k, v in rec.items() if k not in ("classes",)}
+def _rec_df(rec: dict, context, method: str) -> pd.DataFrame:
+    row = {"method": method, **{k: v for k, v in rec.items() if k not in ("classes",)}}
     row["classes"] = list(rec["classes"])
     row["split"] = context.partition_key
     row["created_by_run"] = context.run_id
@@ -57,7 +57,7 @@ def build_real_classifier(exp: Experiment) -> dg.AssetsDefinition:
         md.update({"computed": dg.MetadataValue.int(stats.computed), "reused": dg.MetadataValue.int(stats.reused),
                    "val_nll_before_T": dg.MetadataValue.float(float(rec["val_nll_before_T"] or float("nan"))),
                    "val_nll_after_T": dg.MetadataValue.float(float(rec["val_nll_after_T"] or float("nan")))})
-        return output(_rec_df(rec, context), md)
+        return output(_rec_df(rec, context, REAL_ONLY), md)
 
     return real_classifier
 
@@ -112,7 +112,7 @@ def build_method_chain(exp: Experiment, name: str) -> list:
         md.update({"computed": dg.MetadataValue.int(stats.computed), "reused": dg.MetadataValue.int(stats.reused),
                    "synthetic_draw_fraction": dg.MetadataValue.float(
                        rec["n_syn_draws"] / max(1, rec["n_syn_draws"] + rec["n_real_draws"]))})
-        return output(_rec_df(rec, context), md)
+        return output(_rec_df(rec, context, name), md)
 
     @dg.asset(
         key=exp.key("set_metrics", name), group_name=exp.name, io_manager_key=exp.io_manager_key,

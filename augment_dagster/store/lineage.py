@@ -16,19 +16,20 @@ from ..util import sha256_file
 
 # view name -> glob (relative to <root>/manifests), first path component = experiment
 VIEWS = {
-    "real": "*/raw_images/*.parquet",
-    "splits": "*/few_shot_split/*.parquet",
-    "embeddings": "*/concept_embeddings/*.parquet",
-    "captions": "*/captions/*.parquet",
-    "prompts": "*/class_prompts/*.parquet",
-    "suffixes": "*/prompt_suffixes/*.parquet",
-    "inversions": "*/inversion_pool/*.parquet",
-    "synthetic": "*/synthetic/*/*.parquet",
-    "weights": "*/confidence_weights/*/*.parquet",
-    "classifiers": "*/classifier/*/*.parquet",
-    "real_classifiers": "*/real_classifier/*.parquet",
-    "metrics": "*/metrics/*/*.parquet",
-    "reports": "*/report/*.parquet",
+    "real": ["*/raw_images/*.parquet"],
+    "splits": ["*/few_shot_split/*.parquet"],
+    "embeddings": ["*/concept_embeddings/*.parquet"],
+    "concept_lora": ["*/concept_lora/*.parquet"],
+    "captions": ["*/captions/*.parquet"],
+    "prompts": ["*/class_prompts/*.parquet"],
+    "suffixes": ["*/prompt_suffixes/*.parquet"],
+    "inversions": ["*/inversion_pool/*.parquet"],
+    "synthetic": ["*/synthetic/*/*.parquet"],
+    "weights": ["*/confidence_weights/*/*.parquet"],
+    "classifiers": ["*/classifier/*/*.parquet", "*/real_classifier/*.parquet"],
+    "metrics": ["*/metrics/*/*.parquet"],
+    "set_metrics": ["*/set_metrics/*/*.parquet"],
+    "reports": ["*/report/*.parquet"],
 }
 
 
@@ -43,15 +44,15 @@ def connect(root: str | os.PathLike):
     root = Path(root)
     con = duckdb.connect(":memory:")
     mdir = root / "manifests"
-    for name, pattern in VIEWS.items():
-        files = sorted(mdir.glob(pattern)) if mdir.exists() else []
-        if files:
-            glob = (mdir / pattern).as_posix()
+    for name, patterns in VIEWS.items():
+        globs = [(mdir / p).as_posix() for p in patterns if mdir.exists() and any(mdir.glob(p))]
+        if globs:
+            src = "[" + ", ".join(f"'{g}'" for g in globs) + "]"
             con.execute(
                 f"CREATE VIEW {name} AS SELECT * EXCLUDE (filename), "
                 f"split_part(replace(filename, '{mdir.as_posix()}/', ''), '/', 1) AS experiment, "
                 f"regexp_replace(regexp_extract(filename, '[^/]+$'), '\\.parquet$', '') AS \"partition\" "
-                f"FROM read_parquet('{glob}', union_by_name=true, filename=true)"
+                f"FROM read_parquet({src}, union_by_name=true, filename=true)"
             )
         else:
             con.execute(f"CREATE VIEW {name} AS SELECT NULL::VARCHAR AS experiment, NULL::VARCHAR AS \"partition\" WHERE false")

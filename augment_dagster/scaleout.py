@@ -1,0 +1,96 @@
+"""Scale-out wiring (ARCHITECTURE "Scale-out"): op tags for GPU assets, the run executor profile, and the Pipes
+clients. Imports neither torch nor the optional ``dagster-k8s`` / ``dagster-celery`` packages at module level.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import dagster as dg
+
+from .config import ConfigError, ExecutionConfig, ExperimentConfig
+
+K8S_CONFIG_TAG = "dagster-k8s/config"
+CELERY_QUEUE_TAG = "dagster-celery/queue"
+
+
+def _execution(cfg: ExperimentConfig | ExecutionConfig | None) -> ExecutionConfig:
+    if cfg is None:
+        return ExecutionConfig()
+    return cfg.execution if isinstance(cfg, ExperimentConfig) else cfg
+
+
+def k8s_tags(gpu: bool, cfg: ExperimentConfig | ExecutionConfig | None = None) -> dict[str, Any]:
+    """``dagster-k8s/config`` op tags: a GPU asset's pod requests ``nvidia.com/gpu`` and lands on a GPU node
+    (node selector and tolerations from ``execution.k8s``); CPU assets get no tags (the run launcher's defaults)."""
+    if not gpu:
+        return {}
+    k = _execution(cfg).k8s
+    pod_spec: dict[str, Any] = {}
+    if k.node_selector:
+        pod_spec["node_selector"] = dict(k.node_selector)
+    if k.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in k.tolerations]
+    conf: dict[str, Any] = {"container_config": {"resources": {"limits": {"nvidia.com/gpu": k.gpu_limit}}}}
+    if pod_spec:
+        conf["pod_spec_config"] = pod_spec
+    return {K8S_CONFIG_TAG: conf}
+
+
+def gpu_op_tags(gpu: bool, cfg: ExperimentConfig | ExecutionConfig | None = None) -> dict[str, Any] | None:
+    """All op tags of an asset: the Kubernetes GPU request and, with the celery executor, the GPU queue.
+    ``None`` for CPU assets (no tags at all)."""
+    if not gpu:
+        return None
+    ex = _execution(cfg)
+    tags = k8s_tags(True, ex)
+    if ex.executor == "celery":
+        tags[CELERY_QUEUE_TAG] = ex.celery_gpu_queue
+    return tags
+
+
+def _missing_extra(extra: str, package: str, what: str, err: Exception) -> ConfigError:
+    setting = what.split(":")[0]
+    return ConfigError(
+        f"{what} needs the optional package {package!r} ({err}); install it with `pip install 'augment-dagster[{extra}]'` "
+        f"(its version must match the installed dagster), or set {setting} to a local option")
+
+
+def executor_for(configs: list[ExperimentConfig]) -> dg.ExecutorDefinition:
+    """The code location's executor, from ``execution.executor`` (all configs must agree when set)."""
+    chosen = {c.execution.executor for c in configs if c.execution.executor != "in_process"}
+    if len(chosen) > 1:
+        raise ConfigError(f"execution.executor differs between experiment configs: {sorted(chosen)} (one code location, one executor)")
+    name = chosen.pop() if chosen else "in_process"
+    if name == "in_process":
+        return dg.in_process_executor
+    if name == "multiprocess":
+        n = min(c.execution.max_concurrent for c in configs if c.execution.executor == "multiprocess")
+        return dg.multiprocess_executor.configured({"max_concurrent": n}, name="augment_multiprocess")
+    if name == "k8s_job":
+        try:
+            from dagster_k8s import k8s_job_executor
+        except ImportError as e:
+            raise _missing_extra("k8s", "dagster-k8s", "execution.executor: k8s_job", e) from None
+        return k8s_job_executor
+    try:  # celery
+        from dagster_celery import celery_executor
+    except ImportError as e:
+        raise _missing_extra("celery", "dagster-celery", "execution.executor: celery", e) from None
+    return celery_executor
+
+
+def pipes_resources(configs: list[ExperimentConfig]) -> dict[str, Any]:
+    """Pipes clients the configs need: ``pipes_subprocess_client`` always (cheap, unused in in_process mode) and
+    ``pipes_k8s_client`` when a config selects ``pipes_k8s``."""
+    res: dict[str, Any] = {"pipes_subprocess_client": dg.PipesSubprocessClient()}
+    if any(c.execution.mode == "pipes_k8s" for c in configs):
+        res["pipes_k8s_client"] = pipes_k8s_client()
+    return res
+
+
+def pipes_k8s_client():
+    try:
+        from dagster_k8s import PipesK8sClient
+    except ImportError as e:
+        raise _missing_extra("k8s", "dagster-k8s", "execution.mode: pipes_k8s", e) from None
+    return PipesK8sClient()
