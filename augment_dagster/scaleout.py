@@ -94,3 +94,34 @@ def pipes_k8s_client():
     except ImportError as e:
         raise _missing_extra("k8s", "dagster-k8s", "execution.mode: pipes_k8s", e) from None
     return PipesK8sClient()
+
+
+def pipes_pod_spec(cfg: ExperimentConfig | ExecutionConfig) -> dict[str, Any]:
+    """``base_pod_spec`` of the ``pipes_k8s`` worker pod: the same GPU limit / node selector / tolerations as the
+    ``dagster-k8s/config`` tags of a GPU step."""
+    k = _execution(cfg).k8s
+    spec: dict[str, Any] = {"containers": [{"resources": {"limits": {"nvidia.com/gpu": k.gpu_limit}}}]}
+    if k.node_selector:
+        spec["node_selector"] = dict(k.node_selector)
+    if k.tolerations:
+        spec["tolerations"] = [dict(t) for t in k.tolerations]
+    return spec
+
+
+_PIPES_TYPES = {"IntMetadataValue": "int", "FloatMetadataValue": "float", "JsonMetadataValue": "json",
+                "MarkdownMetadataValue": "md", "PathMetadataValue": "path", "TextMetadataValue": "text",
+                "UrlMetadataValue": "url", "BoolMetadataValue": "bool", "NotebookMetadataValue": "notebook"}
+
+
+def to_pipes_metadata(md: dict[str, Any]) -> dict[str, Any]:
+    """Dagster ``MetadataValue``s → the Pipes wire format (``{"raw_value": ..., "type": ...}``), so a
+    materialization reported from a worker shows the same typed metadata as one from the run process."""
+    out: dict[str, Any] = {}
+    for k, v in md.items():
+        t = _PIPES_TYPES.get(type(v).__name__)
+        if t is None:
+            out[k] = v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else str(v)
+            continue
+        raw = v.value
+        out[k] = {"raw_value": str(raw) if t in ("path", "notebook") else raw, "type": t}
+    return out

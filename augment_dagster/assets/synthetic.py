@@ -21,67 +21,121 @@ STAGE_ASSETS = {
 }
 
 
-def build_one(exp: Experiment, name: str) -> dg.AssetsDefinition:
+def _spec_and_params(exp: Experiment, name: str):
+    return get_method(exp.cfg.method_algorithm(name)), method_params(name, exp.cfg.methods[name])
+
+
+def compute_synthetic(exp: Experiment, name: str, partition_key: str, split: pd.DataFrame, upstream: dict,
+                      run_id: str, log=None) -> tuple[pd.DataFrame, dict]:
+    """The body of ``synthetic/<name>`` for one split partition: plan units, reuse memoized ones, generate the
+    rest through the one generation core, post-filter, build the manifest and its metadata.
+
+    Used both by the asset in the run process and by ``augment_dagster.pipes_worker`` out of process."""
+    from ..methods.base import MethodInputs
+    from ..methods.runner import run_units
+
     cfg = exp.cfg
-    entry = cfg.methods[name]
-    spec = get_method(cfg.method_algorithm(name))
-    params = method_params(name, entry)
+    spec, params = _spec_and_params(exp, name)
+    _, seed = parse_split_key(partition_key)
+    g = cfg.generation
+    images = image_source(exp, split)
+    inputs = MethodInputs(
+        method=name, split=split, params=params,
+        images_per_real=params.images_per_real or g.images_per_real,
+        guidance_scale=params.guidance_scale if params.guidance_scale is not None else g.guidance_scale,
+        steps=params.steps or g.steps, seed=cfg.seed * 1000 + seed, metaclass=cfg.dataset.metaclass,
+        negative_prompt=g.negative_prompt, extra={"load_tensor": images.tensor}, **upstream,
+    )
+    units = spec.plan(inputs)
+    model_fp = diffusion_fingerprint(exp) if spec.uses_diffusion else ""
+    rows, stats = run_units(
+        spec, name, units, blobs=exp.blobs, memo=exp.memo(), model_fp=model_fp, load_image=images.real,
+        load_tensor=images.tensor, core_factory=lambda lora=None: generation_core(exp, lora), render_params=params,
+        batch_size=g.batch_size, run_id=run_id, progress=True,
+        on_batch_done=(lambda done, total: log(f"{name}: {done}/{total} computed")) if log else None,
+    )
+    filter_md = {}
+    if spec.post_filter is not None:
+        from ..methods.stages import FilterServices
+
+        services = FilterServices(images, exp.blobs, cfg.training.image_size, clip_factory=lambda: clip_bundle(exp))
+        rows, filter_md = spec.post_filter(rows, inputs, services)
+    df = pd.DataFrame(rows, columns=None if rows else SYNTH_COLUMNS)
+    df["split"] = partition_key
+    # sample grid: the first image of the first guides of each class
+    sample = df.groupby("label").head(4).head(32)
+    md = {
+        "computed": dg.MetadataValue.int(stats.computed), "reused": dg.MetadataValue.int(stats.reused),
+        "unet_forward_passes": dg.MetadataValue.int(stats.unet_forward_passes),
+        "gpu_seconds": dg.MetadataValue.float(round(stats.compute_seconds, 3)),
+        "images": dg.MetadataValue.int(len(df)),
+        "per_class": dg.MetadataValue.json(df.groupby("label").size().to_dict()),
+    }
+    if filter_md:
+        md["filter"] = dg.MetadataValue.json(filter_md)
+    md.update(sample_grid_metadata(exp, [images.synthetic(b) for b in sample["blob"]], f"synthetic/{name} {partition_key}"))
+    return df, md
+
+
+def pipes_extras(exp: Experiment, name: str, partition_key: str, run_id: str) -> dict:
+    """What the out-of-process worker needs to rebuild the same inputs: the validated config, the method, the
+    partition, the store root and the manifest keys of the asset and its upstreams."""
+    spec, _ = _spec_and_params(exp, name)
+    return {
+        "config": exp.cfg.model_dump(mode="json"), "config_path": exp.cfg.source_path, "method": name,
+        "partition": partition_key, "data_dir": str(exp.data_dir), "run_id": run_id,
+        "asset_key": list(exp.key("synthetic", name).path),
+        "inputs": {"split": list(exp.key("few_shot_split").path),
+                   **{need: list(exp.key(STAGE_ASSETS[need]).path) for need in spec.needs}},
+    }
+
+
+def run_out_of_process(context: dg.AssetExecutionContext, exp: Experiment, name: str) -> dg.MaterializeResult:
+    """Run ``compute_synthetic`` in ``augment_dagster.pipes_worker`` through Dagster Pipes; the worker writes the
+    manifest parquet (same path as the IO manager) and reports the materialization with its data version."""
+    import sys
+
+    ex = exp.cfg.execution
+    extras = pipes_extras(exp, name, context.partition_key, context.run_id)
+    env = {"AUGMENT_DATA_DIR": str(exp.data_dir), "OMP_WAIT_POLICY": "PASSIVE"}
+    if ex.mode == "pipes_subprocess":
+        client: dg.PipesSubprocessClient = context.resources.pipes_subprocess_client
+        command = [ex.python or sys.executable, "-m", "augment_dagster.pipes_worker"]
+        inv = client.run(context=context, command=command, extras=extras, env=env)
+    else:  # pipes_k8s
+        from ..scaleout import pipes_pod_spec
+
+        client = context.resources.pipes_k8s_client
+        inv = client.run(context=context, image=ex.k8s.image, namespace=ex.k8s.namespace, extras=extras, env=env,
+                         command=["python", "-m", "augment_dagster.pipes_worker"], base_pod_spec=pipes_pod_spec(exp.cfg))
+    return inv.get_materialize_result()
+
+
+def build_one(exp: Experiment, name: str) -> dg.AssetsDefinition:
+    from ..scaleout import gpu_op_tags
+
+    cfg = exp.cfg
+    spec, _ = _spec_and_params(exp, name)
     ins = {"split": dg.AssetIn(key=exp.key("few_shot_split"))}
     for need in spec.needs:
         ins[need] = dg.AssetIn(key=exp.key(STAGE_ASSETS[need]))
     sections = [("methods", name), "generation"] + ([("models", "diffusion")] if spec.uses_diffusion else [])
     kinds = {"pytorch", "diffusers"} if spec.uses_diffusion else {"pytorch", "kornia"}
+    mode = cfg.execution.mode if spec.uses_diffusion else "in_process"
+    resource_keys = {"pipes_subprocess": {"pipes_subprocess_client"}, "pipes_k8s": {"pipes_k8s_client"}}.get(mode, set())
 
     @dg.asset(
         key=exp.key("synthetic", name), group_name=exp.name, io_manager_key=exp.io_manager_key,
         partitions_def=exp.partitions, ins=ins, code_version=f"{spec.version}-" + exp.code_version(*sections),
-        pool="gpu" if spec.uses_diffusion else None, kinds=kinds,
+        pool="gpu" if spec.uses_diffusion else None, kinds=kinds, op_tags=gpu_op_tags(spec.uses_diffusion, cfg),
         automation_condition=GPU_AUTOMATION if spec.uses_diffusion else CHEAP_AUTOMATION,
         description=f"Synthetic set: {spec.description}. One row per image with its full lineage.",
-        metadata={"method": name, "algorithm": spec.name},
+        metadata={"method": name, "algorithm": spec.name}, required_resource_keys=resource_keys,
     )
-    def synthetic(context: dg.AssetExecutionContext, split: pd.DataFrame, **upstream) -> dg.Output:
-        from ..methods.base import MethodInputs
-        from ..methods.runner import run_units
-
-        _, seed = parse_split_key(context.partition_key)
-        g = cfg.generation
-        images = image_source(exp, split)
-        inputs = MethodInputs(
-            method=name, split=split, params=params,
-            images_per_real=params.images_per_real or g.images_per_real,
-            guidance_scale=params.guidance_scale if params.guidance_scale is not None else g.guidance_scale,
-            steps=params.steps or g.steps, seed=cfg.seed * 1000 + seed, metaclass=cfg.dataset.metaclass,
-            negative_prompt=g.negative_prompt, extra={"load_tensor": images.tensor}, **upstream,
-        )
-        units = spec.plan(inputs)
-        model_fp = diffusion_fingerprint(exp) if spec.uses_diffusion else ""
-        rows, stats = run_units(
-            spec, name, units, blobs=exp.blobs, memo=exp.memo(), model_fp=model_fp, load_image=images.real,
-            load_tensor=images.tensor, core_factory=lambda lora=None: generation_core(exp, lora), render_params=params,
-            batch_size=g.batch_size, run_id=context.run_id, progress=True,
-            on_batch_done=lambda done, total: context.log.debug(f"{name}: {done}/{total} computed"),
-        )
-        filter_md = {}
-        if spec.post_filter is not None:
-            from ..methods.stages import FilterServices
-
-            services = FilterServices(images, exp.blobs, cfg.training.image_size, clip_factory=lambda: clip_bundle(exp))
-            rows, filter_md = spec.post_filter(rows, inputs, services)
-        df = pd.DataFrame(rows, columns=None if rows else SYNTH_COLUMNS)
-        df["split"] = context.partition_key
-        # sample grid: the first image of the first guides of each class
-        sample = df.groupby("label").head(4).head(32)
-        md = {
-            "computed": dg.MetadataValue.int(stats.computed), "reused": dg.MetadataValue.int(stats.reused),
-            "unet_forward_passes": dg.MetadataValue.int(stats.unet_forward_passes),
-            "gpu_seconds": dg.MetadataValue.float(round(stats.compute_seconds, 3)),
-            "images": dg.MetadataValue.int(len(df)),
-            "per_class": dg.MetadataValue.json(df.groupby("label").size().to_dict()),
-        }
-        if filter_md:
-            md["filter"] = dg.MetadataValue.json(filter_md)
-        md.update(sample_grid_metadata(exp, [images.synthetic(b) for b in sample["blob"]], f"synthetic/{name} {context.partition_key}"))
+    def synthetic(context: dg.AssetExecutionContext, split: pd.DataFrame, **upstream):
+        if mode != "in_process":
+            return run_out_of_process(context, exp, name)
+        df, md = compute_synthetic(exp, name, context.partition_key, split, upstream, context.run_id, log=context.log.debug)
         return output(df, md)
 
     return synthetic
