@@ -17,6 +17,7 @@ from .assets import build_experiment_assets
 from .automation import new_data_sensor, schedule
 from .config import ExperimentConfig, discover_configs
 from .resources import ManifestIOManager, MlflowTracker
+from .scaleout import executor_for, pipes_resources
 
 
 # `Output(data_version=...)` is marked beta in dagster 1.13; it is the documented way to report content versions
@@ -50,8 +51,8 @@ def build_definitions(configs: list[ExperimentConfig] | None = None) -> dg.Defin
         resources={"mlflow": MlflowTracker(
             tracking_uri=mlflow_cfg.tracking_uri if mlflow_cfg else None,
             default_root=str((first_dir or __import__("pathlib").Path("augment_data")) / "mlflow"),
-            enabled=mlflow_cfg.enabled if mlflow_cfg else True)},
-        executor=dg.in_process_executor,
+            enabled=mlflow_cfg.enabled if mlflow_cfg else True), **pipes_resources(configs)},
+        executor=executor_for(configs),  # execution.executor: in_process (default) | multiprocess | k8s_job | celery
     )
     return dg.Definitions.merge(shared, *[experiment_defs(c) for c in configs])
 

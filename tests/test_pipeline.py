@@ -168,3 +168,30 @@ def test_readme_lineage_queries_run(env):
     con = connect(data)
     out = [con.sql(q).df() for q in queries]
     assert len(out[0]) > 0 and len(out[1]) > 0
+
+
+def test_mlflow_runs_logged_and_relog(env, tmp_path, capsys):
+    """Every metrics row has an MLflow run; a row whose logging failed is re-logged by `augment report --relog`."""
+    cfg, defs, instance, data = env
+    from mlflow.tracking import MlflowClient
+
+    from augment_dagster.cli import main
+
+    run_all(cfg, defs, instance)
+    p = data / "manifests" / "mini" / "metrics" / "dafusion" / "2shot-s0.parquet"
+    df = pd.read_parquet(p)
+    rid = df["mlflow_run_id"].iloc[0]
+    assert rid
+    client = MlflowClient(f"sqlite:///{data / 'mlflow' / 'mlflow.db'}")
+    run = client.get_run(rid)
+    assert run.data.metrics["acc_id"] == pytest.approx(df["acc_id"].iloc[0])
+    assert run.data.tags["dagster.partition"] == "2shot-s0" and run.data.params["method"] == "dafusion"
+    arts = {a.path for a in client.list_artifacts(rid)}
+    assert {"confusion_matrix_id.png", "sample_grid.png", "synthetic_manifest.parquet"} <= arts
+    # simulate a failed logging, then relog
+    df.loc[:, "mlflow_run_id"] = ""
+    df.loc[:, "mlflow_error"] = "ConnectionError: server down"
+    df.to_parquet(p, index=False)
+    assert main(["report", "--config", str(_write_cfg(tmp_path)), "--relog"]) == 0
+    assert "relogged 1 run(s)" in capsys.readouterr().out
+    assert pd.read_parquet(p)["mlflow_run_id"].iloc[0] == rid  # the existing run was found, not duplicated

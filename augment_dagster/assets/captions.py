@@ -3,6 +3,7 @@ import dagster as dg
 import pandas as pd
 
 from ..config import parse_split_key
+from ..scaleout import gpu_op_tags
 from .common import CHEAP_AUTOMATION, Experiment, captioner_bundle, clip_bundle, image_source, md_table, output
 
 
@@ -13,7 +14,7 @@ def build(exp: Experiment) -> list:
         key=exp.key("captions"), group_name=exp.name, io_manager_key=exp.io_manager_key,
         partitions_def=exp.partitions, ins={"split": dg.AssetIn(key=exp.key("few_shot_split"))},
         code_version=exp.code_version(("models", "captioner"), ("models", "clip")), kinds={"pytorch", "transformers"},
-        pool="gpu", automation_condition=CHEAP_AUTOMATION,
+        pool="gpu", automation_condition=CHEAP_AUTOMATION, op_tags=gpu_op_tags(True, exp.cfg),
         description="Captions of every train image: BLIP greedy, beam (3) and nucleus (top_p .9) candidates, 5-20 tokens, "
                     "each with its CLIP image-text similarity; per-image memo.",
     )

@@ -4,6 +4,7 @@ import dagster as dg
 import pandas as pd
 
 from ..config import parse_split_key
+from ..scaleout import gpu_op_tags
 from .common import GPU_AUTOMATION, Experiment, diffusion_bundle, diffusion_fingerprint, image_source, md_table, output
 
 
@@ -13,7 +14,7 @@ def build(exp: Experiment) -> list:
     @dg.asset(
         key=exp.key("concept_embeddings"), group_name=exp.name, io_manager_key=exp.io_manager_key,
         partitions_def=exp.partitions, ins={"split": dg.AssetIn(key=exp.key("few_shot_split"))},
-        code_version=exp.code_version("concepts", ("models", "diffusion")), pool="gpu",
+        code_version=exp.code_version("concepts", ("models", "diffusion")), pool="gpu", op_tags=gpu_op_tags(True, exp.cfg),
         kinds={"pytorch", "diffusers"}, automation_condition=GPU_AUTOMATION,
         description="Textual inversion: one new token per class learned on its K train images (frozen UNet/VAE/text encoder), "
                     "plus DIAGen noisy copies S*+σε (one fixed draw per σ).",
