@@ -130,6 +130,10 @@ class MlflowTracker(dg.ConfigurableResource):
                     p.write_bytes(data)
                     client.log_artifact(rid, str(p), artifact_path=str(Path(name).parent) if "/" in name else None)
             if model is not None:
+                import logging
+
+                # pickle format is deliberate (the model class is importable from augment_dagster); silence its warning
+                logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
                 mlflow.set_tracking_uri(self.resolved_uri())
                 import mlflow.pytorch
 

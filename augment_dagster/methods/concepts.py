@@ -188,7 +188,7 @@ def train_concepts(bundle, images_by_label: dict[str, list], tokens: dict[str, s
         if progress and steps > start:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=steps, initial=start, desc=desc, leave=False)
+            bar = tqdm(total=steps, initial=start, desc=desc, leave=False, disable=None)  # disable=None: no bar when not a terminal
         for step in range(start, steps):
             z0, prompts, noise, t = fixed if fixed is not None else draw()
             zt = noise_sched.add_noise(z0, noise, t)

@@ -108,7 +108,7 @@ def run_units(
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(todo), desc=f"{method_name}", unit="img", leave=False)
+            bar = tqdm(total=len(todo), desc=f"{method_name}", unit="img", leave=False, disable=None)  # disable=None: no bar when not a terminal
         t0 = time.perf_counter()
         # units that need another UNet (a LoRA) are generated with their own core
         by_lora: dict[str | None, list[int]] = {}

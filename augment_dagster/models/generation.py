@@ -292,7 +292,7 @@ class GenerationCore:
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(requests), desc="generate", leave=False)
+            bar = tqdm(total=len(requests), desc="generate", leave=False, disable=None)  # disable=None: no bar when not a terminal
         for key, idx in groups.items():
             for s in range(0, len(idx), self.batch_size):
                 chunk = idx[s:s + self.batch_size]
