@@ -101,7 +101,7 @@ class DiffusionModelConfig(ModelSource):
 
 
 class ClassifierModelConfig(_Strict):
-    source: str = Field("tiny-cnn", description="'tiny-cnn' or a transformers vision backbone (hub id or folder)")
+    source: str = Field("tiny-cnn", description="'tiny-cnn' (width 16), 'tiny-cnn:<width>', or a transformers vision backbone (hub id or folder)")
     freeze_backbone: bool = False
 
 
@@ -224,6 +224,7 @@ class K8sExecutionConfig(_Strict):
         default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
     namespace: str | None = Field(None, description="pipes_k8s: namespace of the worker pod (None: the client's default)")
     image: str | None = Field(None, description="pipes_k8s: image of the worker pod (must contain augment_dagster)")
+    store_pvc: str | None = Field(None, description="pipes_k8s: ReadWriteMany PVC mounted at the store root in the worker pod")
 
 
 class ExecutionConfig(_Strict):
@@ -236,7 +237,15 @@ class ExecutionConfig(_Strict):
     max_concurrent: int = Field(2, ge=1, description="multiprocess executor: processes (each imports torch)")
     python: str | None = Field(None, description="pipes_subprocess: interpreter for the worker (None: this one)")
     k8s: K8sExecutionConfig = Field(default_factory=K8sExecutionConfig)
-    celery_gpu_queue: str = Field("gpu", description="celery queue that GPU assets are routed to")
+    celery_gpu_queue: str = Field("gpu", description="celery queue that GPU assets are routed to (run one worker with concurrency 1 on it)")
+    celery_broker: str = Field("redis://127.0.0.1:6379/0", description="celery executor: broker URL")
+    celery_backend: str = Field("redis://127.0.0.1:6379/1", description="celery executor: result backend URL")
+
+    @model_validator(mode="after")
+    def _k8s_image(self) -> "ExecutionConfig":
+        if self.mode == "pipes_k8s" and not self.k8s.image:
+            raise ValueError("execution.mode pipes_k8s needs execution.k8s.image (an image with augment_dagster installed)")
+        return self
 
 
 class ExperimentConfig(_Strict):

@@ -72,11 +72,12 @@ def executor_for(configs: list[ExperimentConfig]) -> dg.ExecutorDefinition:
         except ImportError as e:
             raise _missing_extra("k8s", "dagster-k8s", "execution.executor: k8s_job", e) from None
         return k8s_job_executor
-    try:  # celery
+    try:  # celery: CPU steps on queue "dagster", GPU steps on execution.celery_gpu_queue (tag dagster-celery/queue)
         from dagster_celery import celery_executor
     except ImportError as e:
         raise _missing_extra("celery", "dagster-celery", "execution.executor: celery", e) from None
-    return celery_executor
+    ex = next(c.execution for c in configs if c.execution.executor == "celery")
+    return celery_executor.configured({"broker": ex.celery_broker, "backend": ex.celery_backend}, name="augment_celery")
 
 
 def pipes_resources(configs: list[ExperimentConfig]) -> dict[str, Any]:
@@ -105,6 +106,9 @@ def pipes_pod_spec(cfg: ExperimentConfig | ExecutionConfig) -> dict[str, Any]:
         spec["node_selector"] = dict(k.node_selector)
     if k.tolerations:
         spec["tolerations"] = [dict(t) for t in k.tolerations]
+    if k.store_pvc and isinstance(cfg, ExperimentConfig):  # the worker sees the store at the same path
+        spec["volumes"] = [{"name": "augment-store", "persistent_volume_claim": {"claim_name": k.store_pvc}}]
+        spec["containers"][0]["volume_mounts"] = [{"name": "augment-store", "mount_path": str(cfg.resolved_data_dir())}]
     return spec
 
 

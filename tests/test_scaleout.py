@@ -48,7 +48,6 @@ def _materialize_synthetic(raw_cfg, store, dagster_home, monkeypatch):
         return md, m.tags.get("dagster/data_version")
 
 
-@pytest.mark.slow
 def test_pipes_subprocess_matches_in_process(tmp_path, monkeypatch):
     pipes_cfg = {**MINI, "execution": {"mode": "pipes_subprocess"}}
     md_p, dv_p = _materialize_synthetic(pipes_cfg, tmp_path / "store_pipes", tmp_path / "dh_pipes", monkeypatch)
@@ -105,7 +104,9 @@ def test_gpu_assets_carry_k8s_tags_cpu_assets_none(tmp_path, monkeypatch):
         return job.spec.template.spec
 
     spec = container(SYN)
-    assert spec.containers[0].resources.limits == {"nvidia.com/gpu": 1} and spec.node_selector == {"gpu-node": "a100"}
+    limits = {k: str(v) for k, v in spec.containers[0].resources.limits.items()}  # k8s quantities are strings
+    assert limits == {"nvidia.com/gpu": "1"} and spec.node_selector == {"gpu-node": "a100"}
+    assert any(t.key == "nvidia.com/gpu" for t in spec.tolerations)
     spec = container(dg.AssetKey(["mini", "synthetic", "standard"]))
     assert not (spec.containers[0].resources and spec.containers[0].resources.limits)
     assert not spec.node_selector
@@ -123,6 +124,12 @@ def test_execution_config_is_strict_and_selects_executor():
     k8s = parse_config({**MINI, "execution": {"executor": "k8s_job"}})
     with pytest.raises(ConfigError, match="differs"):
         executor_for([multi, k8s])
+    with pytest.raises(ConfigError, match="k8s.image"):
+        parse_config({**MINI, "execution": {"mode": "pipes_k8s"}})
+    pipes_k8s = {**MINI, "execution": {"mode": "pipes_k8s", "k8s": {"image": "augment:test", "store_pvc": "store"}}}
+    ps = pipes_pod_spec(parse_config(pipes_k8s))
+    assert ps["volumes"][0]["persistent_volume_claim"]["claim_name"] == "store"
+    assert ps["containers"][0]["volume_mounts"][0]["mount_path"] == str(parse_config(pipes_k8s).resolved_data_dir())
     spec = pipes_pod_spec(k8s)
     assert spec["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 1} and spec["node_selector"]
     try:
@@ -131,12 +138,103 @@ def test_execution_config_is_strict_and_selects_executor():
         with pytest.raises(ConfigError, match=r"augment-dagster\[k8s\]"):
             executor_for([k8s])
         with pytest.raises(ConfigError, match=r"augment-dagster\[k8s\]"):
-            build_definitions([parse_config({**MINI, "execution": {"mode": "pipes_k8s"}})])
+            build_definitions([parse_config(pipes_k8s)])
     else:
+        from dagster_k8s.pipes import build_pod_body
+
         assert executor_for([k8s]).name == "k8s"
+        defs = build_definitions([parse_config(pipes_k8s)])
+        assert "pipes_k8s_client" in defs.resources
+        syn = next(a for a in defs.assets if SYN in a.keys)
+        assert "pipes_k8s_client" in syn.required_resource_keys
+        body = build_pod_body("p", "augment:test", ["python", "-m", "augment_dagster.pipes_worker"], {}, None,
+                              pipes_pod_spec(parse_config(pipes_k8s)))
+        assert str(body.spec.containers[0].resources.limits["nvidia.com/gpu"]) == "1" and body.spec.node_selector
+        assert body.spec.volumes[0].persistent_volume_claim.claim_name == "store"
 
 
 def test_celery_queue_tag_only_with_celery_executor():
     cel = parse_config({**MINI, "execution": {"executor": "celery", "celery_gpu_queue": "gpu"}})
     assert gpu_op_tags(True, cel)["dagster-celery/queue"] == "gpu"
     assert "dagster-celery/queue" not in gpu_op_tags(True, parse_config(MINI))
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_celery_gpu_queue_end_to_end(tmp_path):
+    """Celery + local Redis: CPU steps on queue ``dagster``, GPU steps (tag ``dagster-celery/queue: gpu``) on a
+    ``gpu`` worker with concurrency 1. Needs the ``celery`` extra and Debian ``redis-server``; skipped otherwise."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    pytest.importorskip("dagster_celery")
+    redis_bin = shutil.which("redis-server")
+    if redis_bin is None:
+        pytest.skip("redis-server not installed (apt-get install redis-server)")
+    port = _free_port()
+    broker, backend = f"redis://127.0.0.1:{port}/0", f"redis://127.0.0.1:{port}/1"
+    for d in ("configs", "conf", "home", "store"):
+        (tmp_path / d).mkdir()
+    raw = {**MINI, "methods": {"standard": {}, "real_guidance": {}},
+           "execution": {"executor": "celery", "celery_broker": broker, "celery_backend": backend}}
+    (tmp_path / "configs" / "mini.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "conf" / "dagster_celery_config.py").write_text(f"broker_url = {broker!r}\nresult_backend = {backend!r}\n")
+    (tmp_path / "home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    env = {**os.environ, "AUGMENT_CONFIG_DIR": str(tmp_path / "configs"), "AUGMENT_DATA_DIR": str(tmp_path / "store"),
+           "DAGSTER_HOME": str(tmp_path / "home"), "OMP_WAIT_POLICY": "PASSIVE", "DAGSTER_DISABLE_TELEMETRY": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(tmp_path / "conf"), os.environ.get("PYTHONPATH")) if p)}
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs = [subprocess.Popen([redis_bin, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        for queue in ("dagster", "gpu"):
+            log = open(tmp_path / f"worker_{queue}.log", "w")
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "dagster_celery.app", "worker", "-Q", queue, "-c", "1", "--pool",
+                 "solo", "-n", f"{queue}@augment", "--prefetch-multiplier=1", "--loglevel", "INFO"],
+                env=env, cwd=repo, stdout=log, stderr=subprocess.STDOUT))
+        deadline = time.time() + 120
+        while not all("ready." in (tmp_path / f"worker_{q}.log").read_text() for q in ("dagster", "gpu")):
+            assert time.time() < deadline, "celery workers did not start"
+            time.sleep(1)
+
+        def materialize(select, *extra):
+            r = subprocess.run([sys.executable, "-m", "dagster", "asset", "materialize", "-m", "augment_dagster.definitions",
+                                "--select", select, *extra], env=env, cwd=repo, capture_output=True, text=True, timeout=600)
+            assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+        materialize("mini/raw_images")
+        materialize("mini/few_shot_split,mini/synthetic/standard,mini/synthetic/real_guidance", "--partition", PK)
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    assert (tmp_path / "store" / "manifests" / "mini" / "synthetic" / "real_guidance" / f"{PK}.parquet").exists()
+    workers = {}
+    with dg.DagsterInstance.from_config(str(tmp_path / "home")) as inst:
+        for run in inst.get_runs():
+            for entry in inst.all_logs(run.run_id):
+                ev = entry.dagster_event
+                if ev is not None and ev.event_type_value == "ENGINE_EVENT" and ev.step_key:
+                    md = ev.engine_event_data.metadata or {}
+                    if "Celery worker" in md:
+                        workers[ev.step_key] = md["Celery worker"].value
+    assert workers["mini__synthetic__real_guidance"] == "gpu@augment"  # GPU asset → gpu queue
+    assert workers["mini__synthetic__standard"] == "dagster@augment"   # CPU assets → default queue
+    assert workers["mini__few_shot_split"] == "dagster@augment"

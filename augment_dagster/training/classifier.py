@@ -190,8 +190,10 @@ def build_classifier(backbone: str, num_classes: int, freeze_backbone: bool = Fa
     """'tiny-cnn' -> :class:`TinyCNN`; anything else is a transformers checkpoint (hub id or local folder)."""
     if int(num_classes) < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if backbone == "tiny-cnn":
-        return TinyCNN(num_classes, freeze_backbone=freeze_backbone)
+    if backbone == "tiny-cnn" or backbone.startswith("tiny-cnn:"):
+        # 'tiny-cnn' = width 16 (16/32/64 channels: trains in seconds on 2 CPU cores); 'tiny-cnn:<width>' for others
+        width = int(backbone.split(":", 1)[1]) if ":" in backbone else 16
+        return TinyCNN(num_classes, width=width, freeze_backbone=freeze_backbone)
     try:
         return HFBackboneClassifier(backbone, num_classes, freeze_backbone, cache_root=cache_root)
     except Exception as e:  # noqa: BLE001 - any load failure becomes one actionable message
