@@ -82,6 +82,7 @@ def main() -> int:
     os.environ["AUGMENT_DATA_DIR"] = str(work / "data")
     os.environ["DAGSTER_HOME"] = str(work / "dagster_home")
     (work / "dagster_home").mkdir(exist_ok=True)
+    shutil.copy(ROOT / "dagster.yaml", work / "dagster_home" / "dagster.yaml")
     raw = yaml.safe_load(Path(args.config).read_text())
     if args.methods:
         raw["methods"] = {k: v for k, v in raw["methods"].items() if k in args.methods}

@@ -331,7 +331,7 @@ def train_judge(x_u8, attrs, args, report):
                       device="cpu")
     res = train_classifier(x[tr], y[tr], x[val], y[val], len(SHAPES), cfg)
     data = save_classifier(res.model, {"classes": list(SHAPES)})
-    report["judge"] = dict(wall_s=round(time.time() - t0, 1), val_acc=round(res.best_val_acc, 4),
+    report["judge"] = dict(epochs=args.judge_epochs, wall_s=round(time.time() - t0, 1), val_acc=round(res.best_val_acc, 4),
                            classes=list(SHAPES), params=sum(p.numel() for p in res.model.parameters()))
     log("judge done", report["judge"])
     return data
@@ -519,7 +519,7 @@ def write_training_md(out: Path, report: dict) -> None:
           f"{report.get('per_class')} pretrain images per class x 6 classes (32 px, pool `pretrain`, disjoint from "
           "the demo pools). \"star\" never appears in a caption (replaced by \"shape\"); 10 % empty captions for the UNet.",
           "Stages are time-boxed (cosine LR over the elapsed fraction), so step counts depend on machine load; "
-          "the step counts below reproduce a run with `--<stage>-steps`.", "", "## Stages", "",
+          "`--<stage>-steps` with the step counts below gives a run of the same length (LR over steps instead of time).", "", "## Stages", "",
           "| stage | params | steps x batch | wall time | final loss |", "|---|---|---|---|---|"]
     for st in ("vae", "unet", "clip", "blip"):
         r = report.get(st)
@@ -529,7 +529,7 @@ def write_training_md(out: Path, report: dict) -> None:
             L.append(f"| {st} | {r['params']:,} | {r['steps']} x {r['batch_size']} | {r['wall_s'] / 60:.1f} min | {loss}{extra} |")
     if report.get("judge"):
         j = report["judge"]
-        L.append(f"| judge (TinyCNN) | {j['params']:,} | 3 epochs x 100 x 64 | {j['wall_s'] / 60:.1f} min | val acc {j['val_acc']} |")
+        L.append(f"| judge (TinyCNN) | {j['params']:,} | {j.get('epochs', 3)} epochs x 100 x 64 | {j['wall_s'] / 60:.1f} min | val acc {j['val_acc']} |")
     if report.get("vae"):
         L += ["", f"VAE scaling_factor {report['vae']['scaling_factor']}, reconstruction PSNR "
               f"{report['vae']['recon_psnr_db']} dB (first 256 pretrain images)."]

@@ -26,6 +26,9 @@ MINI = {
 }
 
 
+FIRST: dict = {}
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipe")
@@ -36,6 +39,7 @@ def env(tmp_path_factory):
     defs = build_definitions([cfg])
     (root / "dagster").mkdir()
     with dg.instance_for_test(temp_dir=str(root / "dagster")) as instance:
+        FIRST.update(run_all(cfg, defs, instance))  # the cold run, shared by every test of this module
         yield cfg, defs, instance, root / "data"
     for k, v in old.items():
         if v is None:
@@ -63,7 +67,7 @@ def run_all(cfg, defs, instance):
 
 def test_cold_run_then_rerun_reuses_everything(env):
     cfg, defs, instance, data = env
-    first = run_all(cfg, defs, instance)
+    first = FIRST
     syn = first["mini/synthetic/dafusion"][0]
     assert syn["computed"] == 3 * 2 * 2 and syn["reused"] == 0 and syn["unet_forward_passes"] > 0
     assert first["mini/concept_embeddings"][0]["computed"] == 3
@@ -159,7 +163,6 @@ def test_readme_lineage_queries_run(env):
     cfg, defs, instance, data = env
     from augment_dagster.store.lineage import connect
 
-    run_all(cfg, defs, instance)  # no-op when the earlier tests ran (every unit is reused)
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = readme.split("## Lineage", 1)[1].split("```python", 1)[1].split("```", 1)[0]
     queries = re.findall(r'con\.sql\("""(.*?)"""\)|con\.sql\("(.*?)"\)', block, re.S)
@@ -177,7 +180,6 @@ def test_mlflow_runs_logged_and_relog(env, tmp_path, capsys):
 
     from augment_dagster.cli import main
 
-    run_all(cfg, defs, instance)
     p = data / "manifests" / "mini" / "metrics" / "dafusion" / "2shot-s0.parquet"
     df = pd.read_parquet(p)
     rid = df["mlflow_run_id"].iloc[0]
@@ -195,3 +197,14 @@ def test_mlflow_runs_logged_and_relog(env, tmp_path, capsys):
     assert main(["report", "--config", str(_write_cfg(tmp_path)), "--relog"]) == 0
     assert "relogged 1 run(s)" in capsys.readouterr().out
     assert pd.read_parquet(p)["mlflow_run_id"].iloc[0] == rid  # the existing run was found, not duplicated
+
+
+def test_status_cli_reports_every_asset(env, tmp_path, capsys, monkeypatch):
+    """`augment status` against a fresh instance: every asset/partition listed, all missing."""
+    from augment_dagster.cli import main
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    assert main(["status", "--config", str(_write_cfg(tmp_path))]) == 0
+    out = capsys.readouterr().out
+    assert "mini/synthetic/dafusion" in out and "2shot-s0" in out and "missing" in out
