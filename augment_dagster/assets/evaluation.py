@@ -131,8 +131,21 @@ def build_method_chain(exp: Experiment, name: str) -> list:
 
         images = image_source(exp, split)
         services = FilterServices(images, exp.blobs, cfg.training.image_size)
-        summary, per_class = compute(synthetic, split, images=images, clip=clip_bundle(exp),
-                                     classifier_blob=real_clf.iloc[0]["blob"], services=services)
+        from ..models.loading import clip_fingerprint
+        from ..store import memo_key
+
+        c = cfg.models.clip
+        key = memo_key("set_metrics", "sm-1", model=clip_fingerprint(c.source, exp.data_dir, c.revision),
+                       inputs={"synthetic": sorted(synthetic["synthetic_id"]) if len(synthetic) else [],
+                               "test": sorted(split.loc[split["role"] == "test", "image_id"]),
+                               "classifier": real_clf.iloc[0]["blob"]})
+        memo = exp.memo()
+        rec = memo.get(key)
+        if rec is None:
+            summary, per_class = compute(synthetic, split, images=images, clip=clip_bundle(exp),
+                                         classifier_blob=real_clf.iloc[0]["blob"], services=services)
+            rec = memo.put(key, {"summary": summary, "per_class": json.loads(per_class.to_json(orient="records"))})
+        summary, per_class = dict(rec["summary"]), pd.DataFrame(rec["per_class"])
         summary.update({"method": name, "split": context.partition_key,
                         "gpu_seconds": float(synthetic["compute_seconds"].sum()) if "compute_seconds" in synthetic and len(synthetic) else 0.0})
         df = pd.DataFrame([summary])
@@ -168,8 +181,18 @@ def build_metrics(exp: Experiment, name: str, clf_key: dg.AssetKey, synth_key: d
         rec = clf.iloc[0].to_dict()
         model, meta = load_classifier_blob(exp.blobs, rec["blob"])
         images = image_source(exp, split)
-        res = {role: evaluate(model, meta, images, split[split["role"] == role], cfg.training.image_size)
-               for role in ("test", "ood")}
+        from ..store import memo_key
+
+        memo = exp.memo()
+        key = memo_key("evaluate", "ev-1", model=rec["blob"], params={"image_size": cfg.training.image_size},
+                       inputs={r: [[str(i), str(l)] for i, l in split.loc[split["role"] == r, ["image_id", "label"]].itertuples(index=False)]
+                               for r in ("test", "ood")})
+        cached = memo.get(key)
+        if cached is None:
+            res = {role: evaluate(model, meta, images, split[split["role"] == role], cfg.training.image_size)
+                   for role in ("test", "ood")}
+            cached = memo.put(key, {r: {**v, "confusion": np.asarray(v["confusion"]).tolist()} for r, v in res.items()})
+        res = cached
         classes = meta["classes"]
         row = {
             "method": name, "split": context.partition_key, "shots": shots, "seed": seed,
