@@ -17,11 +17,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # only effective if torch i
 
 import torch  # noqa: E402
 
-# On 2 cores shared with other processes, 2 spinning OpenMP threads make every tiny op wait for a
-# descheduled thread (measured: a tiny-UNet call 7 ms with 1 thread, 0.3-2 s with 2). One thread is
-# also the fastest setting for these tiny models.
-if (os.cpu_count() or 1) <= 2:
-    torch.set_num_threads(1)
+# Spinning OpenMP threads on 2 shared cores are avoided by OMP_WAIT_POLICY=PASSIVE (tests/conftest.py).
+# The thread count is left at torch's default on purpose: float reductions depend on it, and tests compare
+# images made in this process with images made by `augment` subprocesses (Pipes, determinism).
 
 _ROOT: list = []
 
