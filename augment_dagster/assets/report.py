@@ -86,21 +86,22 @@ def comparison_grid(synth: dict[str, pd.DataFrame], split: pd.DataFrame, images,
     guides = train.groupby("label").head(1).head(max_guides)
     cell = 64
     methods = [m for m, df in synth.items() if df is not None and len(df)]
-    grid = Image.new("RGB", (cell * (len(guides) + 1) + 40, cell * (len(methods) + 1)), (255, 255, 255))
+    left = 88  # room for the method names
+    grid = Image.new("RGB", (left + cell * len(guides), cell * (len(methods) + 1)), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
     draw.text((2, cell // 2), "real", fill=(0, 0, 0))
     for j, g in enumerate(guides.itertuples()):
-        grid.paste(images.real(g.image_id).resize((cell, cell)), (100 + j * cell - 60, 0))
+        grid.paste(images.real(g.image_id).resize((cell, cell)), (left + j * cell, 0))
     for i, m in enumerate(methods):
         df = synth[m]
-        draw.text((2, (i + 1) * cell + cell // 2), m[:12], fill=(0, 0, 0))
+        draw.text((2, (i + 1) * cell + cell // 2), m[:14], fill=(0, 0, 0))
         for j, g in enumerate(guides.itertuples()):
             guided = np.array([g.image_id in list(x) for x in df["guide_ids"]], dtype=bool)
             hit = df[guided & (df["label"] == g.label).to_numpy()]
             if hit.empty:
                 hit = df[df["label"] == g.label]
             if len(hit):
-                grid.paste(images.synthetic(hit.iloc[0]["blob"]).resize((cell, cell)), (40 + j * cell, (i + 1) * cell))
+                grid.paste(images.synthetic(hit.iloc[0]["blob"]).resize((cell, cell)), (left + j * cell, (i + 1) * cell))
     return grid
 
 
