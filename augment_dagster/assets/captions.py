@@ -11,7 +11,7 @@ def build(exp: Experiment) -> list:
     cfg = exp.cfg
 
     @dg.asset(
-        key=exp.key("captions"), group_name=exp.name, io_manager_key=exp.io_manager_key,
+        key=exp.key("captions"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
         partitions_def=exp.partitions, ins={"split": dg.AssetIn(key=exp.key("few_shot_split"))},
         code_version=exp.code_version(("models", "captioner"), ("models", "clip")), kinds={"pytorch", "transformers"},
         pool="gpu", automation_condition=CHEAP_AUTOMATION, op_tags=gpu_op_tags(True, exp.cfg),

@@ -12,7 +12,7 @@ def build(exp: Experiment) -> list:
     cfg = exp.cfg
 
     @dg.asset(
-        key=exp.key("concept_embeddings"), group_name=exp.name, io_manager_key=exp.io_manager_key,
+        key=exp.key("concept_embeddings"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
         partitions_def=exp.partitions, ins={"split": dg.AssetIn(key=exp.key("few_shot_split"))},
         code_version=exp.code_version("concepts", ("models", "diffusion")), pool="gpu", op_tags=gpu_op_tags(True, exp.cfg),
         kinds={"pytorch", "diffusers"}, automation_condition=GPU_AUTOMATION,

@@ -33,7 +33,7 @@ def build(exp: Experiment) -> list:
     cfg = exp.cfg
 
     @dg.asset(
-        key=exp.key("raw_images"), group_name=exp.name, io_manager_key=exp.io_manager_key,
+        key=exp.key("raw_images"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
         code_version=exp.code_version("dataset"), kinds={"python"},
         description="Ingest of the dataset tree (root/<class>/*, test/, ood/): one row per image, id = sha256 of its bytes.",
         automation_condition=EAGER_AUTOMATION,
@@ -58,7 +58,7 @@ def build(exp: Experiment) -> list:
         return dg.Output(out.value, data_version=dg.DataVersion(listing_version(df)), metadata=out.metadata)
 
     @dg.asset(
-        key=exp.key("few_shot_split"), group_name=exp.name, io_manager_key=exp.io_manager_key,
+        key=exp.key("few_shot_split"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
         partitions_def=exp.partitions, ins={"raw": dg.AssetIn(key=exp.key("raw_images"))},
         code_version=exp.code_version("splits"), kinds={"python"}, automation_condition=EAGER_AUTOMATION,
         description="Stable few-shot split: per class, images ranked by hash(seed, image id); first K train, next V val.",

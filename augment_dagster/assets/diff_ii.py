@@ -15,7 +15,7 @@ def build(exp: Experiment, needs: set[str]) -> list:
 
     if "prompt_suffixes" in needs:
         @dg.asset(
-            key=exp.key("prompt_suffixes"), group_name=exp.name, io_manager_key=exp.io_manager_key,
+            key=exp.key("prompt_suffixes"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
             partitions_def=exp.partitions, ins={"captions": dg.AssetIn(key=exp.key("captions"))},
             code_version=exp.code_version(("models", "llm"), ("dataset", "metaclass")), kinds={"openai"},
             automation_condition=CHEAP_AUTOMATION,
@@ -37,7 +37,7 @@ def build(exp: Experiment, needs: set[str]) -> list:
 
     if "concept_lora" in needs or "inversion_pool" in needs:
         @dg.asset(
-            key=exp.key("concept_lora"), group_name=exp.name, io_manager_key=exp.io_manager_key,
+            key=exp.key("concept_lora"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
             partitions_def=exp.partitions, ins={"split": dg.AssetIn(key=exp.key("few_shot_split"))},
             code_version=exp.code_version("concept_lora", ("models", "diffusion"), ("dataset", "metaclass")),
             kinds={"pytorch", "diffusers"}, pool="gpu", automation_condition=GPU_AUTOMATION, op_tags=gpu_op_tags(True, exp.cfg),
@@ -64,7 +64,7 @@ def build(exp: Experiment, needs: set[str]) -> list:
 
     if "inversion_pool" in needs:
         @dg.asset(
-            key=exp.key("inversion_pool"), group_name=exp.name, io_manager_key=exp.io_manager_key,
+            key=exp.key("inversion_pool"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
             partitions_def=exp.partitions,
             ins={"split": dg.AssetIn(key=exp.key("few_shot_split")), "concept_lora": dg.AssetIn(key=exp.key("concept_lora"))},
             code_version=exp.code_version("inversion", ("models", "diffusion"), ("dataset", "metaclass")),

@@ -38,7 +38,7 @@ def build_real_classifier(exp: Experiment) -> dg.AssetsDefinition:
     cfg = exp.cfg
 
     @dg.asset(
-        key=exp.key("real_classifier"), group_name=exp.name, io_manager_key=exp.io_manager_key,
+        key=exp.key("real_classifier"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
         partitions_def=exp.partitions, ins={"split": dg.AssetIn(key=exp.key("few_shot_split"))},
         code_version=exp.code_version("training", ("models", "classifier")), kinds={"pytorch"},
         automation_condition=CHEAP_AUTOMATION,
@@ -70,7 +70,7 @@ def build_method_chain(exp: Experiment, name: str) -> list:
     alpha = next(a for a in (entry.synthetic_probability, spec.default_alpha, cfg.training.synthetic_probability) if a is not None)
 
     @dg.asset(
-        key=exp.key("confidence_weights", name), group_name=exp.name, io_manager_key=exp.io_manager_key,
+        key=exp.key("confidence_weights", name), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
         partitions_def=exp.partitions,
         ins={"synthetic": dg.AssetIn(key=exp.key("synthetic", name)), "real_clf": dg.AssetIn(key=exp.key("real_classifier"))},
         code_version=exp.code_version(("methods", name), "training"), kinds={"pytorch"},
@@ -91,7 +91,7 @@ def build_method_chain(exp: Experiment, name: str) -> list:
                            "mean_q": dg.MetadataValue.float(float(np.nanmean(df["q"])) if len(df) and df["q"].notna().any() else float("nan"))})
 
     @dg.asset(
-        key=exp.key("classifier", name), group_name=exp.name, io_manager_key=exp.io_manager_key,
+        key=exp.key("classifier", name), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
         partitions_def=exp.partitions,
         ins={"split": dg.AssetIn(key=exp.key("few_shot_split")), "synthetic": dg.AssetIn(key=exp.key("synthetic", name)),
              "weights": dg.AssetIn(key=exp.key("confidence_weights", name))},
@@ -115,7 +115,7 @@ def build_method_chain(exp: Experiment, name: str) -> list:
         return output(_rec_df(rec, context, name), md)
 
     @dg.asset(
-        key=exp.key("set_metrics", name), group_name=exp.name, io_manager_key=exp.io_manager_key,
+        key=exp.key("set_metrics", name), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
         partitions_def=exp.partitions,
         ins={"split": dg.AssetIn(key=exp.key("few_shot_split")), "synthetic": dg.AssetIn(key=exp.key("synthetic", name)),
              "real_clf": dg.AssetIn(key=exp.key("real_classifier"))},
@@ -165,7 +165,7 @@ def build_metrics(exp: Experiment, name: str, clf_key: dg.AssetKey, synth_key: d
         ins["synthetic"] = dg.AssetIn(key=synth_key)
 
     @dg.asset(
-        key=exp.key("metrics", name), group_name=exp.name, io_manager_key=exp.io_manager_key,
+        key=exp.key("metrics", name), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
         partitions_def=exp.partitions, ins=ins, code_version=exp.code_version("training", "mlflow"),
         kinds={"pytorch", "mlflow"}, automation_condition=CHEAP_AUTOMATION,
         description=f"Metrics of the {name} classifier: top-1 accuracy on the ID test set and the OOD set, "

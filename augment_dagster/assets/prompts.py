@@ -16,7 +16,7 @@ def build(exp: Experiment) -> list:
     cfg = exp.cfg
 
     @dg.asset(
-        key=exp.key("class_prompts"), group_name=exp.name, io_manager_key=exp.io_manager_key,
+        key=exp.key("class_prompts"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
         partitions_def=exp.partitions, ins={"split": dg.AssetIn(key=exp.key("few_shot_split"))},
         code_version=exp.code_version("prompts", ("models", "llm")), kinds={"openai"},
         automation_condition=CHEAP_AUTOMATION,

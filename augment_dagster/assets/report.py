@@ -140,7 +140,7 @@ def build(exp: Experiment) -> list:
     ins["split"] = dg.AssetIn(key=exp.key("few_shot_split"))
 
     @dg.asset(
-        key=exp.key("report"), group_name=exp.name, io_manager_key=exp.io_manager_key, ins=ins,
+        key=exp.key("report"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key, ins=ins,
         code_version=f"{exp.code_version('splits')}-{hash_obj(methods)[:8]}", kinds={"pandas", "mlflow"},
         automation_condition=CHEAP_AUTOMATION,
         description="Comparison of all methods × splits: accuracy (ID, OOD) mean ± std over seeds; table, CSV, plot, MLflow run.",

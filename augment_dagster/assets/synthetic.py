@@ -125,7 +125,7 @@ def build_one(exp: Experiment, name: str) -> dg.AssetsDefinition:
     resource_keys = {"pipes_subprocess": {"pipes_subprocess_client"}, "pipes_k8s": {"pipes_k8s_client"}}.get(mode, set())
 
     @dg.asset(
-        key=exp.key("synthetic", name), group_name=exp.name, io_manager_key=exp.io_manager_key,
+        key=exp.key("synthetic", name), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
         partitions_def=exp.partitions, ins=ins, code_version=f"{spec.version}-" + exp.code_version(*sections),
         pool="gpu" if spec.uses_diffusion else None, kinds=kinds, op_tags=gpu_op_tags(spec.uses_diffusion, cfg),
         automation_condition=GPU_AUTOMATION if spec.uses_diffusion else CHEAP_AUTOMATION,
