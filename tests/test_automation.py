@@ -125,3 +125,46 @@ def test_unsynced_after_param_change(world):
     assert "auto/synthetic/real_guidance" in stale
     assert not any("txt2img" in k for k in stale), stale
     assert "auto/few_shot_split" not in stale and "auto/real_classifier" not in stale
+
+
+def _image_ranking_first_for(seed_in: int, seed_out: int, cls_dir, k_plus_v: int):
+    """A new image that enters the split of ``seed_in`` (ranks first) and stays out of ``seed_out``'s."""
+    from augment_dagster.data.builtin import generate_pool
+    from augment_dagster.data.splits import rank_key
+    from augment_dagster.util import png_bytes, sha256_bytes
+
+    existing = [sha256_bytes(p.read_bytes()) for p in cls_dir.glob("*.png")]
+    cut_out = sorted(rank_key(seed_out, e) for e in existing)[k_plus_v - 1]
+    for im, _ in generate_pool("pretrain", cls_dir.name, 400, 11, 32):
+        data = png_bytes(im)
+        i = sha256_bytes(data)
+        if rank_key(seed_in, i) < min(rank_key(seed_in, e) for e in existing) and rank_key(seed_out, i) > cut_out:
+            return data
+    raise AssertionError("no suitable image found")
+
+
+def test_new_image_requests_exactly_the_affected_partition(world):
+    data, inst = world
+    cfg = cfg_for(data)
+    cfg.splits.seeds = [0, 1]
+    defs = build_definitions([cfg])
+    for pk in ("2shot-s0", "2shot-s1"):
+        materialize_all(defs, inst, pk=pk)
+    r1 = dg.evaluate_automation_conditions(defs=defs, instance=inst)
+    r2 = dg.evaluate_automation_conditions(defs=defs, instance=inst, cursor=r1.cursor)
+    assert r2.total_requested == 0
+    (data / "circle" / "entering_s0.png").write_bytes(_image_ranking_first_for(0, 1, data / "circle", 2 + 1))
+    assets, res = list(defs.assets), dict(defs.resources)
+    assert dg.materialize(assets, selection=[dg.AssetKey(["auto", "raw_images"])], instance=inst, resources=res).success
+    r3 = dg.evaluate_automation_conditions(defs=defs, instance=inst, cursor=r2.cursor)
+    assert requested(r3, defs) == {"auto/few_shot_split": 2}  # both splits are re-derived (cheap) ...
+    for pk in ("2shot-s0", "2shot-s1"):  # ... as the automation run would do
+        assert dg.materialize(assets, selection=[dg.AssetKey(["auto", "few_shot_split"])], partition_key=pk,
+                              instance=inst, resources=res).success
+    r4 = dg.evaluate_automation_conditions(defs=defs, instance=inst, cursor=r3.cursor)
+    got = requested(r4, defs)
+    # ... but only the split whose content changed (seed 0) triggers its downstream stages
+    assert got and set(got) >= {"auto/synthetic/real_guidance", "auto/real_classifier"}, got
+    for k in got:
+        parts = r4.get_requested_partitions(dg.AssetKey(k.split("/")))
+        assert parts == ({None} if k == "auto/report" else {"2shot-s0"}), (k, parts)  # report: unpartitioned
