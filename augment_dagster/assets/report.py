@@ -119,6 +119,7 @@ def accuracy_plot_png(summary: pd.DataFrame) -> bytes:
             g = g.sort_values("shots")
             ax.errorbar(g["shots"], g[f"{col}_mean"], yerr=g[f"{col}_std"], marker="o", capsize=3, label=method)
         ax.set_xlabel("shots per class (K)")
+        ax.set_xticks(sorted(int(k) for k in summary["shots"].unique()))
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("top-1 accuracy")
