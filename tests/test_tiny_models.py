@@ -96,22 +96,25 @@ def test_captioner_names_shape_or_colour(T, cache):
     from augment_dagster.models.loading import load_captioner
 
     shape, colour, either, examples = T.evidence_blip(load_captioner("tiny", cache, device="cpu"), per_class=10)
-    assert either >= BLIP_MIN, (shape, colour, examples)
+    assert either >= BLIP_MIN and colour >= BLIP_MIN, (shape, colour, examples)
     assert shape >= BLIP_SHAPE_MIN, (shape, examples)
 
 
 def test_textual_inversion_of_the_held_out_star_lowers_its_loss(T, sd, core):
-    before, after, res = T.evidence_ti(sd, core, steps=TI_STEPS, lr=TI_LR, batch_size=8, n_train=64, n_eval=16)
+    # init from "ring" (a wrong class): the token must move towards stars; loss = fixed-noise eps-MSE on 16
+    # held-out stars with "a photo of a <star>" (measured 0.0634 -> 0.0595)
+    before, after, res = T.evidence_ti(sd, core, steps=TI_STEPS, lr=TI_LR, batch_size=16, n_train=64, n_eval=16,
+                                       init_word="ring")
     assert res.steps_done == TI_STEPS
-    assert after < before, (before, after)
+    assert after < 0.98 * before, (before, after)
     assert not torch.equal(res.vector, res.init_vector)
 
 
-# measured values (TRAINING.md) with margin
-TXT2IMG_MIN = 0.5
-INVERSION_MAX = 0.3
-CLIP_MIN = 0.5
-BLIP_MIN = 0.5
-BLIP_SHAPE_MIN = 0.4
-TI_STEPS = 20
+# thresholds: measured on these exact samples (TRAINING.md has the larger-sample numbers), with margin
+TXT2IMG_MIN = 0.35  # measured 0.50 on these 30 samples (0.49 on 250); chance 1/6
+INVERSION_MAX = 0.15  # measured 0.067 (25 steps)
+CLIP_MIN = 0.5  # measured 0.67 (0.68 on 250); chance 0.2
+BLIP_MIN = 0.8  # colour named: measured 1.0
+BLIP_SHAPE_MIN = 0.3  # shape named: measured 0.48 (0.42 on 250)
+TI_STEPS = 30
 TI_LR = 2e-2
