@@ -33,18 +33,6 @@ def _setup(args) -> ExperimentConfig:
     return cfg
 
 
-def _events_metadata(result) -> dict[str, dict]:
-    out = {}
-    for ev in result.get_asset_materialization_events():
-        mat = ev.event_specific_data.materialization
-        md = {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
-        key = mat.asset_key.to_user_string()
-        if mat.partition:
-            key += f"[{mat.partition}]"
-        out[key] = md
-    return out
-
-
 def preflight(cfg: ExperimentConfig) -> None:
     """Checks that must fail before any GPU work: LLM credentials for methods that need the LLM."""
     from .methods.registry import get_method
@@ -109,47 +97,30 @@ def cmd_run(args) -> int:
     from .definitions import build_definitions
 
     defs = build_definitions([cfg])
-    assets = list(defs.assets)
-    resources = dict(defs.resources)
     instance = dg.DagsterInstance.get()
     for rid in release_dead_runs(instance):
         print(f"  released GPU slot / marked failed: run {rid[:8]} (its process is gone)")
     exp = cfg.experiment
-    partitions = args.partition or cfg.splits.keys()
-    bad = [p for p in partitions if p not in cfg.splits.keys()]
+    bad = [p for p in args.partition or [] if p not in cfg.splits.keys()]
     if bad:
         print(f"unknown partition(s) {bad}; this config has {cfg.splits.keys()}", file=sys.stderr)
         return 2
-    all_keys = {k for a in assets for k in a.keys}
-    head = dg.AssetKey([exp, "raw_images"])
-    report = dg.AssetKey([exp, "report"])
-    part_keys = [k for k in all_keys if k not in (head, report)]
-    if args.methods:
-        keep = set(args.methods) | {"real_only"}
-        part_keys = [k for k in part_keys if len(k.path) < 3 or k.path[2] in keep]
-    t0 = time.perf_counter()
-    meta: dict[str, dict] = {}
     import socket
 
+    from .running import materialize_experiment
+
+    t0 = time.perf_counter()
     tags = {"augment/cli": "run", "augment/pid": str(os.getpid()), "augment/host": socket.gethostname()}
     level = "DEBUG" if args.verbose else "WARNING"
-    run_config = {"loggers": {"console": {"config": {"log_level": level}}}}
     print(f"augment run: experiment {exp}, data dir {cfg.resolved_data_dir()}, DAGSTER_HOME {os.environ['DAGSTER_HOME']}")
-    r = dg.materialize(assets, selection=[head], instance=instance, resources=resources, tags=tags, run_config=run_config)
-    meta.update(_events_metadata(r))
-    for pk in partitions:
-        t1 = time.perf_counter()
-        r = dg.materialize(assets, selection=part_keys, partition_key=pk, instance=instance, resources=resources,
-                           tags=tags, run_config=run_config)
-        meta.update(_events_metadata(r))
-        print(f"  partition {pk}: done in {time.perf_counter() - t1:.1f}s (run {r.run_id[:8]})")
-    if not args.partition and not args.methods:
-        r = dg.materialize(assets, selection=[report], instance=instance, resources=resources, tags=tags, run_config=run_config)
-        meta.update(_events_metadata(r))
+    meta = materialize_experiment(
+        defs, cfg, instance, partitions=args.partition, methods=args.methods, tags=tags,
+        run_config={"loggers": {"console": {"config": {"log_level": level}}}},
+        on_partition=lambda pk, secs, rid: print(f"  partition {pk}: done in {secs:.1f}s (run {rid[:8]})"))
     # ---- summary
     comp = {"diffusion": [0, 0], "concepts": [0, 0], "classifiers": [0, 0]}
     for key, md in meta.items():
-        bucket = ("diffusion" if "/synthetic/" in key and md.get("unet_forward_passes") is not None and "standard" not in key
+        bucket = ("diffusion" if "/synthetic/" in key and md.get("diffusion")
                   else "concepts" if "concept_embeddings" in key
                   else "classifiers" if ("classifier" in key) else None)
         if bucket and "computed" in md:
@@ -166,7 +137,7 @@ def cmd_run(args) -> int:
         print("\n" + rep.read_text())
         print(f"report: {rep.parent}")
     print("look further:  DAGSTER_HOME=%s dagster dev -w workspace.yaml   |   mlflow ui --backend-store-uri %s"
-          % (os.environ["DAGSTER_HOME"], resources["mlflow"].resolved_uri()))
+          % (os.environ["DAGSTER_HOME"], defs.resources["mlflow"].resolved_uri()))
     return 0
 
 

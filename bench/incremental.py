@@ -34,30 +34,20 @@ def run(cfg_path: Path, partitions: list[str] | None) -> tuple[float, dict]:
     from augment_dagster.config import load_config
     from augment_dagster.definitions import build_definitions
 
+    from augment_dagster.running import materialize_experiment
+
     cfg = load_config(cfg_path)
     defs = build_definitions([cfg])
-    assets = list(defs.assets)
-    res = dict(defs.resources)
-    inst = dg.DagsterInstance.get()
-    exp = cfg.experiment
-    keys = {k for a in assets for k in a.keys}
-    head, report = dg.AssetKey([exp, "raw_images"]), dg.AssetKey([exp, "report"])
     quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
-    stats: dict[str, list[int]] = {}
     t0 = time.perf_counter()
-    plan = [([head], None)] + [([k for k in keys if k not in (head, report)], p) for p in (partitions or cfg.splits.keys())]
-    if not partitions:
-        plan.append(([report], None))
-    for sel, pk in plan:
-        r = dg.materialize(assets, selection=sel, partition_key=pk, instance=inst, resources=res, run_config=quiet)
-        for ev in r.get_asset_materialization_events():
-            m = ev.event_specific_data.materialization
-            md = {k: getattr(v, "value", v) for k, v in m.metadata.items()}
-            if "computed" in md:
-                s = stats.setdefault("/".join(m.asset_key.path[1:]), [0, 0, 0])
-                s[0] += int(md["computed"])
-                s[1] += int(md.get("reused", 0))
-                s[2] += int(md.get("unet_forward_passes", 0))
+    meta = materialize_experiment(defs, cfg, dg.DagsterInstance.get(), partitions=partitions, run_config=quiet)
+    stats: dict[str, list[int]] = {}
+    for key, md in meta.items():
+        if "computed" in md:
+            s = stats.setdefault("/".join(key.split("[")[0].split("/")[1:]), [0, 0, 0])
+            s[0] += int(md["computed"])
+            s[1] += int(md.get("reused", 0))
+            s[2] += int(md.get("unet_forward_passes", 0))
     return time.perf_counter() - t0, stats
 
 

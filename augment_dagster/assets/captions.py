@@ -4,7 +4,7 @@ import pandas as pd
 
 from ..config import parse_split_key
 from ..scaleout import gpu_op_tags
-from .common import CHEAP_AUTOMATION, Experiment, captioner_bundle, clip_bundle, image_source, md_table, output
+from .common import CONTENT_AUTOMATION, Experiment, captioner_bundle, clip_bundle, image_source, md_table, output
 
 
 def build(exp: Experiment) -> list:
@@ -14,7 +14,7 @@ def build(exp: Experiment) -> list:
         key=exp.key("captions"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
         partitions_def=exp.partitions, ins={"split": dg.AssetIn(key=exp.key("few_shot_split"))},
         code_version=exp.code_version(("models", "captioner"), ("models", "clip")), kinds={"pytorch", "transformers"},
-        pool="gpu", automation_condition=CHEAP_AUTOMATION, op_tags=gpu_op_tags(True, exp.cfg),
+        pool="gpu", automation_condition=CONTENT_AUTOMATION, op_tags=gpu_op_tags(True, exp.cfg),
         description="Captions of every train image: BLIP greedy, beam (3) and nucleus (top_p .9) candidates, 5-20 tokens, "
                     "each with its CLIP image-text similarity; per-image memo.",
     )

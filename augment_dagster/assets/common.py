@@ -29,9 +29,6 @@ CONTENT_AUTOMATION = (
         "any_deps_updated", dg.AutomationCondition.any_deps_match(dg.AutomationCondition.data_version_changed()))
     | dg.AutomationCondition.code_version_changed()
 )
-# GPU assets and cheap downstream stages use the same content-driven rule
-GPU_AUTOMATION = CONTENT_AUTOMATION
-CHEAP_AUTOMATION = CONTENT_AUTOMATION
 
 
 @dataclass

@@ -5,7 +5,7 @@ import pandas as pd
 
 from ..config import parse_split_key
 from ..scaleout import gpu_op_tags
-from .common import GPU_AUTOMATION, Experiment, diffusion_bundle, diffusion_fingerprint, image_source, md_table, output
+from .common import CONTENT_AUTOMATION, Experiment, diffusion_bundle, diffusion_fingerprint, image_source, md_table, output
 
 
 def build(exp: Experiment) -> list:
@@ -15,7 +15,7 @@ def build(exp: Experiment) -> list:
         key=exp.key("concept_embeddings"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
         partitions_def=exp.partitions, ins={"split": dg.AssetIn(key=exp.key("few_shot_split"))},
         code_version=exp.code_version("concepts", ("models", "diffusion")), pool="gpu", op_tags=gpu_op_tags(True, exp.cfg),
-        kinds={"pytorch", "diffusers"}, automation_condition=GPU_AUTOMATION,
+        kinds={"pytorch", "diffusers"}, automation_condition=CONTENT_AUTOMATION,
         description="Textual inversion: one new token per class learned on its K train images (frozen UNet/VAE/text encoder), "
                     "plus DIAGen noisy copies S*+σε (one fixed draw per σ).",
     )

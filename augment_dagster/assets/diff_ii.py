@@ -4,7 +4,7 @@ import pandas as pd
 
 from ..config import parse_split_key
 from ..scaleout import gpu_op_tags
-from .common import (CHEAP_AUTOMATION, GPU_AUTOMATION, Experiment, diffusion_bundle, diffusion_fingerprint, generation_core,
+from .common import (CONTENT_AUTOMATION, Experiment, diffusion_bundle, diffusion_fingerprint, generation_core,
                      image_source, md_table, output)
 from .prompts import llm_client
 
@@ -18,7 +18,7 @@ def build(exp: Experiment, needs: set[str]) -> list:
             key=exp.key("prompt_suffixes"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
             partitions_def=exp.partitions, ins={"captions": dg.AssetIn(key=exp.key("captions"))},
             code_version=exp.code_version(("models", "llm"), ("dataset", "metaclass")), kinds={"openai"},
-            automation_condition=CHEAP_AUTOMATION,
+            automation_condition=CONTENT_AUTOMATION,
             description="Diff-II suffixes: ≤200 captions summarised (ALIA-style meta-prompt) into ≤10 'a photo of a <metaclass> <suffix>'; "
                         "offline: the captions' most frequent context phrases.",
         )
@@ -40,7 +40,7 @@ def build(exp: Experiment, needs: set[str]) -> list:
             key=exp.key("concept_lora"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
             partitions_def=exp.partitions, ins={"split": dg.AssetIn(key=exp.key("few_shot_split"))},
             code_version=exp.code_version("concept_lora", ("models", "diffusion"), ("dataset", "metaclass")),
-            kinds={"pytorch", "diffusers"}, pool="gpu", automation_condition=GPU_AUTOMATION, op_tags=gpu_op_tags(True, exp.cfg),
+            kinds={"pytorch", "diffusers"}, pool="gpu", automation_condition=CONTENT_AUTOMATION, op_tags=gpu_op_tags(True, exp.cfg),
             description="Diff-II concepts: one token per class + one LoRA shared by all classes (peft, UNet attention "
                         "projections), trained jointly on all train images; memo key covers every class's images.",
         )
@@ -68,7 +68,7 @@ def build(exp: Experiment, needs: set[str]) -> list:
             partitions_def=exp.partitions,
             ins={"split": dg.AssetIn(key=exp.key("few_shot_split")), "concept_lora": dg.AssetIn(key=exp.key("concept_lora"))},
             code_version=exp.code_version("inversion", ("models", "diffusion"), ("dataset", "metaclass")),
-            kinds={"pytorch", "diffusers"}, pool="gpu", automation_condition=GPU_AUTOMATION, op_tags=gpu_op_tags(True, exp.cfg),
+            kinds={"pytorch", "diffusers"}, pool="gpu", automation_condition=CONTENT_AUTOMATION, op_tags=gpu_op_tags(True, exp.cfg),
             description="DDIM inversion (DDIMInverseScheduler, guidance 1) of every train image with 'a photo of a <cls> <metaclass>' "
                         "on the concept+LoRA model; per-image memo; reconstruction error of invert → regenerate in metadata.",
         )

@@ -9,7 +9,7 @@ import pandas as pd
 from ..config import parse_split_key
 from ..methods.registry import get_method, method_params
 from ..resources import MlflowTracker
-from .common import CHEAP_AUTOMATION, GPU_AUTOMATION, Experiment, image_source, md_table, output
+from .common import CONTENT_AUTOMATION, Experiment, image_source, md_table, output
 
 REAL_ONLY = "real_only"
 
@@ -41,7 +41,7 @@ def build_real_classifier(exp: Experiment) -> dg.AssetsDefinition:
         key=exp.key("real_classifier"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
         partitions_def=exp.partitions, ins={"split": dg.AssetIn(key=exp.key("few_shot_split"))},
         code_version=exp.code_version("training", ("models", "classifier")), kinds={"pytorch"},
-        automation_condition=CHEAP_AUTOMATION,
+        automation_condition=CONTENT_AUTOMATION,
         description="Classifier trained on the real train split only (the real_only baseline), best epoch on val, "
                     "with temperature T fitted on val (min NLL of softmax(z/T)).",
     )
@@ -74,7 +74,7 @@ def build_method_chain(exp: Experiment, name: str) -> list:
         partitions_def=exp.partitions,
         ins={"synthetic": dg.AssetIn(key=exp.key("synthetic", name)), "real_clf": dg.AssetIn(key=exp.key("real_classifier"))},
         code_version=exp.code_version(("methods", name), "training"), kinds={"pytorch"},
-        automation_condition=CHEAP_AUTOMATION,
+        automation_condition=CONTENT_AUTOMATION,
         description=f"Sampling weight per synthetic image of {name}: uniform, or DIAGen confidence q under the "
                     "temperature-scaled real classifier (w=q, or the code rule).",
     )
@@ -96,7 +96,7 @@ def build_method_chain(exp: Experiment, name: str) -> list:
         ins={"split": dg.AssetIn(key=exp.key("few_shot_split")), "synthetic": dg.AssetIn(key=exp.key("synthetic", name)),
              "weights": dg.AssetIn(key=exp.key("confidence_weights", name))},
         code_version=exp.code_version(("methods", name), "training", ("models", "classifier")), kinds={"pytorch"},
-        automation_condition=CHEAP_AUTOMATION,
+        automation_condition=CONTENT_AUTOMATION,
         description=f"Classifier trained on real images (prob 1-α) mixed with {name} synthetic images (prob α={alpha}), "
                     "synthetic drawn ∝ weight within each real image's group (DIAGen Eq. 2); best epoch on val.",
     )
@@ -120,7 +120,7 @@ def build_method_chain(exp: Experiment, name: str) -> list:
         ins={"split": dg.AssetIn(key=exp.key("few_shot_split")), "synthetic": dg.AssetIn(key=exp.key("synthetic", name)),
              "real_clf": dg.AssetIn(key=exp.key("real_classifier"))},
         code_version=exp.code_version(("models", "clip")), kinds={"pytorch", "transformers"},
-        automation_condition=CHEAP_AUTOMATION,
+        automation_condition=CONTENT_AUTOMATION,
         description=f"Synthetic-set metrics of {name} on CLIP image features: improved precision/recall (k=3) vs the real "
                     "ID test images, diversity, CLIP score, label consistency, original-vs-augmented similarity.",
     )
@@ -167,7 +167,7 @@ def build_metrics(exp: Experiment, name: str, clf_key: dg.AssetKey, synth_key: d
     @dg.asset(
         key=exp.key("metrics", name), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
         partitions_def=exp.partitions, ins=ins, code_version=exp.code_version("training", "mlflow"),
-        kinds={"pytorch", "mlflow"}, automation_condition=CHEAP_AUTOMATION,
+        kinds={"pytorch", "mlflow"}, automation_condition=CONTENT_AUTOMATION,
         description=f"Metrics of the {name} classifier: top-1 accuracy on the ID test set and the OOD set, "
                     "per-class accuracy, confusion matrix; logged as an MLflow run.",
     )

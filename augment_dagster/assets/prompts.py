@@ -3,7 +3,7 @@ import dagster as dg
 import pandas as pd
 
 from ..config import parse_split_key
-from .common import CHEAP_AUTOMATION, Experiment, md_table, output
+from .common import CONTENT_AUTOMATION, Experiment, md_table, output
 
 
 def llm_client(exp: Experiment):
@@ -19,7 +19,7 @@ def build(exp: Experiment) -> list:
         key=exp.key("class_prompts"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
         partitions_def=exp.partitions, ins={"split": dg.AssetIn(key=exp.key("few_shot_split"))},
         code_version=exp.code_version("prompts", ("models", "llm")), kinds={"openai"},
-        automation_condition=CHEAP_AUTOMATION,
+        automation_condition=CONTENT_AUTOMATION,
         description="LLM prompt sets per class: DIAGen meta-prompt (ask P+5, keep P lines naming the class), "
                     "provider/model/response hash recorded per prompt; responses cached so reruns never call the API.",
     )

@@ -7,7 +7,7 @@ import pandas as pd
 
 from ..resources import MlflowTracker
 from ..util import atomic_write_bytes, atomic_write_text, hash_obj
-from .common import CHEAP_AUTOMATION, Experiment, md_table, output
+from .common import CONTENT_AUTOMATION, Experiment, md_table, output
 from .evaluation import REAL_ONLY
 
 
@@ -143,7 +143,7 @@ def build(exp: Experiment) -> list:
     @dg.asset(
         key=exp.key("report"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key, ins=ins,
         code_version=f"{exp.code_version('splits')}-{hash_obj(methods)[:8]}", kinds={"pandas", "mlflow"},
-        automation_condition=CHEAP_AUTOMATION,
+        automation_condition=CONTENT_AUTOMATION,
         description="Comparison of all methods × splits: accuracy (ID, OOD) mean ± std over seeds; table, CSV, plot, MLflow run.",
     )
     def report(context: dg.AssetExecutionContext, mlflow: MlflowTracker, split: pd.DataFrame, **inputs) -> dg.Output:

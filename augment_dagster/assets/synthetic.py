@@ -10,7 +10,7 @@ import pandas as pd
 from ..config import parse_split_key
 from ..methods.registry import get_method, method_params
 from ..methods.runner import SYNTH_COLUMNS
-from .common import (GPU_AUTOMATION, CHEAP_AUTOMATION, Experiment, clip_bundle, diffusion_fingerprint, generation_core,
+from .common import (CONTENT_AUTOMATION, Experiment, clip_bundle, diffusion_fingerprint, generation_core,
                      image_source, output, sample_grid_metadata)
 
 # stage name in MethodSpec.needs -> asset name
@@ -69,6 +69,7 @@ def compute_synthetic(exp: Experiment, name: str, partition_key: str, split: pd.
         "unet_forward_passes": dg.MetadataValue.int(stats.unet_forward_passes),
         "gpu_seconds": dg.MetadataValue.float(round(stats.compute_seconds, 3)),
         "images": dg.MetadataValue.int(len(df)),
+        "diffusion": dg.MetadataValue.bool(spec.uses_diffusion),
         "per_class": dg.MetadataValue.json(df.groupby("label").size().to_dict()),
     }
     if filter_md:
@@ -128,7 +129,7 @@ def build_one(exp: Experiment, name: str) -> dg.AssetsDefinition:
         key=exp.key("synthetic", name), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
         partitions_def=exp.partitions, ins=ins, code_version=f"{spec.version}-" + exp.code_version(*sections),
         pool="gpu" if spec.uses_diffusion else None, kinds=kinds, op_tags=gpu_op_tags(spec.uses_diffusion, cfg),
-        automation_condition=GPU_AUTOMATION if spec.uses_diffusion else CHEAP_AUTOMATION,
+        automation_condition=CONTENT_AUTOMATION,
         description=f"Synthetic set: {spec.description}. One row per image with its full lineage.",
         metadata={"method": name, "algorithm": spec.name}, required_resource_keys=resource_keys,
     )
