@@ -99,6 +99,41 @@ def test_diagen_ablations():
     assert all(u.prompt == f"a photo of a {next(iter(u.concepts))}" for u in spec.plan(inp))
 
 
+def test_diagen_resample_per_image_draws_fresh_noise_per_unit():
+    import torch
+
+    from augment_dagster.methods.runner import to_request
+    from augment_dagster.methods.stages import noisy_vector
+
+    spec, inp = inputs("diagen", {"resample_per_image": True}, M=4, concepts=concepts(), class_prompts=prompts())
+    units = [u for u in spec.plan(inp) if u.label == "circle"]
+    fixed_spec, fixed_inp = inputs("diagen", M=4, concepts=concepts(), class_prompts=prompts())
+    fixed = [u for u in fixed_spec.plan(fixed_inp) if u.label == "circle"]
+    # same σ round-robin and prompts as the fixed draws; the noisy units now point at the base vector S*
+    assert [u.params["sigma"] for u in units] == [u.params["sigma"] for u in fixed]
+    assert [u.prompt for u in units] == [u.prompt for u in fixed]
+    noisy = [u for u in units if u.params["sigma"] > 0]
+    assert noisy and all(u.concepts == {next(iter(u.concepts)): "e-circle"} and u.embedding_id == "e-circle" for u in noisy)
+    assert all(u.params["noise_draw"] == -2 and u.concept_noise for u in noisy)
+    assert len({u.params["noise_seed"] for u in noisy}) == len(noisy)  # a fresh draw per image
+    assert all("concept_noise" not in u.identity() for u in fixed)  # fixed-draw memo keys are unchanged
+    # the runner adds σ·ε from the unit's seed to the stored vector
+    base = torch.randn(1, 64)
+    vecs = []
+    for u in noisy:
+        req = to_request(u, load_image=lambda _id: None, load_tensor=lambda eid: base.clone())
+        (tok, v), = req.concepts.items()
+        sigma, nseed = u.concept_noise[tok]
+        assert torch.allclose(v, noisy_vector(base, sigma, nseed))
+        assert 0 < float((v - base).norm()) < 10 * sigma * 8 + 1e-6  # ~σ·sqrt(64)
+        vecs.append(v)
+    assert not torch.equal(vecs[0], vecs[1])
+    # the σ = 0 unit (S*) gets no noise
+    plain = next(u for u in units if u.params["sigma"] == 0)
+    req = to_request(plain, load_image=lambda _id: None, load_tensor=lambda eid: base.clone())
+    assert torch.equal(next(iter(req.concepts.values())), base)
+
+
 def test_weight_rules():
     q = np.array([0.1, 0.49, 0.5, 0.9])
     assert np.allclose(weight_rule(q, "paper"), q)

@@ -26,6 +26,7 @@ CFG = {
     "prompts": {"per_class": 3},
     "training": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 8},
     "methods": {"diagen": {}, "diagen_noise": {"method": "diagen", "params": {"use_llm": False, "weighting": "none"}},
+                "diagen_resample": {"method": "diagen", "params": {"use_llm": False, "resample_per_image": True}},
                 "diff_ii": {"params": {"expansion_rate": 2}}, "genie": {}, "genie_ada": {}, "sgid": {},
                 "real_filter": {}, "img2img_low": {}},
     "mlflow": {"enabled": False},
@@ -75,6 +76,13 @@ def test_every_method_materializes_with_lineage(run):
     p = [json.loads(x) for x in dg_["params_json"]]
     assert {x["sigma"] for x in p} == {0.0, 0.005}  # 2 images x M=1 per class: counter 0, 1
     assert set(dg_["prompt_source"]) <= {"offline", "cache:offline"}
+    rs = manifest(data, "synthetic", "diagen_resample", "2shot-s0")
+    rp = [json.loads(x) for x in rs["params_json"]]
+    cons = manifest(data, "concept_embeddings", "2shot-s0")
+    base = dict(zip(cons[cons["variant"] == "base"]["label"], cons[cons["variant"] == "base"]["embedding_id"]))
+    assert all(e == base[lb] for e, lb in zip(rs["embedding_id"], rs["label"]))  # every unit starts from S*
+    noisy = [x for x in rp if x["sigma"] > 0]
+    assert noisy and all(x["noise_draw"] == -2 and "noise_seed" in x for x in noisy)
     d2 = manifest(data, "synthetic", "diff_ii", "2shot-s0")
     pp = [json.loads(x) for x in d2["params_json"]]
     assert all(x["start"] == "circle" and 0 <= x["alpha"] * x["theta"] <= 2 * np.pi + 1e-6 for x in pp)

@@ -49,6 +49,8 @@ class SynthUnit:
     switch_prompt: str | list[tuple[str, float]] | None = None
     switch_t: int | None = None
     concepts: dict[str, str] = field(default_factory=dict)  # placeholder token -> embedding blob id
+    # token -> (sigma, noise seed): the runner adds sigma * N(0, I) (drawn from the seed) to that concept vector
+    concept_noise: dict[str, tuple[float, int]] = field(default_factory=dict)
     embedding_id: str | None = None
     prompt_source: str = "template"
     weighting: str = "output"
@@ -67,7 +69,9 @@ class SynthUnit:
             "negative_prompt": self.negative_prompt, "steps": self.steps, "init_image_id": self.init_image_id,
             "init_latents_blob": self.init_latents_blob, "latent_recipe": self.latent_recipe, "lora_blob": self.lora_blob,
             "switch_prompt": self.switch_prompt, "switch_t": self.switch_t,
-            "concepts": self.concepts, "weighting": self.weighting, "params": self.params,
+            "concepts": self.concepts, **({"concept_noise": {k: list(v) for k, v in self.concept_noise.items()}}
+                                          if self.concept_noise else {}),
+            "weighting": self.weighting, "params": self.params,
         }
 
 

@@ -2,7 +2,11 @@
 
 Assignment is DIAGen's deterministic round-robin: per class a counter c increments per generated image
 (looping over real images, then repeats m); prompt = prompts[c mod P], concept = names[c mod |names|] with
-names = [S*, S*+σ1ε1, S*+σ2ε2, S*+σ3ε3]. Ablations are config entries with use_noise/use_llm/weighting."""
+names = [S*, S*+σ1ε1, S*+σ2ε2, S*+σ3ε3]. Ablations are config entries with use_noise/use_llm/weighting.
+
+``resample_per_image: true`` (METHODS.md §14 option) keeps the σ round-robin but draws a fresh ε for every image:
+the unit references the base vector S* and carries (σ, noise seed); the runner adds σ·ε at generation time.
+The lineage row then has embedding_id = S* and params.noise_seed (params.noise_draw = -2 marks a per-image draw)."""
 from __future__ import annotations
 
 from typing import Literal
@@ -11,6 +15,7 @@ from pydantic import Field
 
 from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit
 from .baselines import unit_seed
+from ..util import stable_int
 
 
 class DIAGenParams(MethodParams):
@@ -19,6 +24,8 @@ class DIAGenParams(MethodParams):
     use_noise: bool = Field(True, description="(a) round-robin over the noisy concept vectors")
     use_llm: bool = Field(True, description="(b) round-robin over the class's LLM prompt set")
     weighting: Literal["none", "paper", "code"] = Field("paper", description="(c) w = q (paper) or the code rule")
+    resample_per_image: bool = Field(False, description="(a) draw a fresh noise vector per image instead of the "
+                                                        "three fixed draws per class")
 
 
 def plan(inputs: MethodInputs) -> list[SynthUnit]:
@@ -47,14 +54,21 @@ def plan(inputs: MethodInputs) -> list[SynthUnit]:
             for m in range(inputs.images_per_real):
                 tok = names[c % len(names)]
                 tmpl, src = templates[c % len(templates)]
+                seed = unit_seed(inputs, row.image_id, m)
+                sigma = float(tok["sigma"])
+                params = {"m": m, "counter": c, "sigma": sigma, "noise_draw": int(tok["draw"]), "template": tmpl}
+                eid, noise = tok["embedding_id"], {}
+                if p.resample_per_image and tok["variant"] == "noise":
+                    eid = base.iloc[0]["embedding_id"]
+                    nseed = stable_int("diagen-noise-per-image", seed, label, sigma, bits=31)
+                    noise = {tok["token"]: (sigma, nseed)}
+                    params.update(noise_draw=-2, noise_seed=nseed)
                 units.append(SynthUnit(
-                    label=label, seed=unit_seed(inputs, row.image_id, m), mode="img2img",
+                    label=label, seed=seed, mode="img2img",
                     prompt=tmpl.replace("{name}", tok["token"]), guide_ids=(row.image_id,), strength=p.strength,
                     guidance_scale=inputs.guidance_scale, steps=inputs.steps, negative_prompt=inputs.negative_prompt,
-                    init_image_id=row.image_id, concepts={tok["token"]: tok["embedding_id"]},
-                    embedding_id=tok["embedding_id"], prompt_source=src,
-                    params={"m": m, "counter": c, "sigma": float(tok["sigma"]), "noise_draw": int(tok["draw"]),
-                            "template": tmpl},
+                    init_image_id=row.image_id, concepts={tok["token"]: eid}, concept_noise=noise,
+                    embedding_id=eid, prompt_source=src, params=params,
                 ))
                 c += 1
     return units

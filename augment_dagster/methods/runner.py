@@ -69,9 +69,20 @@ def to_request(unit: SynthUnit, load_image: Callable[[str], Any], load_tensor: C
         init_latents=start_latents(unit, load_tensor) if unit.mode == "latents" else None,
         guidance_scale=unit.guidance_scale, negative_prompt=unit.negative_prompt,
         num_inference_steps=unit.steps, switch_prompt=prompt(unit.switch_prompt), switch_t=unit.switch_t,
-        concepts={tok: load_tensor(eid) for tok, eid in unit.concepts.items()} or None,
+        concepts={tok: concept_vector(unit, tok, eid, load_tensor) for tok, eid in unit.concepts.items()} or None,
         weighting=unit.weighting,
     )
+
+
+def concept_vector(unit: SynthUnit, token: str, embedding_id: str, load_tensor: Callable[[str], Any]):
+    """The stored concept vector, plus the unit's own noise draw where it asks for one (DIAGen per-image noise)."""
+    v = load_tensor(embedding_id)
+    if token in unit.concept_noise:
+        from .stages import noisy_vector
+
+        sigma, noise_seed = unit.concept_noise[token]
+        v = noisy_vector(v, sigma, noise_seed).to(v.dtype)
+    return v
 
 
 def _chunks(seq: list, n: int) -> Iterable[list]:
