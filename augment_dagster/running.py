@@ -9,9 +9,11 @@ from typing import Callable
 
 def materialize_experiment(defs, cfg, instance, *, partitions: list[str] | None = None, methods: list[str] | None = None,
                            tags: dict[str, str] | None = None, run_config: dict | None = None,
-                           on_partition: Callable[[str, float, str], None] | None = None) -> dict[str, dict]:
+                           on_partition: Callable[[str, float, str], None] | None = None,
+                           data_versions: dict[str, str | None] | None = None) -> dict[str, dict]:
     """Returns ``{asset key[partition]: materialization metadata}``. The report is materialized only for a full
-    run (no ``partitions``/``methods`` subset); ``methods`` keeps those entries plus ``real_only``."""
+    run (no ``partitions``/``methods`` subset); ``methods`` keeps those entries plus ``real_only``.
+    ``data_versions``, if given, is filled with ``{asset key[partition]: Dagster data version}``."""
     import dagster as dg
 
     assets = list(defs.assets)
@@ -31,6 +33,8 @@ def materialize_experiment(defs, cfg, instance, *, partitions: list[str] | None 
             mat = ev.event_specific_data.materialization
             key = mat.asset_key.to_user_string() + (f"[{mat.partition}]" if mat.partition else "")
             meta[key] = {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
+            if data_versions is not None:
+                data_versions[key] = mat.tags.get("dagster/data_version") if mat.tags else None
         return r
 
     run([head])

@@ -37,12 +37,13 @@ def world(tmp_path, monkeypatch):
         yield data, inst
 
 
-def materialize_all(defs, inst, exp="auto", pk="2shot-s0"):
-    assets = list(defs.assets)
-    keys = {k for a in assets for k in a.keys}
-    head, report = dg.AssetKey([exp, "raw_images"]), dg.AssetKey([exp, "report"])
-    for sel, p in (([head], None), ([k for k in keys if k not in (head, report)], pk), ([report], None)):
-        assert dg.materialize(assets, selection=sel, partition_key=p, instance=inst, resources=dict(defs.resources)).success
+def materialize_all(cfg, inst):
+    """The `augment run` plan (raw_images, every partitioned asset of the split, report); returns the defs."""
+    from augment_dagster.running import materialize_experiment
+
+    defs = build_definitions([cfg])
+    materialize_experiment(defs, cfg, inst)
+    return defs
 
 
 def requested(result, defs):
@@ -57,8 +58,7 @@ def requested(result, defs):
 
 def test_noop_requests_nothing_new_image_requests_the_split(world):
     data, inst = world
-    defs = build_definitions([cfg_for(data)])
-    materialize_all(defs, inst)
+    defs = materialize_all(cfg_for(data), inst)
     r1 = dg.evaluate_automation_conditions(defs=defs, instance=inst)
     r2 = dg.evaluate_automation_conditions(defs=defs, instance=inst, cursor=r1.cursor)
     assert r2.total_requested == 0, requested(r2, defs)
@@ -116,8 +116,7 @@ def test_unsynced_after_param_change(world):
 
     data, inst = world
     methods = {"real_guidance": {}, "txt2img": {}}
-    defs = build_definitions([cfg_for(data, methods)])
-    materialize_all(defs, inst)
+    defs = materialize_all(cfg_for(data, methods), inst)
     defs2 = build_definitions([cfg_for(data, {"real_guidance": {"params": {"strength": 0.6}}, "txt2img": {}})])
     res = stale_resolver(inst, defs2.resolve_asset_graph())
     stale = sorted(k.to_user_string() for a in defs2.assets for k in a.keys
@@ -147,9 +146,7 @@ def test_new_image_requests_exactly_the_affected_partition(world):
     data, inst = world
     cfg = cfg_for(data)
     cfg.splits.seeds = [0, 1]
-    defs = build_definitions([cfg])
-    for pk in ("2shot-s0", "2shot-s1"):
-        materialize_all(defs, inst, pk=pk)
+    defs = materialize_all(cfg, inst)  # both splits
     r1 = dg.evaluate_automation_conditions(defs=defs, instance=inst)
     r2 = dg.evaluate_automation_conditions(defs=defs, instance=inst, cursor=r1.cursor)
     assert r2.total_requested == 0

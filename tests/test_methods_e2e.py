@@ -42,18 +42,11 @@ def run(tmp_path_factory):
     defs = build_definitions([cfg])
     (root / "dh").mkdir()
     with dg.instance_for_test(temp_dir=str(root / "dh")) as inst:
-        def go():
-            assets = list(defs.assets)
-            keys = {k for a in assets for k in a.keys}
-            head, rep = dg.AssetKey(["allm", "raw_images"]), dg.AssetKey(["allm", "report"])
-            md = {}
-            for sel, pk in (([head], None), ([k for k in keys if k not in (head, rep)], "2shot-s0"), ([rep], None)):
-                r = dg.materialize(assets, selection=sel, partition_key=pk, instance=inst, resources=dict(defs.resources))
-                assert r.success
-                for ev in r.get_asset_materialization_events():
-                    m = ev.event_specific_data.materialization
-                    md["/".join(m.asset_key.path[1:])] = {k: getattr(v, "value", v) for k, v in m.metadata.items()}
-            return md
+        def go():  # the `augment run` plan; metadata keyed by the asset path below the experiment
+            from augment_dagster.running import materialize_experiment
+
+            meta = materialize_experiment(defs, cfg, inst)
+            return {k.split("[")[0].split("/", 1)[1]: md for k, md in meta.items()}
         first = go()
         second = go()
         yield first, second, root / "data"

@@ -49,20 +49,12 @@ def env(tmp_path_factory):
 
 
 def run_all(cfg, defs, instance):
-    assets = list(defs.assets)
-    res = dict(defs.resources)
-    head = dg.AssetKey(["mini", "raw_images"])
-    report = dg.AssetKey(["mini", "report"])
-    keys = {k for a in assets for k in a.keys}
-    out = {}
-    for sel, pk in (([head], None), ([k for k in keys if k not in (head, report)], "2shot-s0"), ([report], None)):
-        r = dg.materialize(assets, selection=sel, partition_key=pk, instance=instance, resources=res)
-        assert r.success
-        for ev in r.get_asset_materialization_events():
-            m = ev.event_specific_data.materialization
-            out[m.asset_key.to_user_string()] = ({k: getattr(v, "value", v) for k, v in m.metadata.items()},
-                                                  ev.event_specific_data.materialization.tags.get("dagster/data_version"))
-    return out
+    """The `augment run` plan; keys without the partition suffix (one split here), values (metadata, data version)."""
+    from augment_dagster.running import materialize_experiment
+
+    dvs: dict = {}
+    meta = materialize_experiment(defs, cfg, instance, data_versions=dvs)
+    return {k.split("[")[0]: (md, dvs[k]) for k, md in meta.items()}
 
 
 def test_cold_run_then_rerun_reuses_everything(env):
