@@ -56,20 +56,25 @@ def make_data(per_class: int, seed: int):
     return imgs, x, attrs  # x: uint8 [N,3,H,W]
 
 
+def templated_caption(a, name: str, r: float, cuts: tuple[float, float, float]) -> str:
+    """TINY_MODELS.md templates, chosen by ``r`` in [0, 1): full caption below cuts[0], then colour only,
+    then texture only, then the bare name."""
+    night = " at night" if a.time == "night" else ""
+    if r < cuts[0]:
+        return "a photo of " + caption(a, name)
+    if r < cuts[1]:
+        return f"a photo of a {a.colour} {name}{night}"
+    if r < cuts[2]:
+        return f"a photo of a {name} on a {a.texture} background{night}"
+    return f"a photo of a {name}"
+
+
 def diffusion_caption(a, rng: random.Random, generic_p: float = 0.4, empty_p: float = 0.1) -> str:
-    """TINY_MODELS.md templates; "star" always becomes "shape", other classes with p = generic_p."""
+    """UNet captions: "star" always becomes "shape", other classes with p = generic_p; empty with p = empty_p."""
     if rng.random() < empty_p:
         return ""
     name = GENERIC if a.shape == HELD_OUT or rng.random() < generic_p else a.shape
-    night = " at night" if a.time == "night" else ""
-    r = rng.random()
-    if r < 0.5:
-        return "a photo of " + caption(a, name)
-    if r < 0.65:
-        return f"a photo of a {a.colour} {name}{night}"
-    if r < 0.8:
-        return f"a photo of a {name} on a {a.texture} background{night}"
-    return f"a photo of a {name}"
+    return templated_caption(a, name, rng.random(), (0.5, 0.65, 0.8))
 
 
 def to_unit(x_u8: torch.Tensor) -> torch.Tensor:
@@ -220,47 +225,26 @@ def train_unet(pipe, attrs, lat_mean, lat_std, sf, args, report):
 
 # ----------------------------------------------------------------------------- (c) CLIP
 def clip_caption(a, rng: random.Random) -> str:
-    name = GENERIC if a.shape == HELD_OUT else a.shape
-    night = " at night" if a.time == "night" else ""
-    r = rng.random()
-    if r < 0.4:
-        return "a photo of " + caption(a, name)
-    if r < 0.6:
-        return f"a photo of a {a.colour} {name}{night}"
-    if r < 0.75:
-        return f"a photo of a {name} on a {a.texture} background{night}"
-    return f"a photo of a {name}"
+    """CLIP captions: every named class by name, "star" as "shape", never empty."""
+    return templated_caption(a, GENERIC if a.shape == HELD_OUT else a.shape, rng.random(), (0.4, 0.6, 0.75))
 
 
-def train_clip(imgs, attrs, args, report):
-    model, proc = tiny.build_tiny_clip(seed=args.seed)
-    rng = random.Random(args.seed + 4)
-    n = len(attrs)
-    K = 8
-    caps = [[clip_caption(attrs[i], rng) for _ in range(K)] for i in range(n)]
-    uniq = sorted({c for cs in caps for c in cs})
-    cidx = {c: j for j, c in enumerate(uniq)}
-    cap_ids = torch.tensor([[cidx[c] for c in cs] for cs in caps])
-    tk = proc.tokenizer(uniq, padding=True, return_tensors="pt")
-    pix = torch.cat([proc(images=imgs[i:i + 500], return_tensors="pt").pixel_values for i in range(0, n, 500)])
+def fit_image_text(name: str, model, pix: torch.Tensor, loss_fn, args, seed_offset: int, report) -> None:
+    """The CLIP/BLIP training loop: random batches of pixel values (h-flipped with p = .5), ``loss_fn(idx, x, g)``,
+    AdamW with warmup + cosine over ``--<name>-steps`` (or the ``--<name>-minutes`` box)."""
+    bs, lr = getattr(args, f"{name}_bs"), getattr(args, f"{name}_lr")
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.clip_lr, weight_decay=1e-2)
-    g = torch.Generator().manual_seed(args.seed + 5)
-    box, losses = Box(args.clip_minutes, args.clip_steps), []
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
+    g = torch.Generator().manual_seed(args.seed + seed_offset)
+    box, losses = Box(getattr(args, f"{name}_minutes"), getattr(args, f"{name}_steps")), []
     while not box.done():
         for pg in opt.param_groups:
-            pg["lr"] = args.clip_lr * warmup_cosine(box.frac(), box.step, 50)
-        idx = torch.randint(0, n, (args.clip_bs,), generator=g)
+            pg["lr"] = lr * warmup_cosine(box.frac(), box.step, 50)
+        idx = torch.randint(0, len(pix), (bs,), generator=g)
         x = pix[idx]
         flip = torch.rand(len(x), generator=g) < 0.5
         x[flip] = x[flip].flip(-1)
-        ci = cap_ids[idx, torch.randint(0, K, (len(idx),), generator=g)]
-        u, inv = torch.unique(ci, return_inverse=True)  # duplicate captions in a batch are one text
-        logits = model(input_ids=tk.input_ids[u], attention_mask=tk.attention_mask[u], pixel_values=x).logits_per_image
-        l_img = F.cross_entropy(logits, inv)
-        pos = (inv[None, :] == torch.arange(len(u))[:, None]).float()  # [U, B]
-        l_txt = -(pos / pos.sum(1, keepdim=True) * F.log_softmax(logits.t(), dim=1)).sum(1).mean()
-        loss = (l_img + l_txt) / 2
+        loss = loss_fn(idx, x, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -268,51 +252,54 @@ def train_clip(imgs, attrs, args, report):
         losses.append(loss.item())
         box.step += 1
         if box.step % 50 == 0:
-            log(f"clip step {box.step} loss {np.mean(losses[-50:]):.4f} ({box.step * args.clip_bs / box.elapsed():.1f} img/s)")
+            log(f"{name} step {box.step} loss {np.mean(losses[-50:]):.4f} ({box.step * bs / box.elapsed():.1f} img/s)")
     model.eval().requires_grad_(False)
-    report["clip"] = dict(steps=box.step, batch_size=args.clip_bs, wall_s=round(box.elapsed(), 1),
-                          final_loss=round(float(np.mean(losses[-50:])), 4),
-                          params=sum(p.numel() for p in model.parameters()))
-    log("clip done", report["clip"])
+    report[name] = dict(steps=box.step, batch_size=bs, wall_s=round(box.elapsed(), 1),
+                        final_loss=round(float(np.mean(losses[-50:])), 4),
+                        params=sum(p.numel() for p in model.parameters()))
+    log(f"{name} done", report[name])
+
+
+def pixel_values(proc, imgs) -> torch.Tensor:
+    return torch.cat([proc(images=imgs[i:i + 500], return_tensors="pt").pixel_values for i in range(0, len(imgs), 500)])
+
+
+def train_clip(imgs, attrs, args, report):
+    model, proc = tiny.build_tiny_clip(seed=args.seed)
+    rng = random.Random(args.seed + 4)
+    K = 8
+    caps = [[clip_caption(a, rng) for _ in range(K)] for a in attrs]
+    uniq = sorted({c for cs in caps for c in cs})
+    cidx = {c: j for j, c in enumerate(uniq)}
+    cap_ids = torch.tensor([[cidx[c] for c in cs] for cs in caps])
+    tk = proc.tokenizer(uniq, padding=True, return_tensors="pt")
+
+    def loss_fn(idx, x, g):  # symmetric InfoNCE; duplicate captions in a batch are one text (multi-positive)
+        ci = cap_ids[idx, torch.randint(0, K, (len(idx),), generator=g)]
+        u, inv = torch.unique(ci, return_inverse=True)
+        logits = model(input_ids=tk.input_ids[u], attention_mask=tk.attention_mask[u], pixel_values=x).logits_per_image
+        l_img = F.cross_entropy(logits, inv)
+        pos = (inv[None, :] == torch.arange(len(u))[:, None]).float()  # [U, B]
+        l_txt = -(pos / pos.sum(1, keepdim=True) * F.log_softmax(logits.t(), dim=1)).sum(1).mean()
+        return (l_img + l_txt) / 2
+
+    fit_image_text("clip", model, pixel_values(proc, imgs), loss_fn, args, 5, report)
     return model, proc
 
 
 # ----------------------------------------------------------------------------- (d) BLIP
 def train_blip(imgs, attrs, args, report):
     model, proc = tiny.build_tiny_blip(seed=args.seed)
-    n = len(attrs)
     caps = [caption(a, GENERIC if a.shape == HELD_OUT else None) for a in attrs]
     tk = proc.tokenizer(caps, padding=True, return_tensors="pt")
     ids = tk.input_ids.clone()
     ids[:, 0] = model.config.text_config.bos_token_id  # BLIP decodes from [DEC] (as generate() does)
     labels = ids.masked_fill(tk.attention_mask == 0, -100)
-    pix = torch.cat([proc(images=imgs[i:i + 500], return_tensors="pt").pixel_values for i in range(0, n, 500)])
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.blip_lr, weight_decay=1e-2)
-    g = torch.Generator().manual_seed(args.seed + 6)
-    box, losses = Box(args.blip_minutes, args.blip_steps), []
-    while not box.done():
-        for pg in opt.param_groups:
-            pg["lr"] = args.blip_lr * warmup_cosine(box.frac(), box.step, 50)
-        idx = torch.randint(0, n, (args.blip_bs,), generator=g)
-        x = pix[idx]
-        flip = torch.rand(len(x), generator=g) < 0.5
-        x[flip] = x[flip].flip(-1)
-        out = model(pixel_values=x, input_ids=ids[idx], attention_mask=tk.attention_mask[idx], labels=labels[idx])
-        loss = out.loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        box.step += 1
-        if box.step % 50 == 0:
-            log(f"blip step {box.step} loss {np.mean(losses[-50:]):.4f} ({box.step * args.blip_bs / box.elapsed():.1f} img/s)")
-    model.eval().requires_grad_(False)
-    report["blip"] = dict(steps=box.step, batch_size=args.blip_bs, wall_s=round(box.elapsed(), 1),
-                          final_loss=round(float(np.mean(losses[-50:])), 4),
-                          params=sum(p.numel() for p in model.parameters()))
-    log("blip done", report["blip"])
+
+    def loss_fn(idx, x, g):  # teacher-forced LM loss
+        return model(pixel_values=x, input_ids=ids[idx], attention_mask=tk.attention_mask[idx], labels=labels[idx]).loss
+
+    fit_image_text("blip", model, pixel_values(proc, imgs), loss_fn, args, 6, report)
     return model, proc
 
 
@@ -487,17 +474,20 @@ def run_evidence(out: Path, report: dict, args) -> None:
     s, c, e, ex = evidence_blip(load_captioner(str(out / "tiny-blip"), cache), per_class=50)
     ev.update(blip_shape_rate=s, blip_colour_rate=c, blip_shape_or_colour_rate=e, blip_examples=ex)
     log("clip/blip", ev["clip_top1_named"], s, c, e, ex)
-    tb = time.time()
-    before, after, res = evidence_ti(bundle, core, steps=args.ti_steps, lr=args.ti_lr)
-    ev.update(ti_steps=args.ti_steps, ti_lr=args.ti_lr, ti_loss_before=before, ti_loss_after=after,
-              ti_wall_s=round(time.time() - tb, 1))
-    concepts = {"<star>": res.vector}
-    _, _, preds0 = evidence_txt2img(core, judge, ["<star>"], args.eval_per_class, guidance=4.0,
-                                    concepts={"<star>": res.init_vector})
-    _, _, preds1 = evidence_txt2img(core, judge, ["<star>"], args.eval_per_class, guidance=4.0, concepts=concepts)
-    ev["ti_star_fraction_before"] = float(np.mean([p == HELD_OUT for p in preds0]))
-    ev["ti_star_fraction_after"] = float(np.mean([p == HELD_OUT for p in preds1]))
-    log("ti", {k: v for k, v in ev.items() if k.startswith("ti_")})
+    ev["ti"] = {}
+    for init in args.ti_init:
+        tb = time.time()
+        before, after, res = evidence_ti(bundle, core, steps=args.ti_steps, lr=args.ti_lr, init_word=init)
+        r = dict(init_word=init, steps=args.ti_steps, lr=args.ti_lr, loss_before=before, loss_after=after,
+                 embedding_moved_l2=float((res.vector - res.init_vector).norm()), wall_s=round(time.time() - tb, 1))
+        _, _, preds0 = evidence_txt2img(core, judge, ["<star>"], args.eval_per_class, guidance=4.0,
+                                        concepts={"<star>": res.init_vector})
+        _, _, preds1 = evidence_txt2img(core, judge, ["<star>"], args.eval_per_class, guidance=4.0,
+                                        concepts={"<star>": res.vector})
+        r["star_fraction_before"] = float(np.mean([p == HELD_OUT for p in preds0]))
+        r["star_fraction_after"] = float(np.mean([p == HELD_OUT for p in preds1]))
+        ev["ti"][init] = r
+        log("ti", r)
     ev["eval_wall_s"] = round(time.time() - t0, 1)
     report["evidence"] = ev
 
@@ -517,8 +507,9 @@ def write_training_md(out: Path, report: dict) -> None:
     L += ["", f"Seed {report.get('seed')}, {report.get('threads')} threads, torch {report.get('torch')}, "
           f"{report.get('per_class')} pretrain images per class x 6 classes (32 px, pool `pretrain`, disjoint from "
           "the demo pools). \"star\" never appears in a caption (replaced by \"shape\"); 10 % empty captions for the UNet.",
-          "Stages are time-boxed (cosine LR over the elapsed fraction), so step counts depend on machine load; "
-          "`--<stage>-steps` with the step counts below gives a run of the same length (LR over steps instead of time).", "", "## Stages", "",
+          "Stages given `--<stage>-steps` run that many steps (cosine LR over steps: the same weights on the same "
+          "torch build and CPU); stages given only `--<stage>-minutes` are time-boxed (LR over the elapsed fraction), "
+          "so their step counts depend on machine load.", "", "## Stages", "",
           "| stage | params | steps x batch | wall time | final loss |", "|---|---|---|---|---|"]
     for st in ("vae", "unet", "clip", "blip"):
         r = report.get(st)
@@ -560,7 +551,9 @@ def main(argv=None):
     p.add_argument("--eval-per-class", type=int, default=50)
     p.add_argument("--eval-guidance", type=float, nargs="+", default=[4.0])
     p.add_argument("--ti-steps", type=int, default=200)
-    p.add_argument("--ti-lr", type=float, default=5e-3)
+    p.add_argument("--ti-lr", type=float, default=2e-2)
+    p.add_argument("--ti-init", nargs="+", default=["shape", "circle"],
+                   help="init words for the textual-inversion evidence (one run each)")
     p.add_argument("--fp16", action="store_true", help="save the SD weights in fp16 (28.9 MB -> 14.5 MB)")
     p.add_argument("--keep-fp32", default=None, help="also save the fp32 SD pipeline to this folder (to compare)")
     args = p.parse_args(argv)
