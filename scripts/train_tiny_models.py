@@ -289,7 +289,7 @@ def train_clip(imgs, attrs, args, report):
 
 # ----------------------------------------------------------------------------- (d) BLIP
 def train_blip(imgs, attrs, args, report):
-    model, proc = tiny.build_tiny_blip(seed=args.seed)
+    model, proc = tiny.build_tiny_blip(seed=args.seed, size="base")
     caps = [caption(a, GENERIC if a.shape == HELD_OUT else None) for a in attrs]
     tk = proc.tokenizer(caps, padding=True, return_tensors="pt")
     ids = tk.input_ids.clone()

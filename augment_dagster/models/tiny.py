@@ -23,8 +23,14 @@ SD_CONFIGS = {
     "base": dict(text_hidden=64, text_inter=128, text_layers=2, text_heads=4, vae_channels=(32, 64, 128), vae_groups=16,
                  unet_channels=(64, 128), unet_layers=2, unet_groups=32, head_dim=4),
 }
-BLIP_CONFIG = dict(text_hidden=32, text_layers=2, text_heads=4, text_inter=64, text_max_pos=64, vision_hidden=32,
-                   patch=8, vision_layers=2, vision_heads=4, vision_inter=64, projection_dim=32)
+BLIP_CONFIGS = {
+    "small": dict(text_hidden=32, text_layers=2, text_heads=4, text_inter=64, text_max_pos=64, vision_hidden=32,
+                  patch=8, vision_layers=2, vision_heads=4, vision_inter=64, projection_dim=32),
+    # the trained captioner (scripts/train_tiny_models.py): 4-px patches and a wider vision tower, so shapes are seen
+    "base": dict(text_hidden=32, text_layers=2, text_heads=4, text_inter=64, text_max_pos=64, vision_hidden=64,
+                 patch=4, vision_layers=3, vision_heads=4, vision_inter=128, projection_dim=32),
+}
+BLIP_CONFIG = BLIP_CONFIGS["small"]
 CLIP_CONFIG = dict(text_hidden=32, text_inter=64, text_layers=2, text_heads=4, vision_hidden=32, vision_inter=64,
                    vision_layers=2, vision_heads=4, patch=8, projection_dim=16)
 BUILD_VERSION = 2  # bump when a builder changes in a way the configs above do not capture
@@ -168,13 +174,14 @@ def build_bert_tokenizer():
     return tok
 
 
-def build_tiny_blip(seed: int = 0):
-    """A random-weight BLIP captioner ``(BlipForConditionalGeneration, BlipProcessor)`` for 32 px images, patch 8."""
+def build_tiny_blip(seed: int = 0, size: str = "small"):
+    """A random-weight BLIP captioner ``(BlipForConditionalGeneration, BlipProcessor)`` for 32 px images
+    (``size`` 'small': patch 8, the tiny-random build; 'base': patch 4, wider vision tower, the trained one)."""
     import torch
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
     from transformers.models.blip import BlipImageProcessorPil
 
-    c = BLIP_CONFIG
+    c = BLIP_CONFIGS[size]
     btok = build_bert_tokenizer()
     tid = btok.convert_tokens_to_ids
     cfg = BlipConfig(
