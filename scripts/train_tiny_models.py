@@ -439,6 +439,17 @@ def evidence_ti(bundle, core, steps: int = 200, lr: float = 5e-3, batch_size: in
     return before, after, res
 
 
+def ti_star_fractions(core, judge, res, per_class: int, steps: int = 25) -> tuple[float, float]:
+    """Fraction of "a photo of a <star>" txt2img samples (g = 4) the judge calls a star, with the token's initial
+    vector and with the learned one (same seeds)."""
+    out = []
+    for vec in (res.init_vector, res.vector):
+        _, _, preds = evidence_txt2img(core, judge, ["<star>"], per_class, guidance=4.0, steps=steps,
+                                       concepts={"<star>": vec})
+        out.append(float(np.mean([p == HELD_OUT for p in preds])))
+    return out[0], out[1]
+
+
 def run_evidence(out: Path, report: dict, args) -> None:
     import tempfile
 
@@ -480,12 +491,7 @@ def run_evidence(out: Path, report: dict, args) -> None:
         before, after, res = evidence_ti(bundle, core, steps=args.ti_steps, lr=args.ti_lr, init_word=init)
         r = dict(init_word=init, steps=args.ti_steps, lr=args.ti_lr, loss_before=before, loss_after=after,
                  embedding_moved_l2=float((res.vector - res.init_vector).norm()), wall_s=round(time.time() - tb, 1))
-        _, _, preds0 = evidence_txt2img(core, judge, ["<star>"], args.eval_per_class, guidance=4.0,
-                                        concepts={"<star>": res.init_vector})
-        _, _, preds1 = evidence_txt2img(core, judge, ["<star>"], args.eval_per_class, guidance=4.0,
-                                        concepts={"<star>": res.vector})
-        r["star_fraction_before"] = float(np.mean([p == HELD_OUT for p in preds0]))
-        r["star_fraction_after"] = float(np.mean([p == HELD_OUT for p in preds1]))
+        r["star_fraction_before"], r["star_fraction_after"] = ti_star_fractions(core, judge, res, args.eval_per_class)
         ev["ti"][init] = r
         log("ti", r)
     ev["eval_wall_s"] = round(time.time() - t0, 1)

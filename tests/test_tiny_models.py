@@ -110,11 +110,7 @@ def test_textual_inversion_of_the_held_out_star_lowers_its_loss_and_makes_stars(
     assert res.steps_done == TI_STEPS
     assert after < 0.9 * before, (before, after)
     assert not torch.equal(res.vector, res.init_vector)
-    fractions = []
-    for vec in (res.init_vector, res.vector):
-        _, _, preds = T.evidence_txt2img(core, judge, ["<star>"], per_class=16, guidance=4.0, steps=20,
-                                         concepts={"<star>": vec})
-        fractions.append(sum(p == T.HELD_OUT for p in preds) / len(preds))
+    fractions = T.ti_star_fractions(core, judge, res, per_class=16, steps=20)
     assert fractions[1] >= TI_STAR_MIN and fractions[1] >= fractions[0] + 0.25, fractions
 
 

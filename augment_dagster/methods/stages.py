@@ -367,8 +367,6 @@ def noisy_vector(base, sigma: float, noise_seed: int):
 def noise_variants(base_rows: list[dict], *, blobs: BlobStore, sigmas: list[float], seed: int) -> list[dict]:
     """DIAGen (METHODS §2a): S_v = S* + σ·ε, ε ~ N(0, I), one fixed draw per σ per class, stored as extra
     concept vectors (tokens ``<cls_σ>``). Deterministic in (seed, class, σ)."""
-    import torch
-
     from ..util import stable_int
 
     out = []

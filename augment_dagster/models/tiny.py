@@ -30,7 +30,6 @@ BLIP_CONFIGS = {
     "base": dict(text_hidden=32, text_layers=2, text_heads=4, text_inter=64, text_max_pos=64, vision_hidden=64,
                  patch=4, vision_layers=3, vision_heads=4, vision_inter=128, projection_dim=32),
 }
-BLIP_CONFIG = BLIP_CONFIGS["small"]
 CLIP_CONFIG = dict(text_hidden=32, text_inter=64, text_layers=2, text_heads=4, vision_hidden=32, vision_inter=64,
                    vision_layers=2, vision_heads=4, patch=8, projection_dim=16)
 BUILD_VERSION = 2  # bump when a builder changes in a way the configs above do not capture
@@ -38,7 +37,7 @@ BUILD_VERSION = 2  # bump when a builder changes in a way the configs above do n
 
 def build_config(kind: str, size: str = "small", seed: int = 0) -> dict:
     """The JSON-able description of a tiny build (kind: 'sd' | 'blip' | 'clip'), hashed into fingerprints."""
-    cfg = {"sd": SD_CONFIGS.get(size), "blip": BLIP_CONFIG, "clip": CLIP_CONFIG}[kind]
+    cfg = {"sd": SD_CONFIGS.get(size), "blip": BLIP_CONFIGS["small"], "clip": CLIP_CONFIG}[kind]
     return {"kind": kind, "size": size if kind == "sd" else None, "seed": seed, "config": cfg, "corpus": CORPUS_WORDS,
             "resolution": TINY_RESOLUTION, "version": BUILD_VERSION}
 
