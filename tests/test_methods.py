@@ -5,7 +5,7 @@ import pytest
 
 from augment_dagster.methods.base import MethodInputs, concept_token
 from augment_dagster.methods.registry import available_methods, get_method
-from augment_dagster.methods.stages import synthetic_groups, weight_rule
+from augment_dagster.training.stage import synthetic_groups, weight_rule
 
 
 def split(n_per_class=2, classes=("circle", "star")):
@@ -103,7 +103,7 @@ def test_diagen_resample_per_image_draws_fresh_noise_per_unit():
     import torch
 
     from augment_dagster.methods.runner import to_request
-    from augment_dagster.methods.stages import noisy_vector
+    from augment_dagster.methods.diagen import noisy_vector
 
     spec, inp = inputs("diagen", {"resample_per_image": True}, M=4, concepts=concepts(), class_prompts=prompts())
     units = [u for u in spec.plan(inp) if u.label == "circle"]

@@ -107,7 +107,8 @@ def test_rerun_computes_nothing_and_calls_no_llm(run):
 
 
 def test_noise_draws_reproducible_by_seed(tmp_path):
-    from augment_dagster.methods.stages import noise_variants, tensor_bytes, tensor_from_bytes
+    from augment_dagster.methods.diagen import noise_variants
+    from augment_dagster.store.tensors import tensor_bytes, tensor_from_bytes
     from augment_dagster.store import BlobStore
 
     blobs = BlobStore(tmp_path)

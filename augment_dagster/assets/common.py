@@ -154,7 +154,7 @@ def generation_core(exp: Experiment, lora_blob: str | None = None):
     bundle = diffusion_bundle(exp)
     if lora_blob:
         from ..methods.concept_lora import bundle_with_lora
-        from ..methods.stages import tensor_dict_from_bytes
+        from ..store.tensors import tensor_dict_from_bytes
 
         bundle = bundle_with_lora(bundle, tensor_dict_from_bytes(exp.blobs.get(lora_blob)), key=lora_blob)
     return GenerationCore(bundle, batch_size=g.batch_size, scheduler=exp.cfg.models.diffusion.scheduler)
@@ -175,7 +175,7 @@ def captioner_bundle(exp: Experiment):
 
 
 def image_source(exp: Experiment, raw_or_split: pd.DataFrame):
-    from ..methods.stages import ImageSource
+    from ..data.images import ImageSource
 
     root = raw_or_split["dataset_root"].iloc[0] if "dataset_root" in raw_or_split and len(raw_or_split) else "."
     return ImageSource(root, raw_or_split, exp.blobs, exp.cfg.dataset.max_image_pixels)

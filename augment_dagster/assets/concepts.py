@@ -20,7 +20,7 @@ def build(exp: Experiment) -> list:
                     "plus DIAGen noisy copies S*+σε (one fixed draw per σ).",
     )
     def concept_embeddings(context: dg.AssetExecutionContext, split: pd.DataFrame) -> dg.Output:
-        from ..methods.stages import learn_concepts
+        from ..methods.concepts import learn_concepts
 
         _, seed = parse_split_key(context.partition_key)
         c = cfg.concepts
@@ -30,7 +30,7 @@ def build(exp: Experiment) -> list:
             batch_size=c.batch_size, init_word=c.init_word, seed=cfg.seed * 1000 + seed,
             checkpoint_dir=exp.data_dir / "checkpoints" / "concepts", checkpoint_every=c.checkpoint_every, progress=True,
         )
-        from ..methods.stages import noise_variants
+        from ..methods.diagen import noise_variants
 
         for r in rows:
             r.update({"sigma": 0.0, "draw": -1, "base_embedding_id": r["embedding_id"], "noise_norm": 0.0})

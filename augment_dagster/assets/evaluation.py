@@ -46,7 +46,7 @@ def build_real_classifier(exp: Experiment) -> dg.AssetsDefinition:
                     "with temperature T fitted on val (min NLL of softmax(z/T)).",
     )
     def real_classifier(context: dg.AssetExecutionContext, split: pd.DataFrame) -> dg.Output:
-        from ..methods.stages import train_classifier_stage
+        from ..training.stage import train_classifier_stage
 
         _, seed = parse_split_key(context.partition_key)
         rec, stats = train_classifier_stage(split, images=image_source(exp, split), blobs=exp.blobs, memo=exp.memo(),
@@ -79,7 +79,7 @@ def build_method_chain(exp: Experiment, name: str) -> list:
                     "temperature-scaled real classifier (w=q, or the code rule).",
     )
     def weights(context: dg.AssetExecutionContext, synthetic: pd.DataFrame, real_clf: pd.DataFrame) -> dg.Output:
-        from ..methods.stages import confidence_weights
+        from ..training.stage import confidence_weights
 
         _, seed = parse_split_key(context.partition_key)
         df = confidence_weights(synthetic, images=image_source(exp, pd.DataFrame({"image_id": [], "path": []})),
@@ -101,7 +101,7 @@ def build_method_chain(exp: Experiment, name: str) -> list:
                     "synthetic drawn ∝ weight within each real image's group (DIAGen Eq. 2); best epoch on val.",
     )
     def classifier(context: dg.AssetExecutionContext, split: pd.DataFrame, synthetic: pd.DataFrame, weights: pd.DataFrame) -> dg.Output:
-        from ..methods.stages import train_classifier_stage
+        from ..training.stage import train_classifier_stage
 
         _, seed = parse_split_key(context.partition_key)
         rec, stats = train_classifier_stage(split, images=image_source(exp, split), blobs=exp.blobs, memo=exp.memo(),
@@ -126,7 +126,7 @@ def build_method_chain(exp: Experiment, name: str) -> list:
     )
     def set_metrics(context: dg.AssetExecutionContext, split: pd.DataFrame, synthetic: pd.DataFrame, real_clf: pd.DataFrame) -> dg.Output:
         from ..methods.set_metrics import set_metrics as compute
-        from ..methods.stages import FilterServices
+        from ..methods.services import FilterServices
         from .common import clip_bundle
 
         images = image_source(exp, split)
@@ -173,7 +173,7 @@ def build_metrics(exp: Experiment, name: str, clf_key: dg.AssetKey, synth_key: d
     )
     def metrics(context: dg.AssetExecutionContext, mlflow: MlflowTracker, split: pd.DataFrame, clf: pd.DataFrame,
                 **rest) -> dg.Output:
-        from ..methods.stages import evaluate, load_classifier_blob
+        from ..training.stage import evaluate, load_classifier_blob
         from ..metrics import confusion_plot_png
 
         synthetic = rest.get("synthetic")

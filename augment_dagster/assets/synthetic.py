@@ -56,7 +56,7 @@ def compute_synthetic(exp: Experiment, name: str, partition_key: str, split: pd.
     )
     filter_md = {}
     if spec.post_filter is not None:
-        from ..methods.stages import FilterServices
+        from ..methods.services import FilterServices
 
         services = FilterServices(images, exp.blobs, cfg.training.image_size, clip_factory=lambda: clip_bundle(exp))
         rows, filter_md = spec.post_filter(rows, inputs, services)

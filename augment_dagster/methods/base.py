@@ -118,7 +118,7 @@ class MethodSpec:
     # for non-diffusion methods: render(units, images_by_id, params) -> list[PIL.Image]
     render: Callable[..., list] | None = None
     # optional post-filter after generation: post_filter(rows, inputs, services) -> (kept rows, metadata);
-    # services: methods.stages.FilterServices (classifier features, CLIP zero-shot, image access)
+    # services: methods.services.FilterServices (classifier features, CLIP zero-shot, image access)
     post_filter: Callable[..., Any] | None = None
     # synthetic probability α when the config entry sets none (DIAGen: 0.7); None = training default
     default_alpha: float | None = None
@@ -132,3 +132,13 @@ class MethodSpec:
 def concept_token(label: str) -> str:
     """Placeholder token of a class concept, e.g. '<circle>' (spaces -> '_')."""
     return "<" + "_".join(label.split()) + ">"
+
+
+@dataclass
+class StageStats:
+    """computed/reused counts and seconds of one memoized stage."""
+
+    computed: int = 0
+    reused: int = 0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)

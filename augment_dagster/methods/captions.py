@@ -9,7 +9,8 @@ import pandas as pd
 
 from ..llm import sanitize_prompt
 from ..store import BlobStore, Memo, memo_key
-from .stages import ImageSource, StageStats
+from ..data.images import ImageSource
+from .base import StageStats
 
 CAPTIONS_VERSION = "cap-1"
 

@@ -69,7 +69,8 @@ def concept_lora_stage(train, *, images, blobs, memo, model_fp: str, bundle_fact
 
     from ..store import memo_key
     from .base import concept_token
-    from .stages import StageStats, tensor_bytes, tensor_dict_bytes
+    from ..store.tensors import tensor_bytes, tensor_dict_bytes
+    from .base import StageStats
 
     t0 = time.perf_counter()
     stats = StageStats()

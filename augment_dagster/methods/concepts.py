@@ -24,7 +24,19 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from ..store import memo_key
+from ..store.tensors import tensor_bytes
+from .base import StageStats, concept_token
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from ..data.images import ImageSource
+    from ..store import BlobStore, Memo
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 CHECKPOINT_VERSION = 2
@@ -242,3 +254,63 @@ def learn_concept(bundle, images: list, token: str, init_word: str = "the", step
                           init_word=init_word, steps=steps, lr=lr, batch_size=batch_size, seed=seed, hflip=hflip,
                           checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, progress=progress,
                           weight_decay=weight_decay, fixed_batch=fixed_batch)
+
+
+# ---------------------------------------------------------------- the concept_embeddings stage (memoized per class)
+CONCEPT_VERSION = "ti-1"
+
+
+def learn_concepts(
+    split: pd.DataFrame,
+    *,
+    images: ImageSource,
+    blobs: BlobStore,
+    memo: Memo,
+    model_fp: str,
+    bundle_factory: Callable[[], Any],
+    steps: int,
+    lr: float,
+    batch_size: int,
+    init_word: str,
+    seed: int,
+    checkpoint_dir: Path,
+    checkpoint_every: int = 50,
+    progress: bool = False,
+) -> tuple[list[dict], StageStats]:
+    """One textual-inversion token per class; a class whose train images did not change is reused."""
+    t0 = time.perf_counter()
+    stats = StageStats()
+    train = split[split["role"] == "train"]
+    rows = []
+    for label, grp in sorted(train.groupby("label"), key=lambda kv: kv[0]):
+        ids = sorted(grp["image_id"])
+        token = concept_token(label)
+        params = {"steps": steps, "lr": lr, "batch_size": batch_size, "init_word": init_word, "token": token}
+        key = memo_key("concept_embeddings", CONCEPT_VERSION, model=model_fp, params=params, inputs=ids, seed=seed)
+        rec = memo.get(key)
+        if rec is None or not blobs.exists(rec["blob"]):
+            res = learn_concept(bundle_factory(), [images.real(i) for i in ids], token=token, init_word=init_word,
+                                steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                                checkpoint_path=checkpoint_dir / f"{key}.pt", checkpoint_every=checkpoint_every,
+                                progress=progress)
+            digest = blobs.put(tensor_bytes(res.vector), "safetensors")
+            losses = [float(x) for x in res.losses]
+            k = max(1, len(losses) // 10)
+            rec = {"blob": digest, "first_loss": float(np.mean(losses[:k])), "last_loss": float(np.mean(losses[-k:])),
+                   "steps": int(res.steps_done), "resumed_from": int(getattr(res, "resumed_from", 0)),
+                   "vector_norm": float(res.vector.norm()), "moved": float((res.vector - res.init_vector).norm())}
+            rec = memo.put(key, rec)
+            ck = checkpoint_dir / f"{key}.pt"
+            if ck.exists():
+                ck.unlink()
+            stats.computed += 1
+            reused = False
+        else:
+            stats.reused += 1
+            reused = True
+        rows.append({"label": label, "token": token, "variant": "base", "embedding_id": rec["blob"],
+                     "first_loss": rec["first_loss"], "last_loss": rec["last_loss"], "steps": rec["steps"],
+                     "vector_norm": rec.get("vector_norm"), "moved": rec.get("moved"),
+                     "train_image_ids": ids, "model_fingerprint": model_fp, "memo_key": key, "reused": reused})
+    stats.seconds = time.perf_counter() - t0
+    return rows, stats

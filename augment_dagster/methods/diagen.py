@@ -15,6 +15,7 @@ from pydantic import Field
 
 from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit
 from .baselines import unit_seed
+from ..store.tensors import tensor_bytes, tensor_from_bytes
 from ..util import stable_int
 
 
@@ -78,3 +79,29 @@ SPECS = (
     MethodSpec("diagen", "1", "DIAGen: DA-Fusion + embedding noise + LLM prompts + confidence weighting (t0=0.7, w=15)",
                DIAGenParams, plan, needs=("concepts", "class_prompts"), default_alpha=0.7),
 )
+
+
+# ---------------------------------------------------------------- embedding noise (§2a)
+def noisy_vector(base, sigma: float, noise_seed: int):
+    """S* + σ·ε with ε ~ N(0, I) drawn from ``noise_seed`` (float32). Shared by the fixed draws below and by
+    DIAGen's ``resample_per_image`` option, where the runner applies it per unit."""
+    import torch
+
+    g = torch.Generator().manual_seed(int(noise_seed))
+    eps = torch.randn(base.shape, generator=g, dtype=torch.float32)
+    return base.float() + float(sigma) * eps
+
+
+def noise_variants(base_rows: list[dict], *, blobs, sigmas: list[float], seed: int) -> list[dict]:
+    """DIAGen (METHODS §2a): S_v = S* + σ·ε, ε ~ N(0, I), one fixed draw per σ per class, stored as extra
+    concept vectors (tokens ``<cls_σ>``). Deterministic in (seed, class, σ)."""
+    out = []
+    for r in base_rows:
+        base = tensor_from_bytes(blobs.get(r["embedding_id"]))
+        for sigma in sigmas:
+            v = noisy_vector(base, sigma, stable_int("diagen-noise", seed, r["label"], float(sigma), 0))
+            digest = blobs.put(tensor_bytes(v), "safetensors")
+            out.append({**r, "variant": "noise", "token": f"{r['token'][:-1]}_{sigma}>", "embedding_id": digest,
+                        "sigma": float(sigma), "draw": 0, "base_embedding_id": r["embedding_id"],
+                        "noise_norm": float((v - base.float()).norm()), "reused": r["reused"]})
+    return out

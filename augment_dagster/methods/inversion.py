@@ -8,7 +8,8 @@ import time
 import numpy as np
 
 from ..store import memo_key
-from .stages import StageStats, tensor_bytes
+from ..store.tensors import tensor_bytes
+from .base import StageStats
 
 
 def inversion_stage(train, *, images, blobs, memo, model_fp: str, core_factory, prompts: dict[str, str],

@@ -78,7 +78,7 @@ def concept_vector(unit: SynthUnit, token: str, embedding_id: str, load_tensor: 
     """The stored concept vector, plus the unit's own noise draw where it asks for one (DIAGen per-image noise)."""
     v = load_tensor(embedding_id)
     if token in unit.concept_noise:
-        from .stages import noisy_vector
+        from .diagen import noisy_vector
 
         sigma, noise_seed = unit.concept_noise[token]
         v = noisy_vector(v, sigma, noise_seed).to(v.dtype)

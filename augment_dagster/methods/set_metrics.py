@@ -47,7 +47,8 @@ def set_metrics(synth: pd.DataFrame, split: pd.DataFrame, *, images, clip, class
         import torch
 
         from ..training.classifier import predict_logits
-        from .stages import load_classifier_blob, to_tensor
+        from ..data.images import to_tensor
+        from ..training.stage import load_classifier_blob
 
         model, meta = load_classifier_blob(services.blobs, classifier_blob)
         cidx = {c: i for i, c in enumerate(meta["classes"])}

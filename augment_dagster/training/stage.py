@@ -1,162 +1,26 @@
-"""Stage-level work with the unit memo, shared by the assets (no Dagster).
-
-Each function takes manifests (DataFrames) and the store, does only the units that are not in the
-memo, and returns manifest rows + counts. Torch is imported inside functions.
-"""
+"""The classifier stages with the unit memo (no Dagster): train (or reuse) a classifier on a split plus an
+optional synthetic set, evaluate it, and DIAGen's confidence weights. Torch is imported inside functions."""
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from ..data.imagefolder import decode_image
+from ..data.images import ImageSource, label_index, to_tensor
+from ..methods.base import StageStats
 from ..store import BlobStore, Memo, memo_key
-from .base import concept_token
 
-CONCEPT_VERSION = "ti-1"
 CLASSIFIER_VERSION = "clf-1"
 WEIGHTS_VERSION = "w-1"
 
 
-@dataclass
-class StageStats:
-    computed: int = 0
-    reused: int = 0
-    seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------- tensors & images
-def tensor_bytes(t) -> bytes:
-    from safetensors.torch import save
-
-    return save({"tensor": t.detach().cpu().contiguous()})
-
-
-def tensor_from_bytes(b: bytes):
-    from safetensors.torch import load
-
-    return load(b)["tensor"]
-
-
-def tensor_dict_bytes(d: dict) -> bytes:
-    from safetensors.torch import save
-
-    return save({k: v.detach().cpu().contiguous() for k, v in d.items()})
-
-
-def tensor_dict_from_bytes(b: bytes) -> dict:
-    from safetensors.torch import load
-
-    return load(b)
-
-
-class ImageSource:
-    """Resolves image ids to PIL images: real ones from the dataset tree, synthetic ones from blobs."""
-
-    def __init__(self, dataset_root: str | Path, images: pd.DataFrame, blobs: BlobStore, max_pixels: int = 40_000_000):
-        self.root = Path(dataset_root)
-        self.paths = dict(zip(images["image_id"], images["path"]))
-        self.blobs = blobs
-        self.max_pixels = max_pixels
-        self._cache: dict[str, Any] = {}
-
-    def real(self, image_id: str):
-        if image_id not in self._cache:
-            if image_id not in self.paths:
-                raise KeyError(f"real image {image_id} is not in the raw_images manifest; rematerialize raw_images")
-            p = self.root / self.paths[image_id]
-            self._cache[image_id] = decode_image(p.read_bytes(), str(p), self.max_pixels)
-        return self._cache[image_id]
-
-    def synthetic(self, blob: str):
-        return decode_image(self.blobs.get(blob), f"blob {blob}")
-
-    def tensor(self, blob: str):
-        return tensor_from_bytes(self.blobs.get(blob))
-
-
-def to_tensor(images: list, size: int):
-    """PIL images -> float tensor [N,3,size,size] in [0,1] (bilinear resize)."""
-    import torch
-    from PIL import Image
-
-    arr = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32) for im in images]) / 255.0
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
-
-
-def label_index(class_names: list[str]) -> dict[str, int]:
-    return {c: i for i, c in enumerate(class_names)}
-
-
-# ---------------------------------------------------------------- concepts (textual inversion)
-def learn_concepts(
-    split: pd.DataFrame,
-    *,
-    images: ImageSource,
-    blobs: BlobStore,
-    memo: Memo,
-    model_fp: str,
-    bundle_factory: Callable[[], Any],
-    steps: int,
-    lr: float,
-    batch_size: int,
-    init_word: str,
-    seed: int,
-    checkpoint_dir: Path,
-    checkpoint_every: int = 50,
-    progress: bool = False,
-) -> tuple[list[dict], StageStats]:
-    """One textual-inversion token per class; a class whose train images did not change is reused."""
-    t0 = time.perf_counter()
-    stats = StageStats()
-    train = split[split["role"] == "train"]
-    rows = []
-    for label, grp in sorted(train.groupby("label"), key=lambda kv: kv[0]):
-        ids = sorted(grp["image_id"])
-        token = concept_token(label)
-        params = {"steps": steps, "lr": lr, "batch_size": batch_size, "init_word": init_word, "token": token}
-        key = memo_key("concept_embeddings", CONCEPT_VERSION, model=model_fp, params=params, inputs=ids, seed=seed)
-        rec = memo.get(key)
-        if rec is None or not blobs.exists(rec["blob"]):
-            from .concepts import learn_concept
-
-            res = learn_concept(bundle_factory(), [images.real(i) for i in ids], token=token, init_word=init_word,
-                                steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-                                checkpoint_path=checkpoint_dir / f"{key}.pt", checkpoint_every=checkpoint_every,
-                                progress=progress)
-            digest = blobs.put(tensor_bytes(res.vector), "safetensors")
-            losses = [float(x) for x in res.losses]
-            k = max(1, len(losses) // 10)
-            rec = {"blob": digest, "first_loss": float(np.mean(losses[:k])), "last_loss": float(np.mean(losses[-k:])),
-                   "steps": int(res.steps_done), "resumed_from": int(getattr(res, "resumed_from", 0)),
-                   "vector_norm": float(res.vector.norm()), "moved": float((res.vector - res.init_vector).norm())}
-            rec = memo.put(key, rec)
-            ck = checkpoint_dir / f"{key}.pt"
-            if ck.exists():
-                ck.unlink()
-            stats.computed += 1
-            reused = False
-        else:
-            stats.reused += 1
-            reused = True
-        rows.append({"label": label, "token": token, "variant": "base", "embedding_id": rec["blob"],
-                     "first_loss": rec["first_loss"], "last_loss": rec["last_loss"], "steps": rec["steps"],
-                     "vector_norm": rec.get("vector_norm"), "moved": rec.get("moved"),
-                     "train_image_ids": ids, "model_fingerprint": model_fp, "memo_key": key, "reused": reused})
-    stats.seconds = time.perf_counter() - t0
-    return rows, stats
-
-
-# ---------------------------------------------------------------- classifiers
 def _train_cfg(training, classifier_cfg, seed: int, device: str):
-    from ..training.classifier import TrainConfig
+    from .classifier import TrainConfig
 
     return TrainConfig(
         backbone=classifier_cfg.source, freeze_backbone=classifier_cfg.freeze_backbone, epochs=training.epochs,
@@ -231,7 +95,7 @@ def train_classifier_stage(
     else:
         import torch
 
-        from ..training.classifier import predict_logits, save_classifier, train_classifier
+        from .classifier import predict_logits, save_classifier, train_classifier
 
         size = training.image_size
         rx = to_tensor([images.real(i) for i in train["image_id"]], size)
@@ -250,7 +114,7 @@ def train_classifier_stage(
         val_confusion = None
         if fit_temperature:
             from ..metrics import confusion_matrix
-            from ..training.temperature import fit_temperature as fit_t, nll
+            from .temperature import fit_temperature as fit_t, nll
 
             logits = predict_logits(res.model, vx)
             val_confusion = json.dumps(np.asarray(confusion_matrix(logits.argmax(1), vy, len(classes))).tolist())
@@ -273,7 +137,7 @@ def train_classifier_stage(
 
 @lru_cache(maxsize=16)
 def _load_classifier_cached(blob_path: str):
-    from ..training.classifier import load_classifier
+    from .classifier import load_classifier
 
     return load_classifier(Path(blob_path).read_bytes())
 
@@ -289,7 +153,7 @@ def evaluate(model, meta, images: ImageSource, rows: pd.DataFrame, image_size: i
     import torch
 
     from ..metrics import accuracy, confusion_matrix, per_class_accuracy
-    from ..training.classifier import predict_logits
+    from .classifier import predict_logits
 
     classes = meta["classes"]
     idx = label_index(classes)
@@ -322,7 +186,7 @@ def confidence_weights(
     import torch
 
     from ..methods.standard_aug import augment_images
-    from ..training.classifier import predict_logits
+    from .classifier import predict_logits
 
     model, meta = load_classifier_blob(blobs, classifier_rec["blob"])
     T = float(meta.get("temperature", 1.0))
@@ -351,63 +215,3 @@ def weight_rule(q: np.ndarray, rule: str) -> np.ndarray:
     if rule == "none":
         return np.ones_like(q)
     raise ValueError(f"unknown weighting rule {rule!r}: use none | paper | code")
-
-
-# ---------------------------------------------------------------- DIAGen embedding noise
-def noisy_vector(base, sigma: float, noise_seed: int):
-    """S* + σ·ε with ε ~ N(0, I) drawn from ``noise_seed`` (float32). Shared by the fixed draws below and by
-    DIAGen's ``resample_per_image`` option, where the runner applies it per unit."""
-    import torch
-
-    g = torch.Generator().manual_seed(int(noise_seed))
-    eps = torch.randn(base.shape, generator=g, dtype=torch.float32)
-    return base.float() + float(sigma) * eps
-
-
-def noise_variants(base_rows: list[dict], *, blobs: BlobStore, sigmas: list[float], seed: int) -> list[dict]:
-    """DIAGen (METHODS §2a): S_v = S* + σ·ε, ε ~ N(0, I), one fixed draw per σ per class, stored as extra
-    concept vectors (tokens ``<cls_σ>``). Deterministic in (seed, class, σ)."""
-    from ..util import stable_int
-
-    out = []
-    for r in base_rows:
-        base = tensor_from_bytes(blobs.get(r["embedding_id"]))
-        for sigma in sigmas:
-            v = noisy_vector(base, sigma, stable_int("diagen-noise", seed, r["label"], float(sigma), 0))
-            digest = blobs.put(tensor_bytes(v), "safetensors")
-            out.append({**r, "variant": "noise", "token": f"{r['token'][:-1]}_{sigma}>", "embedding_id": digest,
-                        "sigma": float(sigma), "draw": 0, "base_embedding_id": r["embedding_id"],
-                        "noise_norm": float((v - base.float()).norm()), "reused": r["reused"]})
-    return out
-
-
-# ---------------------------------------------------------------- services for post-filters
-class FilterServices:
-    """What a method's post_filter may use: images, classifier features, CLIP zero-shot."""
-
-    def __init__(self, images: ImageSource, blobs: BlobStore, image_size: int, clip_factory: Callable[[], Any] | None = None):
-        self.images, self.blobs, self.image_size, self.clip_factory = images, blobs, image_size, clip_factory
-
-    def real_image(self, image_id: str):
-        return self.images.real(image_id)
-
-    def synthetic_image(self, blob: str):
-        return self.images.synthetic(blob)
-
-    def classifier_features(self, classifier_blob: str, pil_images: list) -> np.ndarray:
-        """L2-normalised penultimate features of a stored classifier."""
-        import torch
-
-        from ..training.classifier import extract_features
-
-        model, _ = load_classifier_blob(self.blobs, classifier_blob)
-        with torch.no_grad():
-            f = extract_features(model, to_tensor(pil_images, self.image_size))
-        f = torch.nn.functional.normalize(f.float(), dim=1)
-        return f.numpy()
-
-    def clip_zero_shot(self, pil_images: list, class_names: list[str], template: str = "a photo of a {}") -> np.ndarray:
-        """Softmax over class prompts of CLIP image-text similarity, [N, C]."""
-        from ..models.clip_ops import zero_shot_probs
-
-        return zero_shot_probs(self.clip_factory(), pil_images, [template.format(c) for c in class_names])

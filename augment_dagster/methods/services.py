@@ -1,0 +1,41 @@
+"""What a method's post_filter may use (no Dagster): images, a stored classifier's features, CLIP zero-shot."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from ..data.images import ImageSource, to_tensor
+from ..store import BlobStore
+
+
+class FilterServices:
+    """What a method's post_filter may use: images, classifier features, CLIP zero-shot."""
+
+    def __init__(self, images: ImageSource, blobs: BlobStore, image_size: int, clip_factory: Callable[[], Any] | None = None):
+        self.images, self.blobs, self.image_size, self.clip_factory = images, blobs, image_size, clip_factory
+
+    def real_image(self, image_id: str):
+        return self.images.real(image_id)
+
+    def synthetic_image(self, blob: str):
+        return self.images.synthetic(blob)
+
+    def classifier_features(self, classifier_blob: str, pil_images: list) -> np.ndarray:
+        """L2-normalised penultimate features of a stored classifier."""
+        import torch
+
+        from ..training.classifier import extract_features
+        from ..training.stage import load_classifier_blob
+
+        model, _ = load_classifier_blob(self.blobs, classifier_blob)
+        with torch.no_grad():
+            f = extract_features(model, to_tensor(pil_images, self.image_size))
+        f = torch.nn.functional.normalize(f.float(), dim=1)
+        return f.numpy()
+
+    def clip_zero_shot(self, pil_images: list, class_names: list[str], template: str = "a photo of a {}") -> np.ndarray:
+        """Softmax over class prompts of CLIP image-text similarity, [N, C]."""
+        from ..models.clip_ops import zero_shot_probs
+
+        return zero_shot_probs(self.clip_factory(), pil_images, [template.format(c) for c in class_names])
