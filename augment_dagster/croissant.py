@@ -138,7 +138,8 @@ def write(out: Path, **kw) -> Path:
 
 
 def hf_card(classes: list[str], title: str, body: str) -> str:
-    """README.md with the Hugging Face YAML header: the ``features`` (``label`` a ClassLabel in class order)."""
+    """README.md with the Hugging Face YAML header: the ``features`` (``label`` a ClassLabel in class order), so
+    ``datasets.load_dataset(<export dir>)`` yields integer labels."""
     import yaml
 
     feats: list[dict[str, Any]] = [{"name": "image", "dtype": "image"}]
@@ -151,7 +152,8 @@ def hf_card(classes: list[str], title: str, body: str) -> str:
             feats.append({"name": c, "list": _HF_DTYPES[typ]})
         else:
             feats.append({"name": c, "dtype": _HF_DTYPES[typ]})
-    header = {"configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "train/**"}]}],
+    # features in the config entry: the local folder builder casts with them (dataset_info alone is what the Hub shows)
+    header = {"configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "train/**"}], "features": feats}],
               "dataset_info": {"features": feats}, "tags": ["synthetic", "croissant"]}
     return f"---\n{yaml.safe_dump(header, sort_keys=False)}---\n\n# {title}\n\n{body}\n"
 
