@@ -15,6 +15,8 @@ The export folder (``augment export``) is a Hugging Face imagefolder: ``train/<l
 """
 from __future__ import annotations
 
+import copy
+import datetime
 import hashlib
 import json
 from pathlib import Path
@@ -121,6 +123,7 @@ def build_metadata(out: Path, *, name: str, description: str, classes: list[str]
     extra = {"prov:wasGeneratedBy": activity, "prov:wasDerivedFrom": derived_from}
     return mlc.Metadata(
         ctx=ctx, name=name, description=description, version=version, cite_as=cite_as, url=url,
+        date_published=datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0),
         license=[license] if license else None, keywords=["synthetic data", "data augmentation", "few-shot", "diffusion"],
         distribution=distribution, record_sets=[label_enum, images, records], extra_properties=extra, **rai)
 
@@ -153,7 +156,8 @@ def hf_card(classes: list[str], title: str, body: str) -> str:
         else:
             feats.append({"name": c, "dtype": _HF_DTYPES[typ]})
     # features in the config entry: the local folder builder casts with them (dataset_info alone is what the Hub shows)
-    header = {"configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "train/**"}], "features": feats}],
+    header = {"configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "train/**"}],
+                           "features": copy.deepcopy(feats)}],  # a copy: no YAML anchors in the card
               "dataset_info": {"features": feats}, "tags": ["synthetic", "croissant"]}
     return f"---\n{yaml.safe_dump(header, sort_keys=False)}---\n\n# {title}\n\n{body}\n"
 

@@ -62,11 +62,11 @@ def run(tmp_path_factory):
             os.environ[k] = v
 
 
-def export(cfg_path, method, out, with_real=False):
+def export(cfg_path, method, out, *extra):
     from augment_dagster.cli import main
 
-    args = ["export", "--config", str(cfg_path), "--method", method, "--split", SPLIT, "--out", str(out)]
-    assert main(args + (["--with-real"] if with_real else [])) == 0
+    args = ["export", "--config", str(cfg_path), "--method", method, "--split", SPLIT, "--out", str(out), *extra]
+    assert main(args) == 0
     return [json.loads(x) for x in (out / "train" / "metadata.jsonl").read_text().splitlines()]
 
 
@@ -134,12 +134,16 @@ def test_export_validates_with_mlcroissant(run, tmp_path, method):
 
 @pytest.mark.slow
 def test_export_with_real_loads_with_datasets_classlabel(run, tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets
+
     cfg, cfg_path, data, meta, versions = run
     out = tmp_path / "dafusion"
-    lines = export(cfg_path, "dafusion", out, with_real=True)
+    lines = export(cfg_path, "dafusion", out, "--with-real", "--license", "https://spdx.org/licenses/CC-BY-4.0.html")
     assert {l["synthetic"] for l in lines} == {True, False}
     check_croissant(out, lines, "dafusion")
+    assert json.loads((out / "croissant.json").read_text())["license"] == "https://spdx.org/licenses/CC-BY-4.0.html"
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "&id" not in card  # plain YAML header, no anchors
     ds = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf-cache"))
     feat = ds.features["label"]
     assert isinstance(feat, datasets.ClassLabel) and feat.names == ["circle", "square", "star"]
