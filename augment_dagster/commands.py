@@ -99,7 +99,8 @@ def relog(cfg: ExperimentConfig) -> int:
                 tags={"augment.experiment": cfg.experiment, "augment.method": r["method"], "dagster.partition": r["split"],
                       "augment.classifier_blob": r["classifier_blob"]},
                 find_existing={"augment.classifier_blob": r["classifier_blob"], "augment.method": r["method"],
-                               "dagster.partition": r["split"]})
+                               "dagster.partition": r["split"]},
+                datasets=_training_datasets(cfg, r["method"], r["split"]))
             if rid:
                 df.at[i, "mlflow_run_id"] = rid
                 df.at[i, "mlflow_error"] = ""
@@ -114,6 +115,24 @@ def relog(cfg: ExperimentConfig) -> int:
             write_manifest(p, df)
     print(f"relogged {n_ok} run(s); {n_fail} still failing")
     return 0 if n_fail == 0 else 1
+
+
+def _training_datasets(cfg: ExperimentConfig, method: str, split: str) -> list:
+    """The MLflow dataset inputs of a classifier run rebuilt from the manifests (for ``--relog``): the real split and,
+    except for real_only, the synthetic set, with the data versions the Dagster instance recorded."""
+    from .resources import DatasetRef
+    from .store.manifests import manifest_version
+
+    refs = []
+    for path in (["few_shot_split"], ["synthetic", method]):
+        p = manifest_path(cfg.resolved_data_dir(), [cfg.experiment, *path], split)
+        if not p.exists():
+            continue
+        df = read_manifest(p)
+        rec = _materialization(cfg, path, split) or {}
+        refs.append(DatasetRef(name=f"{cfg.experiment}/{'/'.join(path)}[{split}]", digest=rec.get("data_version") or manifest_version(df),
+                               source=str(p.resolve()), df=df))
+    return refs
 
 
 def export(cfg: ExperimentConfig, args) -> int:

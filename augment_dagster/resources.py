@@ -125,7 +125,10 @@ class MlflowTracker(dg.ConfigurableResource):
             for i in range(0, max(len(plist), 1), 100):
                 client.log_batch(rid, metrics=mlist if i == 0 else [], params=plist[i:i + 100], tags=[])
             if datasets:
-                client.log_inputs(rid, datasets=[d.to_mlflow_input() for d in datasets])
+                try:
+                    client.log_inputs(rid, datasets=[d.to_mlflow_input() for d in datasets])
+                except Exception as e:  # noqa: BLE001 - the metrics are logged; say on the run why inputs are missing
+                    client.set_tag(rid, "augment.dataset_inputs_error", f"{type(e).__name__}: {str(e)[:300]}")
             with tempfile.TemporaryDirectory() as td:
                 for name, data in (artifacts or {}).items():
                     if not data:

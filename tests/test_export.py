@@ -176,3 +176,48 @@ def test_classifier_run_has_two_dataset_inputs(run):
         assert any(str(v).endswith(f"{SPLIT}.parquet") for v in src.values())
     base = client.get_run(meta[f"exp19/metrics/real_only[{SPLIT}]"]["mlflow_run_id"]).inputs.dataset_inputs
     assert [i.dataset.name for i in base] == [real]  # real_only trained on the real split only
+
+
+@pytest.mark.slow
+def test_relog_logs_the_same_dataset_inputs(run, capsys):
+    """`augment report --relog` (a run that never reached MLflow) logs the same two inputs, rebuilt from manifests."""
+    from augment_dagster.cli import main
+    from augment_dagster.resources import MlflowTracker
+
+    cfg, cfg_path, data, meta, versions = run
+    client = MlflowTracker(default_root=str(data / "mlflow")).client()
+    p = data / "manifests" / "exp19" / "metrics" / "diagen" / f"{SPLIT}.parquet"
+    df = pd.read_parquet(p)
+    client.delete_run(df.loc[0, "mlflow_run_id"])  # as if logging had failed: no run, the row marked failed
+    df.loc[0, "mlflow_run_id"], df.loc[0, "mlflow_error"] = "", "ConnectionError: down"
+    df.to_parquet(p, index=False)
+    assert main(["report", "--config", str(cfg_path), "--relog"]) == 0
+    assert "relogged 1 run(s)" in capsys.readouterr().out
+    rid = pd.read_parquet(p).loc[0, "mlflow_run_id"]
+    got = {i.dataset.name: i.dataset.digest for i in client.get_run(rid).inputs.dataset_inputs}
+    names = [f"exp19/few_shot_split[{SPLIT}]", f"exp19/synthetic/diagen[{SPLIT}]"]
+    assert got == {n: versions[n] for n in names}
+
+
+def test_dataset_inputs_failure_keeps_the_run(tmp_path, monkeypatch):
+    """A data set that MLflow cannot take never costs the run its metrics: the run finishes, a tag says why."""
+    from augment_dagster.resources import DatasetRef, MlflowTracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    t = MlflowTracker(default_root=str(tmp_path / "mlflow"))
+    ok = DatasetRef(name="e/few_shot_split[1shot-s0]", digest="abc123", source=str(tmp_path / "s.parquet"),
+                    df=pd.DataFrame({"image_id": ["a", "b"], "guide_ids": [["x"], ["y", "z"]]}))
+    rid, err = t.log_run("e", "m/1shot-s0", params={"p": 1}, metrics={"acc_id": 0.5}, tags={}, datasets=[ok])
+    assert err is None
+    (inp,) = t.client().get_run(rid).inputs.dataset_inputs
+    assert (inp.dataset.name, inp.dataset.digest) == ("e/few_shot_split[1shot-s0]", "abc123")
+    assert json.loads(inp.dataset.schema)  # list columns logged as JSON text, the schema inferred
+
+    def boom(self):
+        raise ValueError("cannot infer schema")
+
+    monkeypatch.setattr(DatasetRef, "to_mlflow_input", boom)
+    rid, err = t.log_run("e", "m/1shot-s0", params={"p": 1}, metrics={"acc_id": 0.5}, tags={}, datasets=[ok])
+    r = t.client().get_run(rid)
+    assert err is None and r.data.metrics["acc_id"] == 0.5 and r.info.status == "FINISHED"
+    assert "cannot infer schema" in r.data.tags["augment.dataset_inputs_error"] and not r.inputs.dataset_inputs
