@@ -123,7 +123,7 @@ def build_metadata(out: Path, *, name: str, description: str, classes: list[str]
     extra = {"prov:wasGeneratedBy": activity, "prov:wasDerivedFrom": derived_from}
     return mlc.Metadata(
         ctx=ctx, name=name, description=description, version=version, cite_as=cite_as, url=url,
-        date_published=datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0),
+        date_published=datetime.datetime.now(datetime.UTC).replace(microsecond=0),
         license=[license] if license else None, keywords=["synthetic data", "data augmentation", "few-shot", "diffusion"],
         distribution=distribution, record_sets=[label_enum, images, records], extra_properties=extra, **rai)
 

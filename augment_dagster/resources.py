@@ -7,8 +7,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import dagster as dg
 import pandas as pd
@@ -98,7 +99,7 @@ class MlflowTracker(dg.ConfigurableResource):
     def log_run(self, experiment: str, run_name: str, *, params: dict[str, Any], metrics: dict[str, float],
                 tags: dict[str, str], artifacts: dict[str, bytes] | None = None, model=None,
                 model_name: str = "classifier", find_existing: dict[str, str] | None = None,
-                datasets: list["DatasetRef"] | None = None) -> tuple[str | None, str | None]:
+                datasets: list[DatasetRef] | None = None) -> tuple[str | None, str | None]:
         """Log one run; returns (run_id, error). ``find_existing`` tags identify a run to update instead of
         creating a duplicate (reruns of the same asset partition + data version). ``datasets`` are logged as
         the run's MLflow dataset inputs (``mlflow.data`` datasets with name, digest and source)."""

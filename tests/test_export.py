@@ -112,7 +112,7 @@ def check_croissant(out: Path, lines: list[dict], method: str):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["standard", "real_guidance", "dafusion", "diagen", "diff_ii", "genie", "sgid"])
 def test_export_validates_with_mlcroissant(run, tmp_path, method):
-    cfg, cfg_path, data, meta, versions = run
+    _, cfg_path, data, _, versions = run
     out = tmp_path / method
     lines = export(cfg_path, method, out)
     syn = [l for l in lines if l["synthetic"]]
@@ -136,7 +136,7 @@ def test_export_validates_with_mlcroissant(run, tmp_path, method):
 def test_export_with_real_loads_with_datasets_classlabel(run, tmp_path):
     import datasets
 
-    cfg, cfg_path, data, meta, versions = run
+    cfg_path = run[1]
     out = tmp_path / "dafusion"
     lines = export(cfg_path, "dafusion", out, "--with-real", "--license", "https://spdx.org/licenses/CC-BY-4.0.html")
     assert {l["synthetic"] for l in lines} == {True, False}
@@ -161,7 +161,7 @@ def test_classifier_run_has_two_dataset_inputs(run):
 
     from augment_dagster.resources import MlflowTracker
 
-    cfg, cfg_path, data, meta, versions = run
+    _, _, data, meta, versions = run
     client = MlflowTracker(default_root=str(data / "mlflow")).client()
     run_id = meta[f"exp19/metrics/dafusion[{SPLIT}]"]["mlflow_run_id"]
     assert isinstance(client, MlflowClient) and run_id
@@ -184,7 +184,7 @@ def test_relog_logs_the_same_dataset_inputs(run, capsys):
     from augment_dagster.cli import main
     from augment_dagster.resources import MlflowTracker
 
-    cfg, cfg_path, data, meta, versions = run
+    _, cfg_path, data, _, versions = run
     client = MlflowTracker(default_root=str(data / "mlflow")).client()
     p = data / "manifests" / "exp19" / "metrics" / "diagen" / f"{SPLIT}.parquet"
     df = pd.read_parquet(p)
