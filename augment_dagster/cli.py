@@ -171,12 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--relog", action="store_true")
     sp.set_defaults(fn=lambda a: _lazy("report", a))
 
-    sp = sub.add_parser("export", help="export a synthetic set as a Hugging Face imagefolder with metadata.jsonl")
+    sp = sub.add_parser("export", help="export a synthetic set as a Hugging Face imagefolder with metadata.jsonl "
+                                          "and croissant.json (Croissant 1.1 + PROV-O lineage)")
     common(sp)
     sp.add_argument("--method", required=True)
     sp.add_argument("--split", required=True)
     sp.add_argument("--out", required=True)
     sp.add_argument("--with-real", action="store_true")
+    sp.add_argument("--license", help="license of the exported set for croissant.json (URL or SPDX id)")
     sp.set_defaults(fn=lambda a: _lazy("export", a))
 
     args = p.parse_args(argv)

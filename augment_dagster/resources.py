@@ -4,8 +4,10 @@ Kept free of torch imports; MLflow is imported when first used.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -96,9 +98,11 @@ class MlflowTracker(dg.ConfigurableResource):
 
     def log_run(self, experiment: str, run_name: str, *, params: dict[str, Any], metrics: dict[str, float],
                 tags: dict[str, str], artifacts: dict[str, bytes] | None = None, model=None,
-                model_name: str = "classifier", find_existing: dict[str, str] | None = None) -> tuple[str | None, str | None]:
+                model_name: str = "classifier", find_existing: dict[str, str] | None = None,
+                datasets: list[DatasetRef] | None = None) -> tuple[str | None, str | None]:
         """Log one run; returns (run_id, error). ``find_existing`` tags identify a run to update instead of
-        creating a duplicate (reruns of the same asset partition + data version)."""
+        creating a duplicate (reruns of the same asset partition + data version). ``datasets`` are logged as
+        the run's MLflow dataset inputs (``mlflow.data`` datasets with name, digest and source)."""
         if not self.enabled:
             return None, "mlflow disabled in config"
         try:
@@ -121,6 +125,11 @@ class MlflowTracker(dg.ConfigurableResource):
             mlist = [Metric(k[:250], float(v), now, 0) for k, v in sorted(metrics.items()) if v is not None and v == v]
             for i in range(0, max(len(plist), 1), 100):
                 client.log_batch(rid, metrics=mlist if i == 0 else [], params=plist[i:i + 100], tags=[])
+            if datasets:
+                try:
+                    client.log_inputs(rid, datasets=[d.to_mlflow_input() for d in datasets])
+                except Exception as e:  # noqa: BLE001 - the metrics are logged; say on the run why inputs are missing
+                    client.set_tag(rid, "augment.dataset_inputs_error", f"{type(e).__name__}: {str(e)[:300]}")
             with tempfile.TemporaryDirectory() as td:
                 for name, data in (artifacts or {}).items():
                     if not data:
@@ -144,3 +153,53 @@ class MlflowTracker(dg.ConfigurableResource):
             return rid, None
         except Exception as e:  # noqa: BLE001 - tracking must never fail the asset
             return None, f"{type(e).__name__}: {str(e)[:300]}"
+
+
+@dataclasses.dataclass
+class DatasetRef:
+    """One data set a run consumed, as MLflow logs it: ``name``, ``digest`` (the Dagster data version of the
+    asset partition), ``source`` (its manifest path) and the manifest itself (MLflow derives schema/profile)."""
+
+    name: str
+    digest: str
+    source: str
+    df: pd.DataFrame
+    context: str = "training"
+
+    def to_mlflow_input(self):
+        import mlflow.data
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        # list-valued lineage columns (guide ids, concepts) have no MLflow column type: log them as JSON text
+        df = self.df.map(lambda v: v if isinstance(v, (str, int, float, bool, type(None))) else _json(v))
+        ds = mlflow.data.from_pandas(df, source=self.source, name=self.name, digest=self.digest)
+        return DatasetInput(dataset=ds._to_mlflow_entity(), tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=self.context)])
+
+
+def _json(v) -> str:
+    import json
+
+    return json.dumps(v.tolist() if hasattr(v, "tolist") else v, default=str)
+
+
+def asset_datasets(context: dg.AssetExecutionContext, root: str | os.PathLike,
+                   inputs: Mapping[dg.AssetKey, pd.DataFrame], purpose: str = "training") -> list[DatasetRef]:
+    """The upstream manifests of a partitioned asset as MLflow dataset refs, each with the data version Dagster
+    recorded for that upstream partition (falls back to the manifest's content hash, which ``output`` uses)."""
+    from .store.manifests import manifest_version
+
+    pk = context.partition_key if context.has_partition_key else None
+    refs = []
+    for key, df in inputs.items():
+        version = None
+        try:
+            flt = dg.AssetRecordsFilter(asset_key=key, asset_partitions=[pk] if pk else None)
+            recs = context.instance.fetch_materializations(flt, limit=1).records
+            if recs:
+                version = (recs[0].asset_materialization.tags or {}).get("dagster/data_version")
+        except Exception:  # noqa: BLE001 - an instance without event records still gets the content hash
+            version = None
+        refs.append(DatasetRef(name=key.to_user_string() + (f"[{pk}]" if pk else ""), digest=version or manifest_version(df),
+                               source=str(manifest_path(root, key.path, pk).resolve()), df=df, context=purpose))
+    return refs

@@ -8,7 +8,7 @@ import pandas as pd
 
 from ..config import parse_split_key
 from ..methods.registry import get_method, method_params
-from ..resources import MlflowTracker
+from ..resources import MlflowTracker, asset_datasets
 from .common import CONTENT_AUTOMATION, Experiment, image_source, md_table, output
 
 REAL_ONLY = "real_only"
@@ -225,6 +225,8 @@ def build_metrics(exp: Experiment, name: str, clf_key: dg.AssetKey, synth_key: d
                                     **{f"acc_id_{c}": v for c, v in res["test"]["per_class"].items()}},
             tags=tags, artifacts=artifacts, model=model if cfg.mlflow.log_models else None,
             find_existing={"augment.classifier_blob": rec["blob"], "augment.method": name, "dagster.partition": context.partition_key},
+            datasets=asset_datasets(context, exp.data_dir, {exp.key("few_shot_split"): split,
+                                                            **({synth_key: synthetic} if synthetic is not None else {})}),
         )
         row["mlflow_run_id"] = run_id or ""
         row["mlflow_error"] = err or ""
