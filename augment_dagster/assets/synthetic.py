@@ -34,19 +34,23 @@ def compute_synthetic(exp: Experiment, name: str, partition_key: str, split: pd.
     from ..methods.base import MethodInputs
     from ..methods.runner import run_units
 
+    from ..methods.protocol import apply_protocol, resolve_protocol
+
     cfg = exp.cfg
     spec, params = _spec_and_params(exp, name)
     _, seed = parse_split_key(partition_key)
     g = cfg.generation
+    proto = resolve_protocol(cfg, name)
     images = image_source(exp, split)
     inputs = MethodInputs(
-        method=name, split=split, params=params,
-        images_per_real=params.images_per_real or g.images_per_real,
-        guidance_scale=params.guidance_scale if params.guidance_scale is not None else g.guidance_scale,
-        steps=params.steps or g.steps, seed=cfg.seed * 1000 + seed, metaclass=cfg.dataset.metaclass,
-        negative_prompt=g.negative_prompt, extra={"load_tensor": images.tensor}, **upstream,
+        method=name, split=split, params=params, images_per_real=proto.images_per_real,
+        guidance_scale=proto.guidance_scale, steps=proto.steps, seed=cfg.seed * 1000 + seed,
+        metaclass=cfg.dataset.metaclass, negative_prompt=g.negative_prompt, protocol=proto,
+        extra={"load_tensor": images.tensor}, **upstream,
     )
     units = spec.plan(inputs)
+    if spec.uses_diffusion:
+        apply_protocol(units, proto)
     model_fp = diffusion_fingerprint(exp) if spec.uses_diffusion else ""
     rows, stats = run_units(
         spec, name, units, blobs=exp.blobs, memo=exp.memo(), model_fp=model_fp, load_image=images.real,
@@ -70,6 +74,8 @@ def compute_synthetic(exp: Experiment, name: str, partition_key: str, split: pd.
         "gpu_seconds": dg.MetadataValue.float(round(stats.compute_seconds, 3)),
         "images": dg.MetadataValue.int(len(df)),
         "diffusion": dg.MetadataValue.bool(spec.uses_diffusion),
+        **({"protocol": dg.MetadataValue.json({**{k: v for k, v in proto.as_dict().items() if k != "sources"},
+                                                "sources": proto.sources})} if spec.uses_diffusion else {}),
         "per_class": dg.MetadataValue.json(df.groupby("label").size().to_dict()),
     }
     if filter_md:

@@ -16,12 +16,13 @@ from ..util import hash_obj
 from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit
 from .baselines import unit_seed
 from .interpolation import angle, sample_alpha
+from .protocol import Protocol
 
 
 class DiffIIParams(MethodParams):
-    expansion_rate: int = Field(5, ge=1, description="synthetic images per real image of a class")
+    expansion_rate: int | None = Field(None, ge=1, description="synthetic images per real image of a class "
+                                                                "(None: the resolved M, paper 5)")
     split_ratio: float = Field(0.3, ge=0.0, le=1.0, description="s: suffixed prompt for t >= 1000(1-s)")
-    steps: int | None = Field(25, ge=1)
     use_concepts: bool = Field(True, description="TI tokens + shared LoRA (else the class name and the base UNet)")
     interpolation: bool = Field(True, description="start from the circle interpolation (else from one inverted latent)")
     suffixes: bool = Field(True, description="use LLM/caption suffixes")
@@ -38,6 +39,7 @@ def plan(inputs: MethodInputs) -> list[SynthUnit]:
     lora_blob = lora[lora["kind"] == "lora"]["blob"].iloc[0] if p.use_concepts else None
     suffixes = list(suf.sort_values("idx")["suffix"]) if p.suffixes and len(suf) else []
     switch_t = int(1000 * (1.0 - p.split_ratio))
+    rate = p.expansion_rate or inputs.images_per_real
     units = []
     for label, grp in inputs.train.groupby("label", sort=True):
         if p.use_concepts and label not in tokens:
@@ -48,7 +50,7 @@ def plan(inputs: MethodInputs) -> list[SynthUnit]:
         pool = inv[inv["label"] == label].sort_values("image_id")
         lat = dict(zip(pool["image_id"], pool["latent_blob"]))
         ids = [i for i in grp["image_id"] if i in lat]
-        for i in range(p.expansion_rate * len(grp)):
+        for i in range(rate * len(grp)):
             seed = unit_seed(inputs, label, i)
             rng = random.Random(hash_obj("diffii", seed))
             suffix = rng.choice(suffixes) if suffixes else ""
@@ -79,5 +81,8 @@ def plan(inputs: MethodInputs) -> list[SynthUnit]:
 
 SPECS = (
     MethodSpec("diff_ii", "1", "Diff-II: circle interpolation of DDIM-inverted latents + two-stage suffix denoising with TI+LoRA concepts",
-               DiffIIParams, plan, needs=("concept_lora", "inversion_pool", "prompt_suffixes")),
+               DiffIIParams, plan, needs=("concept_lora", "inversion_pool", "prompt_suffixes"),
+               protocol=Protocol(scheduler="ddim", steps=25, guidance_scale=7.5, images_per_real=5,
+                                 note="SD v1-5 + TI/LoRA; start = circle interpolation of DDIM inversions "
+                                      "(inversion.steps, paper 200, at g 1); M = expansion rate per class-image")),
 )

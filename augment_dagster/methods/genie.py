@@ -19,6 +19,7 @@ from pydantic import Field, field_validator
 
 from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit
 from .baselines import unit_seed
+from .protocol import Protocol
 
 
 def select_ratio(projections: Sequence[float], ratios: Sequence[float]) -> int:
@@ -45,7 +46,8 @@ def projection(z: np.ndarray, z_source: np.ndarray, z_target: np.ndarray) -> np.
 
 
 class GenieParams(MethodParams):
-    ratio: float = Field(0.8, ge=0.0, le=1.0, description="noise ratio r: noise to t=⌊1000r⌋, denoise the remaining steps")
+    ratio: float = Field(0.8, gt=0.0, le=1.0, description="noise ratio r in (0, 1]: noise to t=⌊1000r⌋, run the "
+                                                         "schedule's steps with t−1 ≤ 1000r (r > 0.999: pure noise)")
     sources: Literal["all", "confusion_topk"] = "all"
     topk: int = Field(4, ge=1, description="with sources=confusion_topk: the k most confused classes")
     prompt_template: str = "a photo of a {label}"
@@ -58,8 +60,8 @@ class GenieAdaParams(GenieParams):
     @field_validator("ratios")
     @classmethod
     def _ratios(cls, v):
-        if len(v) < 2 or any(not 0 <= r <= 1 for r in v) or sorted(v) != v or len(set(v)) != len(v):
-            raise ValueError("ratios must be >= 2 strictly increasing values in [0, 1]")
+        if len(v) < 2 or any(not 0 < r <= 1 for r in v) or sorted(v) != v or len(set(v)) != len(v):
+            raise ValueError("ratios must be >= 2 strictly increasing values in (0, 1]")
         return v
 
 
@@ -155,9 +157,15 @@ def post_filter_ada(rows: list[dict], inputs: MethodInputs, services) -> tuple[l
     return kept, {"candidates": len(rows), "kept": len(kept), "chosen_ratio_histogram": hist}
 
 
+GENIE_PROTOCOL = Protocol(scheduler="dpmsolver", steps=50, guidance_scale=7.5, start_rule="genie",
+                          note="SD v1-5, r 0.8: noise to t=800, the 40 steps with t−1 ≤ 800; sources: every train image "
+                               "of every other class")
+
 SPECS = (
     MethodSpec("genie", "1", "GeNIe: hard negatives — img2img of other classes' images with the target prompt at r=0.8",
-               GenieParams, plan_genie, needs=("real_classifier",)),
+               GenieParams, plan_genie, needs=("real_classifier",), protocol=GENIE_PROTOCOL),
     MethodSpec("genie_ada", "1", "GeNIe-Ada: per pair, the r in {.5,...,.9} just after the largest feature jump toward the target",
-               GenieAdaParams, plan_genie_ada, needs=("real_classifier",), post_filter=post_filter_ada),
+               GenieAdaParams, plan_genie_ada, needs=("real_classifier",), post_filter=post_filter_ada,
+               protocol=Protocol(scheduler="dpmsolver", steps=50, guidance_scale=7.5, start_rule="genie",
+                                 note="r grid {0.5,…,0.9} per pair, the r after the largest feature jump kept")),
 )
