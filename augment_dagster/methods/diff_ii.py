@@ -9,6 +9,7 @@ Ablations (paper table): use_concepts (TI+LoRA vs the plain class name), interpo
 from __future__ import annotations
 
 import random
+from typing import ClassVar
 
 from pydantic import Field
 
@@ -20,8 +21,10 @@ from .protocol import Protocol
 
 
 class DiffIIParams(MethodParams):
-    expansion_rate: int | None = Field(None, ge=1, description="synthetic images per real image of a class "
-                                                                "(None: the resolved M, paper 5)")
+    M_ALIAS: ClassVar[str] = "expansion_rate"  # methods/protocol.py: expansion_rate is this method's M
+    expansion_rate: int | None = Field(None, ge=1, description="synthetic images per real image of a class, i.e. "
+                                                                "this method's M (None: methods.<entry>.images_per_real, "
+                                                                "generation.images_per_real, paper 5)")
     split_ratio: float = Field(0.3, ge=0.0, le=1.0, description="s: suffixed prompt for t >= 1000(1-s)")
     use_concepts: bool = Field(True, description="TI tokens + shared LoRA (else the class name and the base UNet)")
     interpolation: bool = Field(True, description="start from the circle interpolation (else from one inverted latent)")
@@ -39,7 +42,7 @@ def plan(inputs: MethodInputs) -> list[SynthUnit]:
     lora_blob = lora[lora["kind"] == "lora"]["blob"].iloc[0] if p.use_concepts else None
     suffixes = list(suf.sort_values("idx")["suffix"]) if p.suffixes and len(suf) else []
     switch_t = int(1000 * (1.0 - p.split_ratio))
-    rate = p.expansion_rate or inputs.images_per_real
+    rate = p.expansion_rate or inputs.images_per_real  # the resolved M is expansion_rate when set (M_ALIAS)
     units = []
     for label, grp in inputs.train.groupby("label", sort=True):
         if p.use_concepts and label not in tokens:

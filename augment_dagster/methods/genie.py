@@ -157,7 +157,7 @@ def post_filter_ada(rows: list[dict], inputs: MethodInputs, services) -> tuple[l
     return kept, {"candidates": len(rows), "kept": len(kept), "chosen_ratio_histogram": hist}
 
 
-GENIE_PROTOCOL = Protocol(scheduler="dpmsolver", steps=50, guidance_scale=7.5, start_rule="genie",
+GENIE_PROTOCOL = Protocol(scheduler="dpmsolver", steps=50, guidance_scale=7.5, start_rule="genie", count="(C−1)·K per class",
                           note="SD v1-5, r 0.8: noise to t=800, the 40 steps with t−1 ≤ 800; sources: every train image "
                                "of every other class")
 
@@ -167,5 +167,5 @@ SPECS = (
     MethodSpec("genie_ada", "1", "GeNIe-Ada: per pair, the r in {.5,...,.9} just after the largest feature jump toward the target",
                GenieAdaParams, plan_genie_ada, needs=("real_classifier",), post_filter=post_filter_ada,
                protocol=Protocol(scheduler="dpmsolver", steps=50, guidance_scale=7.5, start_rule="genie",
-                                 note="r grid {0.5,…,0.9} per pair, the r after the largest feature jump kept")),
+                                 count="5 candidates, 1 kept per (source, target)", note="r grid {0.5,…,0.9} per pair, the r after the largest feature jump kept")),
 )
