@@ -284,3 +284,20 @@ def test_resolution_per_request(core):
         core.generate_latents(reqs)
     with pytest.raises(ValueError, match="multiple of"):
         core.generate([dataclasses.replace(reqs[0], resolution=34)])
+
+
+def test_center_crop_preprocess_keeps_the_aspect(core):
+    from PIL import Image
+
+    wide = Image.new("RGB", (64, 32), (255, 0, 0))
+    wide.paste((0, 0, 255), (16, 0, 48, 32))  # blue centre square, red side bands
+    crop = np.asarray(GenerationCore.prepare_image(wide, 32, "center_crop"))
+    squash = np.asarray(GenerationCore.prepare_image(wide, 32, "resize"))
+    assert crop.shape == squash.shape == (32, 32, 3)
+    assert (crop[..., 2] == 255).all() and (crop[..., 0] == 0).all()  # only the centre survives, unsquashed
+    assert (squash[:, 0, 0] == 255).all()  # squashing keeps the red bands
+    reqs = [GenRequest("a photo of a circle", seed=1, init_image=wide, strength=0.5, num_inference_steps=4, preprocess=p)
+            for p in ("center_crop", "resize")]
+    z = core.generate_latents(reqs)
+    assert not torch.allclose(z[0], z[1], atol=1e-4)
+    torch.testing.assert_close(z[0], core.generate_latents(reqs[:1])[0], atol=1e-3, rtol=1e-3)  # batch of 2 vs 1

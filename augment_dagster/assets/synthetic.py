@@ -48,6 +48,13 @@ def compute_synthetic(exp: Experiment, name: str, partition_key: str, split: pd.
         metaclass=cfg.dataset.metaclass, negative_prompt=g.negative_prompt, protocol=proto,
         extra={"load_tensor": images.tensor}, **upstream,
     )
+    services = None
+    if spec.prepare is not None or spec.post_filter is not None:
+        from ..methods.services import FilterServices
+
+        services = FilterServices(images, exp.blobs, cfg.training.image_size, clip_factory=lambda: clip_bundle(exp))
+    if spec.prepare is not None:
+        inputs.extra.update(spec.prepare(inputs, services))
     units = spec.plan(inputs)
     if spec.uses_diffusion:
         apply_protocol(units, proto)
@@ -60,9 +67,6 @@ def compute_synthetic(exp: Experiment, name: str, partition_key: str, split: pd.
     )
     filter_md = {}
     if spec.post_filter is not None:
-        from ..methods.services import FilterServices
-
-        services = FilterServices(images, exp.blobs, cfg.training.image_size, clip_factory=lambda: clip_bundle(exp))
         rows, filter_md = spec.post_filter(rows, inputs, services)
     df = pd.DataFrame(rows, columns=None if rows else SYNTH_COLUMNS)
     df["split"] = partition_key

@@ -47,6 +47,7 @@ class SynthUnit:
     scheduler: str = "ddim"  # resolved sampler (methods/protocol.py)
     start_rule: str = "sdedit"  # img2img start: "sdedit" | "genie"
     resolution: int | None = None  # None = the model's native size
+    preprocess: str = "resize"  # init image -> square: "resize" | "center_crop"
     init_image_id: str | None = None
     init_latents_blob: str | None = None
     # Diff-II: start latents computed from stored ones, e.g. {"op": "circle", "z1": blob, "z2": blob, "alpha": a}
@@ -83,6 +84,7 @@ class SynthUnit:
             **({"scheduler": self.scheduler} if self.scheduler != "ddim" else {}),
             **({"start_rule": self.start_rule} if self.start_rule != "sdedit" else {}),
             **({"resolution": self.resolution} if self.resolution is not None else {}),
+            **({"preprocess": self.preprocess} if self.preprocess != "resize" else {}),
         }
 
 
@@ -136,6 +138,9 @@ class MethodSpec:
     default_alpha: float | None = None
     # the paper's generation protocol (sampler, steps, CFG, M, start rule); unset keys use the project default
     protocol: Protocol = PROJECT_DEFAULT
+    # optional, before plan: prepare(inputs, services) -> dict merged into inputs.extra (e.g. GeNIe's train
+    # confusion matrix); services: methods.services.FilterServices
+    prepare: Callable[..., dict] | None = None
 
     def __post_init__(self):
         bad = [n for n in self.needs if n not in STAGES]

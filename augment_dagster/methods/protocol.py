@@ -26,6 +26,7 @@ class Protocol:
     images_per_real: int | None = None
     resolution: int | None = None
     start_rule: str = "sdedit"
+    preprocess: str = "resize"  # init image -> square: "resize" (squash) | "center_crop" (Resize + CenterCrop)
     note: str = ""  # the rest of the paper protocol, for status / README (e.g. "inversion DDIM 200 at g 1")
     guidance: str | None = None  # set when the method computes g per image (SGID: "f(s*)"); the scale is then unused
     count: str | None = None  # set when M is not "per real image" (GeNIe: "(C−1)·K per class"); M is then unused
@@ -42,6 +43,7 @@ class ResolvedProtocol:
     images_per_real: int
     resolution: int | None
     start_rule: str
+    preprocess: str = "resize"
     sources: dict[str, str] = field(default_factory=dict)  # key -> where its value came from
     note: str = ""
     guidance: str | None = None
@@ -93,7 +95,7 @@ def resolve_protocol(cfg, entry_name: str) -> ResolvedProtocol:
     return ResolvedProtocol(
         scheduler=values["scheduler"], steps=int(values["steps"]), guidance_scale=float(values["guidance_scale"]),
         images_per_real=int(values["images_per_real"]), resolution=values["resolution"],
-        start_rule=spec.protocol.start_rule, sources=sources, note=spec.protocol.note,
+        start_rule=spec.protocol.start_rule, preprocess=spec.protocol.preprocess, sources=sources, note=spec.protocol.note,
         guidance=spec.protocol.guidance, count=spec.protocol.count,
     )
 
@@ -117,6 +119,7 @@ def apply_protocol(units, proto: ResolvedProtocol) -> None:
         u.scheduler = proto.scheduler
         u.resolution = proto.resolution
         u.start_rule = proto.start_rule if u.mode == "img2img" else "sdedit"
+        u.preprocess = proto.preprocess if u.mode == "img2img" else "resize"
 
 
 def protocol_lines(cfg) -> list[str]:

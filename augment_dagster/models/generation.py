@@ -58,6 +58,7 @@ SCHEDULERS = {
 }
 WEIGHTINGS = ("output", "input_embeddings")
 START_RULES = ("sdedit", "genie")
+PREPROCESS = ("resize", "center_crop")
 # what SD-1.x's scheduler_config.json sets and a scheduler class would not default to on its own
 _SD1_SCHEDULER_EXTRAS = {"pndm": {"skip_prk_steps": True}}
 
@@ -115,6 +116,7 @@ class GenRequest:
     scheduler: str | None = None  # one of SCHEDULERS; None = the core's default
     start_rule: str = "sdedit"  # img2img start: "sdedit" (diffusers img2img) | "genie" (⌊1000r⌋, skip t−1 > 1000r)
     resolution: int | None = None  # pixels (square); None = the bundle's resolution
+    preprocess: str = "resize"  # init image -> square: "resize" (squash, DA-Fusion) | "center_crop" (GeNIe: Resize + CenterCrop)
 
 
 @dataclass
@@ -257,14 +259,30 @@ class GenerationCore:
         return out
 
     # ------------------------------------------------------------------ images
-    def encode_images(self, images, resolution: int | None = None) -> torch.Tensor:
-        """z0 = posterior mean · scaling_factor of RGB images resized (bilinear) to ``resolution`` (None: the
-        bundle's)."""
+    @staticmethod
+    def prepare_image(image, size: int, preprocess: str = "resize"):
+        """RGB ``size``² image: ``resize`` squashes to the square (bilinear); ``center_crop`` resizes the short
+        side to ``size`` and crops the centre (torchvision Resize + CenterCrop, GeNIe)."""
         from PIL import Image
 
+        if preprocess not in PREPROCESS:
+            raise ValueError(f"unknown preprocess {preprocess!r}; choose from {PREPROCESS}")
+        im = image.convert("RGB")
+        if preprocess == "center_crop" and im.width != im.height:
+            s = size / min(im.width, im.height)
+            w, h = max(size, round(im.width * s)), max(size, round(im.height * s))
+            im = im.resize((w, h), Image.BILINEAR)
+            left, top = (w - size) // 2, (h - size) // 2
+            return im.crop((left, top, left + size, top + size))
+        return im.resize((size, size), Image.BILINEAR)
+
+    def encode_images(self, images, resolution: int | None = None, preprocess: "str | list[str]" = "resize") -> torch.Tensor:
+        """z0 = posterior mean · scaling_factor of RGB images brought to ``resolution``² (None: the bundle's) by
+        ``preprocess`` (one for all, or one per image; see :meth:`prepare_image`)."""
         r = int(resolution or self.bundle.resolution)
-        arr = np.stack([np.asarray(im.convert("RGB").resize((r, r), Image.BILINEAR), dtype=np.float32)
-                        for im in images]) / 127.5 - 1.0
+        pre = [preprocess] * len(images) if isinstance(preprocess, str) else list(preprocess)
+        arr = np.stack([np.asarray(self.prepare_image(im, r, p), dtype=np.float32)
+                        for im, p in zip(images, pre)]) / 127.5 - 1.0
         vae = self.pipe.vae
         x = torch.from_numpy(arr).permute(0, 3, 1, 2).to(self.device, vae.dtype)
         with torch.inference_mode():
@@ -454,7 +472,7 @@ class GenerationCore:
             if len(timesteps) == 0:
                 return z.cpu()
         elif kind in ("image", "genie"):
-            z0 = self.encode_images([r.init_image for r in reqs], key.resolution)
+            z0 = self.encode_images([r.init_image for r in reqs], key.resolution, [r.preprocess for r in reqs])
             if len(timesteps) == 0:
                 return z0.cpu()
             noise = torch.stack([self._noise(r.seed, shape) for r in reqs]).to(self.device)
