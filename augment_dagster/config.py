@@ -151,6 +151,9 @@ class ConceptsConfig(_Strict):
     lr: float = Field(5e-3, gt=0)
     batch_size: int = Field(4, ge=1)
     init_word: str = "the"
+    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay on the token vector (DA-Fusion: 1e-2)")
+    latents: Literal["sample", "mean"] = Field(
+        "sample", description="z0 per step: a draw from the VAE posterior (diffusers TI script) or its mean")
     checkpoint_every: int = Field(50, ge=1)
     noise_sigmas: list[float] = Field(default_factory=lambda: [0.005, 0.01, 0.025],
                                       description="DIAGen embedding noise: one fixed draw per sigma per class (std devs)")
