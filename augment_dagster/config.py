@@ -187,7 +187,10 @@ class PromptsConfig(_Strict):
 
     per_class: int = Field(10, ge=1)
     uncommon_settings: bool = Field(False, description="use the 'uncommon settings' meta-prompt variant")
-    top_up_offline: bool = Field(True, description="top up from the offline generator when the LLM yields fewer usable prompts")
+    top_up_offline: bool = Field(True, description="top up from the offline generator when the LLM yields fewer usable prompts "
+                                                   "(counted in the class_prompts metadata and logged as a warning)")
+    llm_seed: bool = Field(False, description="send the experiment seed as the API's `seed` (DIAGen sends none); "
+                                              "models.llm.temperature likewise is sent only when set")
 
 
 class TrainingConfig(_Strict):
