@@ -164,6 +164,23 @@ def test_diff_ii_one_image_class_starts_from_noise():
     assert len(b) == 4 and all(u.mode == "latents" and u.latent_recipe["op"] == "circle" for u in b)
     assert all(u.switch_t == 700 and u.prompt.endswith("at night") and u.switch_prompt == "a photo of a <b> shape" for u in b)
     assert all(u.lora_blob == "L" for u in units)
+    # the paper's "without concept learning": N(0, I) start, template prompt, no token, no LoRA, no inversion
+    inp.params = spec.Params(expansion_rate=2, use_concepts=False)
+    nc = spec.plan(inp)
+    assert len(nc) == 6 and all(u.mode == "txt2img" and u.lora_blob is None and not u.concepts for u in nc)
+    assert all(u.latent_recipe is None and u.init_latents_blob is None and u.switch_prompt is None for u in nc)
+    assert {u.prompt for u in nc} == {"a photo of a a shape", "a photo of a b shape"}
+    assert all(u.params["ablation"] == "no_concepts" and u.params["start"] == "noise" for u in nc)
+
+
+def test_diff_ii_suffixes_from_one_greedy_caption_per_image():
+    from augment_dagster.methods.suffixes import greedy_captions
+
+    caps = pd.DataFrame([{"image_id": i, "idx": k, "strategy": s, "caption": f"{i} {s} {k}"}
+                         for i in ("b1", "a0") for k, s in enumerate(["greedy", "beam", "nucleus", "nucleus"])])
+    assert greedy_captions(caps) == ["a0 greedy 0", "b1 greedy 0"]
+    with pytest.raises(ValueError, match="greedy"):
+        greedy_captions(caps[caps["strategy"] != "greedy"])
 
 
 def test_real_filter_drops_what_clip_labels_otherwise():

@@ -5,7 +5,9 @@ DDIM-inverted latents (z1, z2), θ = ∠(z1, z2), α ~ U(0, 2π/θ) and starts f
 z = [sin((1+α)θ)·z1 − sin(αθ)·z2]/sin θ. Two-stage denoising (DDIM, 25 steps, CFG 7.5): timesteps
 t ≥ 1000(1−s) use "a photo of a <cls> <metaclass> <suffix>", later ones "a photo of a <cls> <metaclass>".
 Classes with a single image start from N(0, I) (the paper's rule; recorded in lineage as start=noise).
-Ablations (paper table): use_concepts (TI+LoRA vs the plain class name), interpolation, suffixes, two_stage."""
+Ablations (paper table): use_concepts, interpolation, suffixes, two_stage. ``use_concepts: false`` is the paper's
+"without concept learning": no TI token, no LoRA and no inversion — every image starts from N(0, I) with the
+template prompt "a photo of a <label> <metaclass>" (lineage start=noise, ablation=no_concepts)."""
 from __future__ import annotations
 
 import random
@@ -26,7 +28,8 @@ class DiffIIParams(MethodParams):
                                                                 "this method's M (None: methods.<entry>.images_per_real, "
                                                                 "generation.images_per_real, paper 5)")
     split_ratio: float = Field(0.3, ge=0.0, le=1.0, description="s: suffixed prompt for t >= 1000(1-s)")
-    use_concepts: bool = Field(True, description="TI tokens + shared LoRA (else the class name and the base UNet)")
+    use_concepts: bool = Field(True, description="TI tokens + shared LoRA + inverted starts (else the paper's ablation: "
+                                                   "N(0, I) start, template prompt with the class name, base UNet)")
     interpolation: bool = Field(True, description="start from the circle interpolation (else from one inverted latent)")
     suffixes: bool = Field(True, description="use LLM/caption suffixes")
     two_stage: bool = Field(True, description="switch to the plain prompt after the first s·T timesteps (else suffix all along)")
@@ -55,6 +58,12 @@ def plan(inputs: MethodInputs) -> list[SynthUnit]:
         ids = [i for i in grp["image_id"] if i in lat]
         for i in range(rate * len(grp)):
             seed = unit_seed(inputs, label, i)
+            if not p.use_concepts:  # the paper's "w/o concept learning": txt2img from the template prompt
+                units.append(SynthUnit(
+                    label=label, seed=seed, mode="txt2img", prompt=base, guidance_scale=inputs.guidance_scale,
+                    steps=inputs.steps, negative_prompt=inputs.negative_prompt, prompt_source="template",
+                    params={"index": i, "metaclass": inputs.metaclass, "start": "noise", "ablation": "no_concepts"}))
+                continue
             rng = random.Random(hash_obj("diffii", seed))
             suffix = rng.choice(suffixes) if suffixes else ""
             prompt = f"{base} {suffix}".strip()
