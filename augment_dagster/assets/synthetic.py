@@ -131,17 +131,27 @@ def build_one(exp: Experiment, name: str) -> dg.AssetsDefinition:
     for need in spec.needs:
         ins[need] = dg.AssetIn(key=exp.key(STAGE_ASSETS[need]))
     sections = [("methods", name), "generation"] + ([("models", "diffusion")] if spec.uses_diffusion else [])
+    proto_version = ""
+    if spec.uses_diffusion:  # the resolved protocol includes the paper defaults, which live in code, not config
+        from ..methods.protocol import resolve_protocol
+        from ..util import hash_obj
+
+        p = resolve_protocol(cfg, name).as_dict()
+        p.pop("sources")
+        proto_version = "-p" + hash_obj(p)[:8]
     kinds = {"pytorch", "diffusers"} if spec.uses_diffusion else {"pytorch", "kornia"}
     mode = cfg.execution.mode if spec.uses_diffusion else "in_process"
     resource_keys = {"pipes_subprocess": {"pipes_subprocess_client"}, "pipes_k8s": {"pipes_k8s_client"}}.get(mode, set())
 
     @dg.asset(
         key=exp.key("synthetic", name), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
-        partitions_def=exp.partitions, ins=ins, code_version=f"{spec.version}-" + exp.code_version(*sections),
+        partitions_def=exp.partitions, ins=ins, code_version=f"{spec.version}-" + exp.code_version(*sections) + proto_version,
         pool="gpu" if spec.uses_diffusion else None, kinds=kinds, op_tags=gpu_op_tags(spec.uses_diffusion, cfg),
         automation_condition=CONTENT_AUTOMATION,
         description=f"Synthetic set: {spec.description}. One row per image with its full lineage.",
-        metadata={"method": name, "algorithm": spec.name}, required_resource_keys=resource_keys,
+        metadata={"method": name, "algorithm": spec.name,
+                  **({"protocol": resolve_protocol(cfg, name).summary()} if spec.uses_diffusion else {})},
+        required_resource_keys=resource_keys,
     )
     def synthetic(context: dg.AssetExecutionContext, split: pd.DataFrame, **upstream):
         if mode != "in_process":
