@@ -28,6 +28,7 @@ CFG = {
     "methods": {"diagen": {}, "diagen_noise": {"method": "diagen", "params": {"use_llm": False, "weighting": "none"}},
                 "diagen_resample": {"method": "diagen", "params": {"use_llm": False, "resample_per_image": True}},
                 "diff_ii": {"params": {"expansion_rate": 2}}, "genie": {}, "genie_ada": {}, "sgid": {},
+                "genie_topk": {"method": "genie", "params": {"sources": "confusion_topk", "topk": 1}},
                 "real_filter": {}, "img2img_low": {}},
     "mlflow": {"enabled": False},
 }
@@ -82,6 +83,10 @@ def test_every_method_materializes_with_lineage(run):
     assert all(len(g) == 2 for g in d2["guide_ids"]) and d2["switch_prompt"].notna().any()
     ge = manifest(data, "synthetic", "genie", "2shot-s0")
     assert len(ge) == 3 * 2 * 2  # (C-1)·K per class
+    tk = manifest(data, "synthetic", "genie_topk", "2shot-s0")  # sources: the top-1 class of the TRAIN confusion
+    tp = [json.loads(x) for x in tk["params_json"]]
+    assert len(tk) == 3 * 1 * 2 and all(x["source_class"] != x["target_class"] for x in tp)
+    assert all(len({x["source_class"] for x in tp if x["target_class"] == t}) == 1 for t in ("circle", "square", "star"))
     ada = manifest(data, "synthetic", "genie_ada", "2shot-s0")
     assert len(ada) == len(ge)
     a0 = json.loads(ada["params_json"].iloc[0])
