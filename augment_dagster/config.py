@@ -95,8 +95,13 @@ class ModelSource(_Strict):
     revision: str | None = None
 
 
+SchedulerName = Literal["ddim", "pndm", "dpmsolver", "euler"]
+
+
 class DiffusionModelConfig(ModelSource):
-    scheduler: Literal["ddim", "pndm", "dpmsolver", "euler"] = "ddim"
+    scheduler: SchedulerName | None = Field(
+        None, description="legacy experiment-wide sampler, same level as generation.scheduler (which wins); "
+                          "None: each method's paper sampler (see methods/protocol.py)")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
 
 
@@ -126,10 +131,15 @@ class ModelsConfig(_Strict):
 
 
 class GenerationConfig(_Strict):
-    images_per_real: int = Field(4, ge=1, description="M: synthetic images per real train image")
+    """Experiment-wide generation settings. The protocol keys (scheduler, steps, guidance_scale, resolution,
+    images_per_real) are None = unset: a method entry's own value wins, then this block, then the algorithm's
+    paper default (methods/protocol.py; METHODS.md §6)."""
+
+    images_per_real: int | None = Field(None, ge=1, description="M: synthetic images per real train image")
     resolution: int | None = Field(None, ge=8, description="None = the model's native size")
-    steps: int = Field(25, ge=1, le=1000)
-    guidance_scale: float = Field(7.5, ge=0)
+    scheduler: SchedulerName | None = Field(None, description="sampler for every method (None: each method's paper sampler)")
+    steps: int | None = Field(None, ge=1, le=1000)
+    guidance_scale: float | None = Field(None, ge=0)
     batch_size: int = Field(32, ge=1)
     negative_prompt: str = ""
 
@@ -141,6 +151,9 @@ class ConceptsConfig(_Strict):
     lr: float = Field(5e-3, gt=0)
     batch_size: int = Field(4, ge=1)
     init_word: str = "the"
+    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay on the token vector (DA-Fusion: 1e-2)")
+    latents: Literal["sample", "mean"] = Field(
+        "sample", description="z0 per step: a draw from the VAE posterior (diffusers TI script) or its mean")
     checkpoint_every: int = Field(50, ge=1)
     noise_sigmas: list[float] = Field(default_factory=lambda: [0.005, 0.01, 0.025],
                                       description="DIAGen embedding noise: one fixed draw per sigma per class (std devs)")
@@ -174,7 +187,10 @@ class PromptsConfig(_Strict):
 
     per_class: int = Field(10, ge=1)
     uncommon_settings: bool = Field(False, description="use the 'uncommon settings' meta-prompt variant")
-    top_up_offline: bool = Field(True, description="top up from the offline generator when the LLM yields fewer usable prompts")
+    top_up_offline: bool = Field(True, description="top up from the offline generator when the LLM yields fewer usable prompts "
+                                                   "(counted in the class_prompts metadata and logged as a warning)")
+    llm_seed: bool = Field(False, description="send the experiment seed as the API's `seed` (DIAGen sends none); "
+                                              "models.llm.temperature likewise is sent only when set")
 
 
 class TrainingConfig(_Strict):
@@ -195,10 +211,18 @@ class TrainingConfig(_Strict):
 
 class MethodConfig(_Strict):
     """One entry under ``methods:``. ``method`` names the algorithm (defaults to the entry name), so
-    variants/ablations are several entries pointing at one method with other ``params``."""
+    variants/ablations are several entries pointing at one method with other ``params``.
+
+    The protocol keys override the experiment's ``generation`` block and the algorithm's paper default
+    (None = unset)."""
 
     method: str | None = None
     enabled: bool = True
+    scheduler: SchedulerName | None = None
+    steps: int | None = Field(None, ge=1, le=1000)
+    guidance_scale: float | None = Field(None, ge=0)
+    resolution: int | None = Field(None, ge=8)
+    images_per_real: int | None = Field(None, ge=1)
     params: dict[str, Any] = Field(default_factory=dict)
     synthetic_probability: float | None = Field(None, ge=0, le=1, description="overrides training.synthetic_probability")
 

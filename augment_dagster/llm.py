@@ -93,10 +93,11 @@ def offline_answer(messages: list[dict[str, str]], seed: int = 0) -> str:
     """Answer a project meta-prompt offline. Understands the DIAGen class-prompt request
     (``for class {name}`` / ``give me N prompts``); anything else gets an echo-free empty list."""
     text = "\n".join(m.get("content", "") for m in messages)
-    m = re.search(r"give me (\d+) prompts for class ([^,\n]+?)(?:, as a numbered list|[.\n]|$)", text, re.I)
+    m = re.search(r"give me (\d+) prompts (?:of this structure )?for class ([^,\n]+?)(?:, as a numbered list|[.\n]|$)",
+                  text, re.I)
     if m:
         name, n = m.group(2).strip(), int(m.group(1))
-        prompts = offline_class_prompts(name, n, seed, uncommon="uncommon" in text.lower())
+        prompts = offline_class_prompts(name, n, seed, uncommon="[uncommon location]" in text.lower())
         return "\n".join(f"{i + 1}. {p}" for i, p in enumerate(prompts))
     return ""
 
@@ -105,19 +106,24 @@ def offline_answer(messages: list[dict[str, str]], seed: int = 0) -> str:
 class LLMClient:
     def __init__(self, provider: str = "offline", model: str = "offline-template-v1", base_url: str | None = None,
                  api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 30.0, max_retries: int = 4,
-                 fallback_to_offline: bool = True, temperature: float = 0.7, cache_dir: str | os.PathLike | None = None,
-                 backoff_s: float = 0.5):
+                 fallback_to_offline: bool = True, temperature: float | None = None,
+                 cache_dir: str | os.PathLike | None = None, backoff_s: float = 0.5, send_seed: bool = False):
         self.provider, self.model, self.base_url = provider, model, base_url
         self.api_key_env, self.timeout_s, self.max_retries = api_key_env, timeout_s, max_retries
         self.fallback_to_offline, self.temperature, self.backoff_s = fallback_to_offline, temperature, backoff_s
+        self.send_seed = send_seed  # the API gets `temperature` / `seed` only when configured (else its defaults)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.calls = 0  # real API calls made (for tests and metadata)
 
     @classmethod
-    def from_config(cls, llm_cfg, cache_dir=None) -> "LLMClient":
+    def from_config(cls, llm_cfg, cache_dir=None, send_seed: bool = False) -> "LLMClient":
+        """``temperature`` is sent only when the config file sets ``models.llm.temperature`` (DIAGen's and Diff-II's
+        scripts use the API default); ``send_seed``: pass the request seed to the API."""
+        temperature = llm_cfg.temperature if "temperature" in llm_cfg.model_fields_set else None
         return cls(provider=llm_cfg.provider, model=llm_cfg.model, base_url=llm_cfg.base_url, api_key_env=llm_cfg.api_key_env,
                    timeout_s=llm_cfg.timeout_s, max_retries=llm_cfg.max_retries,
-                   fallback_to_offline=llm_cfg.fallback_to_offline, temperature=llm_cfg.temperature, cache_dir=cache_dir)
+                   fallback_to_offline=llm_cfg.fallback_to_offline, temperature=temperature, cache_dir=cache_dir,
+                   send_seed=send_seed)
 
     def check_ready(self) -> None:
         """Fail fast (before any GPU work) when the openai provider has no key and no fallback."""
@@ -128,7 +134,8 @@ class LLMClient:
 
     def _cache_key(self, messages, seed) -> str:
         # the key never contains the API key
-        return hash_obj("llm", self.provider, self.model, self.base_url, messages, {"temperature": self.temperature, "seed": seed})
+        return hash_obj("llm", self.provider, self.model, self.base_url, messages,
+                        {"temperature": self.temperature, "seed": seed, "send_seed": self.send_seed})
 
     def complete(self, messages: list[dict[str, str]], seed: int = 0) -> LLMResponse:
         key = self._cache_key(messages, seed)
@@ -166,7 +173,12 @@ class LLMClient:
         for attempt in range(self.max_retries + 1):
             try:
                 self.calls += 1
-                r = client.chat.completions.create(model=self.model, messages=messages, temperature=self.temperature, seed=seed)
+                opt: dict = {}
+                if self.temperature is not None:
+                    opt["temperature"] = self.temperature
+                if self.send_seed:
+                    opt["seed"] = int(seed)
+                r = client.chat.completions.create(model=self.model, messages=messages, **opt)
                 text = r.choices[0].message.content if r.choices else None
                 if not isinstance(text, str):
                     raise LLMError("response had no message content")
@@ -221,16 +233,40 @@ def parse_numbered_prompts(text: str, class_name: str, placeholder: str = "{name
     return out
 
 
+# DIAGen's meta-prompt (METHODS.md §2b): the structure, seven examples for the class "car" (one per way of using the
+# optional attributes), the visual-adjective and vary-the-optionals rules, and the P+5 request; one user message.
+DIAGEN_STRUCTURE = ("a photo of a [adjective] <classname> [location and/or weather preposition] [weather] [location] "
+                    "[time of day with preposition]")
+DIAGEN_CAR_EXAMPLES = (
+    ("a photo of a blue car", "adjective only"),
+    ("a photo of a car in a parking lot", "location only"),
+    ("a photo of a car in heavy rain", "weather only"),
+    ("a photo of a car at dawn", "time of day only"),
+    ("a photo of a dusty car on a dirt road", "adjective and location"),
+    ("a photo of a silver car on a snowy mountain pass at sunset", "all optionals"),
+    ("a photo of a car", "no optional"),
+)
+DIAGEN_EDGE_CASE_EXAMPLES = ("a photo of a car underwater", "a photo of a car on a rooftop", "a photo of a car in a desert")
+
+
 def diagen_meta_prompt(class_name: str, n: int, uncommon: bool = False) -> list[dict[str, str]]:
-    """The DIAGen meta-prompt (METHODS.md §2b), asking for n (=P+5) prompts."""
+    """DIAGen's meta-prompt (METHODS.md §2b) asking for n (= P+5) prompts for ``class_name`` (``_`` → space):
+    the structured variant with its seven car examples, or the edge-case variant (``uncommon``)."""
+    name = class_name.replace("_", " ")
     if uncommon:
-        body = (f"Create prompts for a text-to-image model that show an object in an uncommon setting. Use the structure "
-                f"'a photo of a <classname> [uncommon location]'. Give me {n} prompts for class {class_name}, as a numbered list.")
+        ex = "\n".join(f"'{e}'" for e in DIAGEN_EDGE_CASE_EXAMPLES)
+        body = ("Create prompts for me that have the following structure:\n"
+                "a photo of a <classname> [uncommon location]\n\n"
+                "The <classname> is replaced with the actual class name, e.g. 'car'. Replace the [] with a location "
+                f"where the object is rarely seen. Example prompts for car:\n{ex}\n\n"
+                "My application needs prompts that cover such edge cases.\n"
+                f"Give me {n} prompts of this structure for class {name}, as a numbered list.")
     else:
-        body = ("Create prompts for a text-to-image model. Use the structure: 'a photo of a [adjective] <classname> "
-                "[location and/or weather preposition] [weather] [location] [time of day with preposition]'. "
-                "All attributes in [] are optional. Adjectives should be visual. Vary the number of optional attributes. "
-                "Example for the class car: 1. a photo of a red car on a road in the rain at night. "
-                f"Give me {n} prompts for class {class_name}, as a numbered list.")
-    return [{"role": "system", "content": "You write short, varied prompts for image generation."},
-            {"role": "user", "content": body}]
+        ex = "\n".join(f"'{e}' ({why})" for e, why in DIAGEN_CAR_EXAMPLES)
+        body = ("Create prompts for me that have the following structure:\n"
+                f"{DIAGEN_STRUCTURE}\n\n"
+                "The <classname> is replaced with the actual class name, e.g. 'car'. All attributes in [] are optional. "
+                f"Example prompts for car:\n{ex}\n\n"
+                "Adjectives, if used, must be visual (not e.g. 'interesting'). Vary the number of optional attributes.\n\n"
+                f"Give me {n} prompts of this structure for class {name}, as a numbered list.")
+    return [{"role": "user", "content": body}]

@@ -91,3 +91,28 @@ def test_joint_ti_and_lora_leaves_the_base_unet_alone(tiny_bundle):
     assert any("lora_A" in k for k in res.lora_state)
     assert not any("lora" in k for k in tiny_bundle.pipe.unet.state_dict())
     assert all(torch.equal(v, before[k]) for k, v in tiny_bundle.pipe.unet.state_dict().items())
+
+
+def test_posterior_sampling_and_weight_decay_options(tiny_bundle):
+    from augment_dagster.methods import concepts as C
+
+    z, s = C._latents(tiny_bundle.pipe, IMAGES[:1], tiny_bundle.resolution, hflip=False, with_std=True)
+    assert z.shape == s.shape and (s > 0).all()  # the posterior has a spread to sample from
+    kw = dict(token="<ti-post>", steps=4, lr=5e-2, batch_size=2, seed=5, hflip=False)
+    mean = learn_concept(tiny_bundle, IMAGES, latents="mean", **kw)
+    samp = learn_concept(tiny_bundle, IMAGES, latents="sample", **kw)
+    again = learn_concept(tiny_bundle, IMAGES, latents="sample", **kw)
+    assert torch.equal(samp.vector, again.vector)  # the draws come from the seed
+    assert not torch.allclose(samp.vector, mean.vector, atol=1e-6)
+    # AdamW's decoupled decay: with the same gradients path the decayed vector is pulled towards 0
+    wd = learn_concept(tiny_bundle, IMAGES, latents="mean", weight_decay=10.0, **kw)
+    assert float(wd.vector.norm()) < float(mean.vector.norm())
+    with pytest.raises(ValueError, match="latents"):
+        learn_concept(tiny_bundle, IMAGES, latents="mode", **kw)
+
+
+def test_concept_config_defaults_follow_dafusion():
+    from augment_dagster.config import ConceptsConfig
+
+    c = ConceptsConfig()
+    assert c.weight_decay == 1e-2 and c.latents == "sample"

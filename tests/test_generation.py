@@ -203,3 +203,101 @@ def test_partial_inversion_error_shrinks_with_steps(core):
                                                 num_inference_steps=n) for pr, z in zip(prompts, zt)])
         errs.append(float((rec - z0).norm() / z0.norm()))
     assert errs[1] < errs[0] and errs[1] < 0.5, errs
+
+
+# ---------------------------------------------------------------- per-request protocol (METHODS §1–§6)
+def _sd1_scheduler(name: str, steps: int):
+    """The schedule SD-1.x reference code gets: ``X.from_config`` of SD-1.x's scheduler config (PNDM, steps_offset
+    1, skip_prk_steps, no timestep_spacing key), written here from the config file, not from the core."""
+    import diffusers
+
+    sd1 = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+           "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False}
+    cls = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "dpmsolver": "DPMSolverMultistepScheduler"}[name]
+    s = getattr(diffusers, cls).from_config(sd1)
+    s.set_timesteps(steps)
+    return [int(t) for t in s.timesteps]
+
+
+def test_genie_rule_r08_on_dpmsolver50_runs_exactly_40_steps_from_t800(core):
+    im = shape_image(5)
+    r = GenRequest("a photo of a star", seed=3, init_image=im, strength=0.8, num_inference_steps=50,
+                   scheduler="dpmsolver", start_rule="genie", guidance_scale=7.5)
+    info = core.schedule_info(r)
+    expect = [t for t in _sd1_scheduler("dpmsolver", 50) if t - 1 <= 800]  # GeNIe editor.py: skip t-1 > 1000r
+    assert len(expect) == 40
+    assert info == {"scheduler": "dpmsolver", "resolution": 32, "start_rule": "genie", "start_timestep": 800,
+                    "first_timestep": expect[0], "denoise_steps": 40}
+    assert info["first_timestep"] <= 800
+    core.stats.update(unet_forward_passes=0, unet_calls=0)
+    z = core.generate_latents([r])
+    assert core.stats["unet_calls"] == 40 and core.stats["unet_forward_passes"] == 80  # CFG: 2 latents per call
+    # on DDIM-25 (961, 921, …, 1) GeNIe's rule keeps 801 … 1 (21 steps), diffusers' img2img int(25·0.8) = 20 from 761
+    g25 = core.schedule_info(dataclasses.replace(r, scheduler="ddim", num_inference_steps=25))
+    s25 = core.schedule_info(dataclasses.replace(r, scheduler="ddim", num_inference_steps=25, start_rule="sdedit"))
+    assert (g25["start_timestep"], g25["first_timestep"], g25["denoise_steps"]) == (800, 801, 21)
+    assert (s25["start_timestep"], s25["first_timestep"], s25["denoise_steps"]) == (761, 761, 20)
+    zs = core.generate_latents([dataclasses.replace(r, start_rule="sdedit")])
+    assert not torch.allclose(z, zs, atol=1e-4)  # the start rule changes the image
+    # r > 0.999: GeNIe starts from pure noise, i.e. the txt2img latents of the same seed
+    full = core.generate_latents([dataclasses.replace(r, strength=1.0)])
+    txt = core.generate_latents([dataclasses.replace(r, init_image=None)])
+    torch.testing.assert_close(full, txt)
+    assert core.schedule_info(dataclasses.replace(r, strength=1.0))["denoise_steps"] == 50
+
+
+def test_mixed_schedulers_in_one_call_equal_each_alone(tiny_bundle):
+    im = shape_image(6)
+    reqs = [GenRequest("a photo of a circle", seed=1, init_image=im, strength=0.5, num_inference_steps=6, scheduler="pndm"),
+            GenRequest("a photo of a circle", seed=1, init_image=im, strength=0.5, num_inference_steps=6, scheduler="ddim"),
+            GenRequest("a photo of a circle", seed=1, init_image=im, strength=0.8, num_inference_steps=6,
+                       scheduler="dpmsolver", start_rule="genie"),
+            GenRequest("a photo of a ring", seed=2, num_inference_steps=6, scheduler="euler", guidance_scale=2.0),
+            GenRequest("a photo of a ring", seed=2, num_inference_steps=6, guidance_scale=2.0)]  # the core's default
+    mixed = GenerationCore(tiny_bundle, batch_size=16, scheduler="ddim")
+    z = mixed.generate_latents(reqs)
+    for i, r in enumerate(reqs):
+        alone = GenerationCore(tiny_bundle, batch_size=1, scheduler=r.scheduler or "ddim")
+        torch.testing.assert_close(alone.generate_latents([dataclasses.replace(r, scheduler=None)])[0], z[i],
+                                   atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(z[0], z[1], atol=1e-4)  # PNDM vs DDIM: batches never mix samplers
+    torch.testing.assert_close(z[1], mixed.generate_latents([reqs[1]])[0], atol=1e-4, rtol=1e-4)
+    # a scheduler other than the model's own gets SD-1.x's schedule: PNDM with skip_prk_steps (PLMS: N+1
+    # timesteps), DPM-Solver++ with its own default (linspace) spacing
+    assert mixed._timesteps("pndm", 50)[0] == _sd1_scheduler("pndm", 50)
+    assert mixed._timesteps("dpmsolver", 50)[0] == _sd1_scheduler("dpmsolver", 50)
+    assert mixed._timesteps("ddim", 25)[0] == _sd1_scheduler("ddim", 25)[:25] == list(range(961, 0, -40))
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        mixed.generate_latents([dataclasses.replace(reqs[0], scheduler="nope")])
+    with pytest.raises(ValueError, match="unknown start_rule"):
+        mixed.generate_latents([dataclasses.replace(reqs[0], start_rule="nope")])
+
+
+def test_resolution_per_request(core):
+    im = shape_image(7)
+    reqs = [GenRequest("a photo of a circle", seed=1, init_image=im, strength=0.5, num_inference_steps=4, resolution=64),
+            GenRequest("a photo of a circle", seed=1, init_image=im, strength=0.5, num_inference_steps=4)]
+    out = core.generate(reqs)
+    assert [o.size for o in out] == [(64, 64), (32, 32)]
+    assert core.schedule_info(reqs[0])["resolution"] == 64
+    with pytest.raises(ValueError, match="generate_latents"):
+        core.generate_latents(reqs)
+    with pytest.raises(ValueError, match="multiple of"):
+        core.generate([dataclasses.replace(reqs[0], resolution=34)])
+
+
+def test_center_crop_preprocess_keeps_the_aspect(core):
+    from PIL import Image
+
+    wide = Image.new("RGB", (64, 32), (255, 0, 0))
+    wide.paste((0, 0, 255), (16, 0, 48, 32))  # blue centre square, red side bands
+    crop = np.asarray(GenerationCore.prepare_image(wide, 32, "center_crop"))
+    squash = np.asarray(GenerationCore.prepare_image(wide, 32, "resize"))
+    assert crop.shape == squash.shape == (32, 32, 3)
+    assert (crop[..., 2] == 255).all() and (crop[..., 0] == 0).all()  # only the centre survives, unsquashed
+    assert (squash[:, 0, 0] == 255).all()  # squashing keeps the red bands
+    reqs = [GenRequest("a photo of a circle", seed=1, init_image=wide, strength=0.5, num_inference_steps=4, preprocess=p)
+            for p in ("center_crop", "resize")]
+    z = core.generate_latents(reqs)
+    assert not torch.allclose(z[0], z[1], atol=1e-4)
+    torch.testing.assert_close(z[0], core.generate_latents(reqs[:1])[0], atol=1e-3, rtol=1e-3)  # batch of 2 vs 1

@@ -156,3 +156,48 @@ def test_offline_prompts_deterministic_and_varied():
     assert a != offline_class_prompts("star", 10, seed=2)
     assert len(set(a)) == 10 and all("star" in p for p in a)
     assert len({len(p.split()) for p in a}) > 2  # optional slots vary
+
+
+def test_diagen_meta_prompt_structure_examples_and_edge_cases():
+    from augment_dagster.llm import DIAGEN_CAR_EXAMPLES
+
+    (msg,) = diagen_meta_prompt("cell_phone", 15)
+    text = msg["content"]
+    assert msg["role"] == "user" and len(DIAGEN_CAR_EXAMPLES) == 7
+    assert ("a photo of a [adjective] <classname> [location and/or weather preposition] [weather] [location] "
+            "[time of day with preposition]") in text
+    assert all(f"'{e}'" in text for e, _ in DIAGEN_CAR_EXAMPLES) and "optional" in text and "visual" in text
+    assert "15 prompts" in text and "class cell phone" in text and "cell_phone" not in text  # '_' -> space
+    (edge,) = diagen_meta_prompt("cell_phone", 8, uncommon=True)
+    assert "a photo of a <classname> [uncommon location]" in edge["content"] and "8 prompts" in edge["content"]
+
+
+def test_temperature_and_seed_sent_only_when_configured(tmp_path, key):
+    from augment_dagster.config import LLMConfig
+
+    s = Stub([(200, "1. a photo of a cat", 0)] * 3)
+    try:
+        base = dict(provider="openai", model="m", base_url=s.url, api_key_env="TEST_LLM_KEY", max_retries=0)
+        LLMClient.from_config(LLMConfig(**base), tmp_path / "a").complete([{"role": "user", "content": "x"}], seed=7)
+        LLMClient.from_config(LLMConfig(**base, temperature=0.3), tmp_path / "b", send_seed=True).complete(
+            [{"role": "user", "content": "x"}], seed=7)
+        first, second = s.requests[0]["body"], s.requests[1]["body"]
+        assert "temperature" not in first and "seed" not in first  # the API's defaults, as DIAGen's script
+        assert second["temperature"] == 0.3 and second["seed"] == 7
+    finally:
+        s.close()
+
+
+def test_class_prompts_underscore_names_and_counted_topups(tmp_path, key):
+    from augment_dagster.methods.prompts import class_prompt_rows, topup_counts
+
+    s = Stub([(200, "1. a photo of a red cell phone\n2. a photo of a Cell Phone at night\n3. a photo of a dog", 0)])
+    try:
+        rows = class_prompt_rows(["cell_phone"], client(s.url, tmp_path), per_class=4, seed=0)
+    finally:
+        s.close()
+    assert "class cell phone" in s.requests[0]["body"]["messages"][0]["content"]
+    llm = [r for r in rows if r["prompt_source"] == "openai"]
+    assert sorted(r["template"] for r in llm) == ["a photo of a red {name}", "a photo of a {name} at night"]
+    assert all(r["prompt"].count("cell phone") == 1 for r in rows)
+    assert len(rows) == 4 and topup_counts(rows) == {"cell_phone": 2}

@@ -204,11 +204,37 @@ def test_genie_confusion_topk():
     cm = [[5, 3, 0], [2, 5, 0], [0, 1, 5]]  # a<->b confused
     rc = pd.DataFrame([{"classes": classes, "val_confusion": _json.dumps(cm), "blob": "x"}])
     spec = get_method("genie")
-    inp = MethodInputs(method="genie", split=split(2, classes), params=spec.Params(sources="confusion_topk", topk=1),
+    inp = MethodInputs(method="genie", split=split(2, classes),
+                       params=spec.Params(sources="confusion_topk", topk=1, confusion_split="val"),
                        images_per_real=1, guidance_scale=7.5, steps=10, seed=0, real_classifier=rc)
     units = spec.plan(inp)
     assert {u.params["source_class"] for u in units if u.label == "a"} == {"b"}
     assert {u.params["source_class"] for u in units if u.label == "c"} == {"b"}
+    # the paper's rule (default): the TRAIN confusion matrix, computed by the prepare step from the real classifier
+    train_cm = [[5, 0, 3], [0, 5, 0], [2, 1, 5]]  # on train, a<->c are confused
+
+    class Services:
+        def classifier_confusion(self, blob, image_ids, labels):
+            assert blob == "x" and len(image_ids) == len(labels) == 6 and set(labels) == set(classes)
+            return classes, np.asarray(train_cm)
+
+    inp = MethodInputs(method="genie", split=split(2, classes), params=spec.Params(sources="confusion_topk", topk=1),
+                       images_per_real=1, guidance_scale=7.5, steps=10, seed=0, real_classifier=rc)
+    with pytest.raises(ValueError, match="train confusion"):
+        spec.plan(inp)
+    inp.extra.update(spec.prepare(inp, Services()))
+    units = spec.plan(inp)
+    assert {u.params["source_class"] for u in units if u.label == "a"} == {"c"}
+    assert {u.params["source_class"] for u in units if u.label == "b"} == {"c"}  # b: c (1+0) beats a (0+0)
+
+
+def test_genie_fine_grained_prompt_and_protocol():
+    spec = get_method("genie")
+    inp = MethodInputs(method="genie", split=split(1, ("a", "b")), params=spec.Params(prompt_style="fine_grained"),
+                       images_per_real=1, guidance_scale=7.5, steps=10, seed=0, metaclass="bird")
+    assert {u.prompt for u in spec.plan(inp)} == {"A photo of a a, a type of bird", "A photo of a b, a type of bird"}
+    assert spec.protocol.preprocess == "center_crop" and spec.protocol.start_rule == "genie"
+    assert get_method("genie_ada").Params().encoder == "classifier"
 
 
 def test_select_ada_keeps_one_per_pair_and_records_projections():

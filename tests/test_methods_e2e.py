@@ -28,6 +28,7 @@ CFG = {
     "methods": {"diagen": {}, "diagen_noise": {"method": "diagen", "params": {"use_llm": False, "weighting": "none"}},
                 "diagen_resample": {"method": "diagen", "params": {"use_llm": False, "resample_per_image": True}},
                 "diff_ii": {"params": {"expansion_rate": 2}}, "genie": {}, "genie_ada": {}, "sgid": {},
+                "genie_topk": {"method": "genie", "params": {"sources": "confusion_topk", "topk": 1}},
                 "real_filter": {}, "img2img_low": {}},
     "mlflow": {"enabled": False},
 }
@@ -82,6 +83,10 @@ def test_every_method_materializes_with_lineage(run):
     assert all(len(g) == 2 for g in d2["guide_ids"]) and d2["switch_prompt"].notna().any()
     ge = manifest(data, "synthetic", "genie", "2shot-s0")
     assert len(ge) == 3 * 2 * 2  # (C-1)·K per class
+    tk = manifest(data, "synthetic", "genie_topk", "2shot-s0")  # sources: the top-1 class of the TRAIN confusion
+    tp = [json.loads(x) for x in tk["params_json"]]
+    assert len(tk) == 3 * 1 * 2 and all(x["source_class"] != x["target_class"] for x in tp)
+    assert all(len({x["source_class"] for x in tp if x["target_class"] == t}) == 1 for t in ("circle", "square", "star"))
     ada = manifest(data, "synthetic", "genie_ada", "2shot-s0")
     assert len(ada) == len(ge)
     a0 = json.loads(ada["params_json"].iloc[0])
@@ -164,6 +169,23 @@ def test_diff_ii_one_image_class_starts_from_noise():
     assert len(b) == 4 and all(u.mode == "latents" and u.latent_recipe["op"] == "circle" for u in b)
     assert all(u.switch_t == 700 and u.prompt.endswith("at night") and u.switch_prompt == "a photo of a <b> shape" for u in b)
     assert all(u.lora_blob == "L" for u in units)
+    # the paper's "without concept learning": N(0, I) start, template prompt, no token, no LoRA, no inversion
+    inp.params = spec.Params(expansion_rate=2, use_concepts=False)
+    nc = spec.plan(inp)
+    assert len(nc) == 6 and all(u.mode == "txt2img" and u.lora_blob is None and not u.concepts for u in nc)
+    assert all(u.latent_recipe is None and u.init_latents_blob is None and u.switch_prompt is None for u in nc)
+    assert {u.prompt for u in nc} == {"a photo of a a shape", "a photo of a b shape"}
+    assert all(u.params["ablation"] == "no_concepts" and u.params["start"] == "noise" for u in nc)
+
+
+def test_diff_ii_suffixes_from_one_greedy_caption_per_image():
+    from augment_dagster.methods.suffixes import greedy_captions
+
+    caps = pd.DataFrame([{"image_id": i, "idx": k, "strategy": s, "caption": f"{i} {s} {k}"}
+                         for i in ("b1", "a0") for k, s in enumerate(["greedy", "beam", "nucleus", "nucleus"])])
+    assert greedy_captions(caps) == ["a0 greedy 0", "b1 greedy 0"]
+    with pytest.raises(ValueError, match="greedy"):
+        greedy_captions(caps[caps["strategy"] != "greedy"])
 
 
 def test_real_filter_drops_what_clip_labels_otherwise():
@@ -188,3 +210,67 @@ def test_real_filter_drops_what_clip_labels_otherwise():
     kept, md = spec.post_filter(rows, inp, FakeClip())
     assert [r["synthetic_id"] for r in kept] == ["s1", "s2"]
     assert md == {"dropped": 1, "kept": 2, "dropped_per_class": {"dog": 1}}
+
+
+@pytest.mark.slow
+def test_each_method_on_its_papers_protocol_in_one_experiment(tmp_path):
+    """DA-Fusion on PNDM-50, Diff-II on DDIM-25 and GeNIe on DPM-Solver++-50 (r = 0.8) side by side in one
+    experiment, nothing but M set: each unit's lineage row carries its own scheduler, steps and start."""
+    import diffusers
+
+    from augment_dagster.running import materialize_experiment
+
+    cfg = parse_config({
+        "experiment": "papers", "data_dir": str(tmp_path / "data"),
+        "dataset": {"source": "builtin", "builtin": {"classes": ["circle", "square", "star"], "train_per_class": 4,
+                                                      "test_per_class": 2, "ood_per_class": 0}},
+        "splits": {"shots": [2], "seeds": [0], "val_per_class": 1},
+        "models": {"diffusion": {"source": "tiny-random"}},
+        "generation": {"images_per_real": 1, "batch_size": 32},
+        "concepts": {"steps": 2, "batch_size": 2}, "concept_lora": {"steps": 2, "rank": 2, "batch_size": 2},
+        "inversion": {"steps": 4}, "training": {"epochs": 1, "steps_per_epoch": 1, "batch_size": 8},
+        "methods": {"dafusion": {}, "diff_ii": {}, "genie": {}}, "mlflow": {"enabled": False},
+    })
+    old = os.environ.pop("AUGMENT_DATA_DIR", None)
+    (tmp_path / "dh").mkdir()
+    try:
+        with dg.instance_for_test(temp_dir=str(tmp_path / "dh")) as inst:
+            meta = materialize_experiment(build_definitions([cfg]), cfg, inst, methods=["dafusion", "diff_ii", "genie"])
+    finally:
+        if old is not None:
+            os.environ["AUGMENT_DATA_DIR"] = old
+
+    def rows(m):
+        return pd.read_parquet(tmp_path / "data" / "manifests" / "papers" / "synthetic" / m / "2shot-s0.parquet")
+
+    # the schedules SD-1.x reference code runs (X.from_config of an SD-1.x config), built here independently
+    sd1 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False,
+               steps_offset=1, skip_prk_steps=True, clip_sample=False)
+
+    def ts(cls, n):
+        s = getattr(diffusers, cls).from_config(sd1)
+        s.set_timesteps(n)
+        return [int(t) for t in s.timesteps]
+
+    pndm50, ddim25, dpm50 = ts("PNDMScheduler", 50), ts("DDIMScheduler", 25), ts("DPMSolverMultistepScheduler", 50)
+    da = rows("dafusion")
+    assert len(da) == 6 and set(da["scheduler"]) == {"pndm"} and set(da["steps"]) == {50}
+    for r in da.itertuples():  # diffusers img2img: the last int(50·t0) steps of PLMS (which adds one step)
+        begin = 50 - int(50 * r.strength)
+        assert r.start_rule == "sdedit" and r.start_timestep == r.first_timestep == pndm50[begin]
+        assert r.denoise_steps == len(pndm50) - begin
+    d2 = rows("diff_ii")
+    assert len(d2) == 6 and set(d2["scheduler"]) == {"ddim"} and set(d2["steps"]) == {25}
+    assert d2["start_timestep"].isna().all() and set(d2["first_timestep"]) == {ddim25[0]} == {961}
+    assert set(d2["denoise_steps"]) == {25}
+    ge = rows("genie")
+    assert len(ge) == 3 * 2 * 2 and set(ge["scheduler"]) == {"dpmsolver"} and set(ge["steps"]) == {50}
+    assert set(ge["start_rule"]) == {"genie"} and set(ge["start_timestep"]) == {800}
+    assert set(ge["denoise_steps"]) == {40} and set(ge["first_timestep"]) == {[t for t in dpm50 if t - 1 <= 800][0]}
+    assert (ge["first_timestep"] <= 800).all()
+    proto = meta["papers/synthetic/genie[2shot-s0]"]["protocol"]
+    assert proto["scheduler"] == "dpmsolver" and proto["sources"]["scheduler"] == "paper:genie"
+    # UNet image-passes (CFG 7.5 doubles): DA-Fusion Σ(int(50·t0)+1), Diff-II 25, GeNIe 40 per unit
+    assert meta["papers/synthetic/genie[2shot-s0]"]["unet_forward_passes"] == 12 * 40 * 2
+    assert meta["papers/synthetic/diff_ii[2shot-s0]"]["unet_forward_passes"] == 6 * 25 * 2
+    assert meta["papers/synthetic/dafusion[2shot-s0]"]["unet_forward_passes"] == 2 * int(da["denoise_steps"].sum())

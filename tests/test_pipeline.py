@@ -138,6 +138,9 @@ def test_lineage_and_status_cli(env, tmp_path, capsys):
     assert main(["lineage", "--config", str(cfgp), str(path), "--json"]) == 0  # by file path
     ch = json.loads(capsys.readouterr().out)
     assert ch["synthetic_id"] == df["synthetic_id"].iloc[0] and ch["guides"][0]["file"].endswith(".png")
+    g = ch["generation"]  # DA-Fusion's paper sampler with the experiment's steps; the schedule it ran
+    assert g["scheduler"] == "pndm" and g["steps"] == 6 and g["start_rule"] == "sdedit"
+    assert g["denoise_steps"] == int(6 * g["strength"]) + 1  # PLMS runs one step more than int(N·t0)
     assert main(["lineage", "--config", str(cfgp), "0000"]) == 1  # no such prefix: clear error, exit 1
     assert "no synthetic image" in capsys.readouterr().err
     con = connect(data)
@@ -200,3 +203,5 @@ def test_status_cli_reports_every_asset(env, tmp_path, capsys, monkeypatch):
     assert main(["status", "--config", str(_write_cfg(tmp_path))]) == 0
     out = capsys.readouterr().out
     assert "mini/synthetic/dafusion" in out and "2shot-s0" in out and "missing" in out
+    assert "dafusion: pndm 6 steps, g 3, M 2, start sdedit" in out  # the resolved protocol per method
+    assert "real_guidance: ddim 6 steps" in out

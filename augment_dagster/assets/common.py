@@ -157,7 +157,9 @@ def generation_core(exp: Experiment, lora_blob: str | None = None):
         from ..store.tensors import tensor_dict_from_bytes
 
         bundle = bundle_with_lora(bundle, tensor_dict_from_bytes(exp.blobs.get(lora_blob)), key=lora_blob)
-    return GenerationCore(bundle, batch_size=g.batch_size, scheduler=exp.cfg.models.diffusion.scheduler)
+    # every unit names its own scheduler (methods/protocol.py); this default serves requests that do not
+    return GenerationCore(bundle, batch_size=g.batch_size,
+                          scheduler=g.scheduler or exp.cfg.models.diffusion.scheduler or "ddim")
 
 
 def clip_bundle(exp: Experiment):

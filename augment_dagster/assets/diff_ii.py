@@ -19,15 +19,15 @@ def build(exp: Experiment, needs: set[str]) -> list:
             partitions_def=exp.partitions, ins={"captions": dg.AssetIn(key=exp.key("captions"))},
             code_version=exp.code_version(("models", "llm"), ("dataset", "metaclass")), kinds={"openai"},
             automation_condition=CONTENT_AUTOMATION,
-            description="Diff-II suffixes: ≤200 captions summarised (ALIA-style meta-prompt) into ≤10 'a photo of a <metaclass> <suffix>'; "
+            description="Diff-II suffixes: one greedy BLIP caption per train image, ≤200 of them summarised (ALIA-style meta-prompt) into ≤10 'a photo of a <metaclass> <suffix>'; "
                         "offline: the captions' most frequent context phrases.",
         )
         def prompt_suffixes(context: dg.AssetExecutionContext, captions: pd.DataFrame) -> dg.Output:
-            from ..methods.suffixes import suffix_rows
+            from ..methods.suffixes import greedy_captions, suffix_rows
 
             client = llm_client(exp)
             client.check_ready()
-            rows = suffix_rows(list(captions["caption"]), cfg.dataset.metaclass, client, seed=cfg.seed)
+            rows = suffix_rows(greedy_captions(captions), cfg.dataset.metaclass, client, seed=cfg.seed)
             df = pd.DataFrame(rows, columns=["idx", "suffix", "prompt", "prompt_source", "provider", "model", "response_id",
                                              "response_hash", "n_captions", "llm_error"])
             return output(df, {"suffixes": dg.MetadataValue.md(md_table(df[["idx", "prompt", "prompt_source"]])),

@@ -9,7 +9,7 @@ from .common import CONTENT_AUTOMATION, Experiment, md_table, output
 def llm_client(exp: Experiment):
     from ..llm import LLMClient
 
-    return LLMClient.from_config(exp.cfg.models.llm, cache_dir=exp.data_dir / "llm_cache")
+    return LLMClient.from_config(exp.cfg.models.llm, cache_dir=exp.data_dir / "llm_cache", send_seed=exp.cfg.prompts.llm_seed)
 
 
 def build(exp: Experiment) -> list:
@@ -24,7 +24,7 @@ def build(exp: Experiment) -> list:
                     "provider/model/response hash recorded per prompt; responses cached so reruns never call the API.",
     )
     def class_prompts(context: dg.AssetExecutionContext, split: pd.DataFrame) -> dg.Output:
-        from ..methods.prompts import class_prompt_rows
+        from ..methods.prompts import class_prompt_rows, topup_counts
 
         _, seed = parse_split_key(context.partition_key)
         client = llm_client(exp)
@@ -38,7 +38,13 @@ def build(exp: Experiment) -> list:
         for e in errors:
             context.log.warning(f"LLM failed, offline fallback used: {e}")
         src = df.groupby("prompt_source").size().to_dict()
+        topups = topup_counts(rows)
+        if topups:
+            context.log.warning(f"class_prompts: the LLM gave fewer than prompts.per_class={p.per_class} usable prompts; "
+                                f"offline templates fill {sum(topups.values())} of {len(df)} prompts: {topups}")
         return output(df, {"api_calls": dg.MetadataValue.int(client.calls), "sources": dg.MetadataValue.json(src),
+                           "offline_topups": dg.MetadataValue.int(sum(topups.values())),
+                           "offline_topups_per_class": dg.MetadataValue.json(topups),
                            "examples": dg.MetadataValue.md(md_table(df.groupby("label").head(2)[["label", "template", "prompt_source"]]))})
 
     return [class_prompts]

@@ -34,19 +34,30 @@ def compute_synthetic(exp: Experiment, name: str, partition_key: str, split: pd.
     from ..methods.base import MethodInputs
     from ..methods.runner import run_units
 
+    from ..methods.protocol import apply_protocol, resolve_protocol
+
     cfg = exp.cfg
     spec, params = _spec_and_params(exp, name)
     _, seed = parse_split_key(partition_key)
     g = cfg.generation
+    proto = resolve_protocol(cfg, name)
     images = image_source(exp, split)
     inputs = MethodInputs(
-        method=name, split=split, params=params,
-        images_per_real=params.images_per_real or g.images_per_real,
-        guidance_scale=params.guidance_scale if params.guidance_scale is not None else g.guidance_scale,
-        steps=params.steps or g.steps, seed=cfg.seed * 1000 + seed, metaclass=cfg.dataset.metaclass,
-        negative_prompt=g.negative_prompt, extra={"load_tensor": images.tensor}, **upstream,
+        method=name, split=split, params=params, images_per_real=proto.images_per_real,
+        guidance_scale=proto.guidance_scale, steps=proto.steps, seed=cfg.seed * 1000 + seed,
+        metaclass=cfg.dataset.metaclass, negative_prompt=g.negative_prompt, protocol=proto,
+        extra={"load_tensor": images.tensor}, **upstream,
     )
+    services = None
+    if spec.prepare is not None or spec.post_filter is not None:
+        from ..methods.services import FilterServices
+
+        services = FilterServices(images, exp.blobs, cfg.training.image_size, clip_factory=lambda: clip_bundle(exp))
+    if spec.prepare is not None:
+        inputs.extra.update(spec.prepare(inputs, services))
     units = spec.plan(inputs)
+    if spec.uses_diffusion:
+        apply_protocol(units, proto)
     model_fp = diffusion_fingerprint(exp) if spec.uses_diffusion else ""
     rows, stats = run_units(
         spec, name, units, blobs=exp.blobs, memo=exp.memo(), model_fp=model_fp, load_image=images.real,
@@ -56,9 +67,6 @@ def compute_synthetic(exp: Experiment, name: str, partition_key: str, split: pd.
     )
     filter_md = {}
     if spec.post_filter is not None:
-        from ..methods.services import FilterServices
-
-        services = FilterServices(images, exp.blobs, cfg.training.image_size, clip_factory=lambda: clip_bundle(exp))
         rows, filter_md = spec.post_filter(rows, inputs, services)
     df = pd.DataFrame(rows, columns=None if rows else SYNTH_COLUMNS)
     df["split"] = partition_key
@@ -70,6 +78,8 @@ def compute_synthetic(exp: Experiment, name: str, partition_key: str, split: pd.
         "gpu_seconds": dg.MetadataValue.float(round(stats.compute_seconds, 3)),
         "images": dg.MetadataValue.int(len(df)),
         "diffusion": dg.MetadataValue.bool(spec.uses_diffusion),
+        **({"protocol": dg.MetadataValue.json({**{k: v for k, v in proto.as_dict().items() if k != "sources"},
+                                                "sources": proto.sources})} if spec.uses_diffusion else {}),
         "per_class": dg.MetadataValue.json(df.groupby("label").size().to_dict()),
     }
     if filter_md:
@@ -121,17 +131,27 @@ def build_one(exp: Experiment, name: str) -> dg.AssetsDefinition:
     for need in spec.needs:
         ins[need] = dg.AssetIn(key=exp.key(STAGE_ASSETS[need]))
     sections = [("methods", name), "generation"] + ([("models", "diffusion")] if spec.uses_diffusion else [])
+    proto_version = ""
+    if spec.uses_diffusion:  # the resolved protocol includes the paper defaults, which live in code, not config
+        from ..methods.protocol import resolve_protocol
+        from ..util import hash_obj
+
+        p = resolve_protocol(cfg, name).as_dict()
+        p.pop("sources")
+        proto_version = "-p" + hash_obj(p)[:8]
     kinds = {"pytorch", "diffusers"} if spec.uses_diffusion else {"pytorch", "kornia"}
     mode = cfg.execution.mode if spec.uses_diffusion else "in_process"
     resource_keys = {"pipes_subprocess": {"pipes_subprocess_client"}, "pipes_k8s": {"pipes_k8s_client"}}.get(mode, set())
 
     @dg.asset(
         key=exp.key("synthetic", name), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
-        partitions_def=exp.partitions, ins=ins, code_version=f"{spec.version}-" + exp.code_version(*sections),
+        partitions_def=exp.partitions, ins=ins, code_version=f"{spec.version}-" + exp.code_version(*sections) + proto_version,
         pool="gpu" if spec.uses_diffusion else None, kinds=kinds, op_tags=gpu_op_tags(spec.uses_diffusion, cfg),
         automation_condition=CONTENT_AUTOMATION,
         description=f"Synthetic set: {spec.description}. One row per image with its full lineage.",
-        metadata={"method": name, "algorithm": spec.name}, required_resource_keys=resource_keys,
+        metadata={"method": name, "algorithm": spec.name,
+                  **({"protocol": resolve_protocol(cfg, name).summary()} if spec.uses_diffusion else {})},
+        required_resource_keys=resource_keys,
     )
     def synthetic(context: dg.AssetExecutionContext, split: pd.DataFrame, **upstream):
         if mode != "in_process":

@@ -14,6 +14,8 @@ from typing import Any, Callable, Literal
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
+from .protocol import PROJECT_DEFAULT, Protocol
+
 # Upstream stages a method may need; assets/synthetic.py wires them as asset deps.
 STAGES = ("concepts", "captions", "class_prompts", "prompt_suffixes", "concept_lora", "inversion_pool", "real_classifier")
 
@@ -22,9 +24,10 @@ class MethodParams(BaseModel):
     """Parameters every method accepts; methods subclass this. Unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid")
-    images_per_real: int | None = Field(None, ge=1, description="M; None = generation.images_per_real")
-    guidance_scale: float | None = Field(None, ge=0, description="None = generation.guidance_scale")
-    steps: int | None = Field(None, ge=1, description="None = generation.steps")
+    # older spelling of methods.<entry>.<key> (see methods/protocol.py for the resolution order)
+    images_per_real: int | None = Field(None, ge=1, description="M; None = unset (entry, generation, paper default)")
+    guidance_scale: float | None = Field(None, ge=0, description="None = unset (entry, generation, paper default)")
+    steps: int | None = Field(None, ge=1, le=1000, description="None = unset (entry, generation, paper default)")
     weighting: Literal["none", "paper", "code"] = Field("none", description="confidence weights (DIAGen): none=uniform, paper: w=q, code: w=1 if q>=.5 else 2q")
 
 
@@ -41,6 +44,10 @@ class SynthUnit:
     guidance_scale: float = 7.5
     negative_prompt: str = ""
     steps: int = 25
+    scheduler: str = "ddim"  # resolved sampler (methods/protocol.py)
+    start_rule: str = "sdedit"  # img2img start: "sdedit" | "genie"
+    resolution: int | None = None  # None = the model's native size
+    preprocess: str = "resize"  # init image -> square: "resize" | "center_crop"
     init_image_id: str | None = None
     init_latents_blob: str | None = None
     # Diff-II: start latents computed from stored ones, e.g. {"op": "circle", "z1": blob, "z2": blob, "alpha": a}
@@ -72,6 +79,12 @@ class SynthUnit:
             "concepts": self.concepts, **({"concept_noise": {k: list(v) for k, v in self.concept_noise.items()}}
                                           if self.concept_noise else {}),
             "weighting": self.weighting, "params": self.params,
+            # the protocol keys enter only when they differ from what every unit used before they existed, so
+            # memo keys of DDIM / SDEdit / native-resolution units stay as they were
+            **({"scheduler": self.scheduler} if self.scheduler != "ddim" else {}),
+            **({"start_rule": self.start_rule} if self.start_rule != "sdedit" else {}),
+            **({"resolution": self.resolution} if self.resolution is not None else {}),
+            **({"preprocess": self.preprocess} if self.preprocess != "resize" else {}),
         }
 
 
@@ -88,6 +101,7 @@ class MethodInputs:
     seed: int
     metaclass: str = "shape"
     negative_prompt: str = ""
+    protocol: Any = None  # methods.protocol.ResolvedProtocol of this entry (scheduler, resolution, start rule)
     concepts: pd.DataFrame | None = None  # label, token, embedding_id (+ noise rows for DIAGen)
     captions: pd.DataFrame | None = None
     class_prompts: pd.DataFrame | None = None
@@ -122,6 +136,11 @@ class MethodSpec:
     post_filter: Callable[..., Any] | None = None
     # synthetic probability α when the config entry sets none (DIAGen: 0.7); None = training default
     default_alpha: float | None = None
+    # the paper's generation protocol (sampler, steps, CFG, M, start rule); unset keys use the project default
+    protocol: Protocol = PROJECT_DEFAULT
+    # optional, before plan: prepare(inputs, services) -> dict merged into inputs.extra (e.g. GeNIe's train
+    # confusion matrix); services: methods.services.FilterServices
+    prepare: Callable[..., dict] | None = None
 
     def __post_init__(self):
         bad = [n for n in self.needs if n not in STAGES]

@@ -76,7 +76,7 @@ class ConceptResult:
         return self.init_vectors[self.token]
 
 
-def _latents(pipe, images, resolution: int, hflip: bool):
+def _latents(pipe, images, resolution: int, hflip: bool, with_std: bool = False):
     import numpy as np
     import torch
     from PIL import Image
@@ -88,7 +88,10 @@ def _latents(pipe, images, resolution: int, hflip: bool):
     if hflip:
         x = torch.cat([x, x.flip(-1)])
     with torch.no_grad():
-        z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+        dist = vae.encode(x.to(vae.device, vae.dtype)).latent_dist
+        z = dist.mean * vae.config.scaling_factor
+        if with_std:  # the posterior's std in the same (scaled) units, to sample z0 ~ q(z | x) per step
+            return z.float().cpu(), (dist.std * vae.config.scaling_factor).float().cpu()
     return z.float().cpu()
 
 
@@ -96,11 +99,15 @@ def train_concepts(bundle, images_by_label: dict[str, list], tokens: dict[str, s
                    init_word: str = "the", steps: int = 100, lr: float = 5e-3, batch_size: int = 4, seed: int = 0,
                    hflip: bool = True, lora_rank: int | None = None, checkpoint_path: Path | None = None,
                    checkpoint_every: int = 50, progress: bool = False, desc: str = "textual inversion",
-                   weight_decay: float = 0.0, fixed_batch: bool = False) -> ConceptResult:
+                   weight_decay: float = 0.0, fixed_batch: bool = False, latents: str = "mean") -> ConceptResult:
     """Learn one token per label (``tokens[label]``) on ``images_by_label[label]`` with ``templates[label]``.
 
     ``fixed_batch=True`` draws one batch (images, templates, t, ε) and reuses it every step (overfit check).
+    ``latents``: "mean" trains on the VAE posterior mean; "sample" draws z0 ~ q(z | x) afresh for every batch
+    item, as the diffusers textual-inversion script (``latent_dist.sample()``) that DA-Fusion uses does.
     """
+    if latents not in ("mean", "sample"):
+        raise ValueError(f"latents must be 'mean' or 'sample', not {latents!r}")
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
@@ -158,12 +165,13 @@ def train_concepts(bundle, images_by_label: dict[str, list], tokens: dict[str, s
     opt = torch.optim.AdamW(groups, lr=lr)
 
     try:
-        lat, lab = [], []
+        lat, lat_std, lab = [], [], []
         for li, l in enumerate(labels):
-            z = _latents(pipe, images_by_label[l], bundle.resolution, hflip)
+            z, s = _latents(pipe, images_by_label[l], bundle.resolution, hflip, with_std=True)
             lat.append(z)
+            lat_std.append(s)
             lab += [li] * len(z)
-        lat = torch.cat(lat)
+        lat, lat_std = torch.cat(lat), torch.cat(lat_std)
         all_prompts = {l: [t.format(tokens[l]) for t in templates[l]] for l in labels}
         noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
         T = int(noise_sched.config.num_train_timesteps)
@@ -191,6 +199,8 @@ def train_concepts(bundle, images_by_label: dict[str, list], tokens: dict[str, s
             idx = [rng.randrange(len(lat)) for _ in range(batch_size)]
             prompts = [rng.choice(all_prompts[labels[lab[i]]]) for i in idx]
             z0 = lat[idx]
+            if latents == "sample":
+                z0 = z0 + lat_std[idx] * torch.randn(z0.shape, generator=g)
             noise = torch.randn(z0.shape, generator=g)
             t = torch.randint(0, T, (batch_size,), generator=g)
             return z0, prompts, noise, t
@@ -244,7 +254,7 @@ def train_concepts(bundle, images_by_label: dict[str, list], tokens: dict[str, s
 def learn_concept(bundle, images: list, token: str, init_word: str = "the", steps: int = 100, lr: float = 5e-3,
                   batch_size: int = 4, seed: int = 0, hflip: bool = True, checkpoint_path: Path | None = None,
                   checkpoint_every: int = 50, progress: bool = False, templates: list[str] | None = None,
-                  weight_decay: float = 0.0, fixed_batch: bool = False) -> ConceptResult:
+                  weight_decay: float = 0.0, fixed_batch: bool = False, latents: str = "mean") -> ConceptResult:
     """Textual inversion of one class: token ``token`` initialised from ``init_word``, DA-Fusion templates.
 
     Returns a :class:`ConceptResult` (``.token``, ``.vector`` [D] cpu float32, ``.init_vector``, ``.losses``,
@@ -253,11 +263,11 @@ def learn_concept(bundle, images: list, token: str, init_word: str = "the", step
     return train_concepts(bundle, {"_": images}, {"_": token}, {"_": templates or IMAGENET_TEMPLATES_SMALL},
                           init_word=init_word, steps=steps, lr=lr, batch_size=batch_size, seed=seed, hflip=hflip,
                           checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, progress=progress,
-                          weight_decay=weight_decay, fixed_batch=fixed_batch)
+                          weight_decay=weight_decay, fixed_batch=fixed_batch, latents=latents)
 
 
 # ---------------------------------------------------------------- the concept_embeddings stage (memoized per class)
-CONCEPT_VERSION = "ti-1"
+CONCEPT_VERSION = "ti-1"  # weight_decay / latents enter the memo params only when set (keys of older runs stay)
 
 
 def learn_concepts(
@@ -276,8 +286,11 @@ def learn_concepts(
     checkpoint_dir: Path,
     checkpoint_every: int = 50,
     progress: bool = False,
+    weight_decay: float = 0.0,
+    latents: str = "mean",
 ) -> tuple[list[dict], StageStats]:
-    """One textual-inversion token per class; a class whose train images did not change is reused."""
+    """One textual-inversion token per class; a class whose train images did not change is reused.
+    ``weight_decay`` (AdamW on the token vector) and ``latents`` ("mean" | "sample") as in :func:`train_concepts`."""
     t0 = time.perf_counter()
     stats = StageStats()
     train = split[split["role"] == "train"]
@@ -285,14 +298,16 @@ def learn_concepts(
     for label, grp in sorted(train.groupby("label"), key=lambda kv: kv[0]):
         ids = sorted(grp["image_id"])
         token = concept_token(label)
-        params = {"steps": steps, "lr": lr, "batch_size": batch_size, "init_word": init_word, "token": token}
+        params = {"steps": steps, "lr": lr, "batch_size": batch_size, "init_word": init_word, "token": token,
+                  **({"weight_decay": weight_decay} if weight_decay else {}),
+                  **({"latents": latents} if latents != "mean" else {})}
         key = memo_key("concept_embeddings", CONCEPT_VERSION, model=model_fp, params=params, inputs=ids, seed=seed)
         rec = memo.get(key)
         if rec is None or not blobs.exists(rec["blob"]):
             res = learn_concept(bundle_factory(), [images.real(i) for i in ids], token=token, init_word=init_word,
                                 steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                                 checkpoint_path=checkpoint_dir / f"{key}.pt", checkpoint_every=checkpoint_every,
-                                progress=progress)
+                                progress=progress, weight_decay=weight_decay, latents=latents)
             digest = blobs.put(tensor_bytes(res.vector), "safetensors")
             losses = [float(x) for x in res.losses]
             k = max(1, len(losses) // 10)

@@ -11,6 +11,7 @@ import pandas as pd
 
 from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit
 from .baselines import unit_seed
+from .protocol import Protocol
 
 
 class DAFusionParams(MethodParams):
@@ -57,5 +58,7 @@ def plan(inputs: MethodInputs) -> list[SynthUnit]:
 
 SPECS = (
     MethodSpec("dafusion", "1", "DA-Fusion: img2img with a per-class textual-inversion token, t0 in {.25,.5,.75,1}",
-               DAFusionParams, plan, needs=("concepts",)),
+               DAFusionParams, plan, needs=("concepts",),
+               protocol=Protocol(scheduler="pndm", steps=50, guidance_scale=7.5, images_per_real=10,
+                                 note="SD v1-4 img2img, t0 drawn per image from {0.25, 0.5, 0.75, 1.0}: ⌊50·t0⌋ steps")),
 )

@@ -15,13 +15,13 @@ from pydantic import Field
 
 from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit
 from .baselines import unit_seed
+from .protocol import Protocol
 from ..store.tensors import tensor_bytes, tensor_from_bytes
 from ..util import stable_int
 
 
 class DIAGenParams(MethodParams):
     strength: float = Field(0.7, ge=0.0, le=1.0, description="SDEdit t0 (README example: 0.7)")
-    guidance_scale: float | None = Field(15.0, ge=0, description="CFG scale (README example: 15)")
     use_noise: bool = Field(True, description="(a) round-robin over the noisy concept vectors")
     use_llm: bool = Field(True, description="(b) round-robin over the class's LLM prompt set")
     weighting: Literal["none", "paper", "code"] = Field("paper", description="(c) w = q (paper) or the code rule")
@@ -77,7 +77,9 @@ def plan(inputs: MethodInputs) -> list[SynthUnit]:
 
 SPECS = (
     MethodSpec("diagen", "1", "DIAGen: DA-Fusion + embedding noise + LLM prompts + confidence weighting (t0=0.7, w=15)",
-               DIAGenParams, plan, needs=("concepts", "class_prompts"), default_alpha=0.7),
+               DIAGenParams, plan, needs=("concepts", "class_prompts"), default_alpha=0.7,
+               protocol=Protocol(scheduler="pndm", steps=50, guidance_scale=15.0, images_per_real=10,
+                                 note="SD v1-4 img2img at t0 0.7 (⌊50·0.7⌋ = 35 steps), α 0.7")),
 )
 
 

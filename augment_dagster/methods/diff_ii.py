@@ -5,10 +5,13 @@ DDIM-inverted latents (z1, z2), θ = ∠(z1, z2), α ~ U(0, 2π/θ) and starts f
 z = [sin((1+α)θ)·z1 − sin(αθ)·z2]/sin θ. Two-stage denoising (DDIM, 25 steps, CFG 7.5): timesteps
 t ≥ 1000(1−s) use "a photo of a <cls> <metaclass> <suffix>", later ones "a photo of a <cls> <metaclass>".
 Classes with a single image start from N(0, I) (the paper's rule; recorded in lineage as start=noise).
-Ablations (paper table): use_concepts (TI+LoRA vs the plain class name), interpolation, suffixes, two_stage."""
+Ablations (paper table): use_concepts, interpolation, suffixes, two_stage. ``use_concepts: false`` is the paper's
+"without concept learning": no TI token, no LoRA and no inversion — every image starts from N(0, I) with the
+template prompt "a photo of a <label> <metaclass>" (lineage start=noise, ablation=no_concepts)."""
 from __future__ import annotations
 
 import random
+from typing import ClassVar
 
 from pydantic import Field
 
@@ -16,13 +19,17 @@ from ..util import hash_obj
 from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit
 from .baselines import unit_seed
 from .interpolation import angle, sample_alpha
+from .protocol import Protocol
 
 
 class DiffIIParams(MethodParams):
-    expansion_rate: int = Field(5, ge=1, description="synthetic images per real image of a class")
+    M_ALIAS: ClassVar[str] = "expansion_rate"  # methods/protocol.py: expansion_rate is this method's M
+    expansion_rate: int | None = Field(None, ge=1, description="synthetic images per real image of a class, i.e. "
+                                                                "this method's M (None: methods.<entry>.images_per_real, "
+                                                                "generation.images_per_real, paper 5)")
     split_ratio: float = Field(0.3, ge=0.0, le=1.0, description="s: suffixed prompt for t >= 1000(1-s)")
-    steps: int | None = Field(25, ge=1)
-    use_concepts: bool = Field(True, description="TI tokens + shared LoRA (else the class name and the base UNet)")
+    use_concepts: bool = Field(True, description="TI tokens + shared LoRA + inverted starts (else the paper's ablation: "
+                                                   "N(0, I) start, template prompt with the class name, base UNet)")
     interpolation: bool = Field(True, description="start from the circle interpolation (else from one inverted latent)")
     suffixes: bool = Field(True, description="use LLM/caption suffixes")
     two_stage: bool = Field(True, description="switch to the plain prompt after the first s·T timesteps (else suffix all along)")
@@ -38,6 +45,7 @@ def plan(inputs: MethodInputs) -> list[SynthUnit]:
     lora_blob = lora[lora["kind"] == "lora"]["blob"].iloc[0] if p.use_concepts else None
     suffixes = list(suf.sort_values("idx")["suffix"]) if p.suffixes and len(suf) else []
     switch_t = int(1000 * (1.0 - p.split_ratio))
+    rate = p.expansion_rate or inputs.images_per_real  # the resolved M is expansion_rate when set (M_ALIAS)
     units = []
     for label, grp in inputs.train.groupby("label", sort=True):
         if p.use_concepts and label not in tokens:
@@ -48,8 +56,14 @@ def plan(inputs: MethodInputs) -> list[SynthUnit]:
         pool = inv[inv["label"] == label].sort_values("image_id")
         lat = dict(zip(pool["image_id"], pool["latent_blob"]))
         ids = [i for i in grp["image_id"] if i in lat]
-        for i in range(p.expansion_rate * len(grp)):
+        for i in range(rate * len(grp)):
             seed = unit_seed(inputs, label, i)
+            if not p.use_concepts:  # the paper's "w/o concept learning": txt2img from the template prompt
+                units.append(SynthUnit(
+                    label=label, seed=seed, mode="txt2img", prompt=base, guidance_scale=inputs.guidance_scale,
+                    steps=inputs.steps, negative_prompt=inputs.negative_prompt, prompt_source="template",
+                    params={"index": i, "metaclass": inputs.metaclass, "start": "noise", "ablation": "no_concepts"}))
+                continue
             rng = random.Random(hash_obj("diffii", seed))
             suffix = rng.choice(suffixes) if suffixes else ""
             prompt = f"{base} {suffix}".strip()
@@ -79,5 +93,8 @@ def plan(inputs: MethodInputs) -> list[SynthUnit]:
 
 SPECS = (
     MethodSpec("diff_ii", "1", "Diff-II: circle interpolation of DDIM-inverted latents + two-stage suffix denoising with TI+LoRA concepts",
-               DiffIIParams, plan, needs=("concept_lora", "inversion_pool", "prompt_suffixes")),
+               DiffIIParams, plan, needs=("concept_lora", "inversion_pool", "prompt_suffixes"),
+               protocol=Protocol(scheduler="ddim", steps=25, guidance_scale=7.5, images_per_real=5,
+                                 note="SD v1-5 + TI/LoRA; start = circle interpolation of DDIM inversions "
+                                      "(inversion.steps, paper 200, at g 1); M = expansion rate per class-image")),
 )

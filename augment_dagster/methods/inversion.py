@@ -35,7 +35,7 @@ def inversion_stage(train, *, images, blobs, memo, model_fp: str, core_factory, 
         errs = [None] * len(todo)
         if check_recon:
             z0 = core.encode_images(imgs)
-            recon = core.generate_latents([GenRequest(prompt=p, seed=0, init_latents=z, guidance_scale=1.0, num_inference_steps=steps,
+            recon = core.generate_latents([GenRequest(prompt=p, seed=0, init_latents=z, guidance_scale=1.0, num_inference_steps=steps, scheduler="ddim",
                                                       concepts=cvec) for p, z in zip(ps, zT)])
             errs = [float(((a - b).norm() / b.norm()).item()) for a, b in zip(recon, z0)]
         for j, i in enumerate(todo):

@@ -44,11 +44,14 @@ def validate_method_entry(entry_name: str, entry) -> None:
     if algo not in reg:
         raise ValueError(f"methods.{entry_name}: unknown method {algo!r}; available: {sorted(reg)}")
     try:
-        reg[algo].Params.model_validate(entry.params)
+        params = reg[algo].Params.model_validate(entry.params)
     except ValidationError as e:
         msgs = "; ".join(f"methods.{entry_name}.params.{'.'.join(map(str, x['loc']))}: "
                          f"{'unknown key' if x['type'] == 'extra_forbidden' else x['msg']}" for x in e.errors())
         raise ValueError(msgs) from None
+    from .protocol import check_params_agree
+
+    check_params_agree(entry_name, entry, params)
 
 
 def method_params(entry_name: str, entry):

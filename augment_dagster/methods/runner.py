@@ -30,7 +30,8 @@ class RunStats:
 
 SYNTH_COLUMNS = [
     "synthetic_id", "method", "algorithm", "label", "guide_ids", "prompt", "prompt_segments", "negative_prompt",
-    "prompt_source", "seed", "mode", "strength", "guidance_scale", "steps", "switch_prompt", "switch_t",
+    "prompt_source", "seed", "mode", "strength", "guidance_scale", "steps", "scheduler", "start_rule", "resolution",
+    "start_timestep", "first_timestep", "denoise_steps", "preprocess", "switch_prompt", "switch_t",
     "embedding_id", "concepts", "model_fingerprint", "params_json", "blob", "memo_key", "created_by_run", "compute_seconds",
 ]
 
@@ -70,7 +71,8 @@ def to_request(unit: SynthUnit, load_image: Callable[[str], Any], load_tensor: C
         guidance_scale=unit.guidance_scale, negative_prompt=unit.negative_prompt,
         num_inference_steps=unit.steps, switch_prompt=prompt(unit.switch_prompt), switch_t=unit.switch_t,
         concepts={tok: concept_vector(unit, tok, eid, load_tensor) for tok, eid in unit.concepts.items()} or None,
-        weighting=unit.weighting,
+        weighting=unit.weighting, scheduler=unit.scheduler, start_rule=unit.start_rule, resolution=unit.resolution,
+        preprocess=unit.preprocess,
     )
 
 
@@ -131,15 +133,19 @@ def run_units(
         for lb, chunk in batches:
             tb = time.perf_counter()
             cu = [units[i] for i in chunk]
+            info: list[dict] = [{} for _ in cu]
             if spec.uses_diffusion:
-                images = cores[lb].generate([to_request(u, load_image, load_tensor) for u in cu])
+                reqs = [to_request(u, load_image, load_tensor) for u in cu]
+                images = cores[lb].generate(reqs)
+                info = [cores[lb].schedule_info(r) for r in reqs]
             else:
                 images = spec.render(cu, {u.init_image_id: load_image(u.init_image_id) for u in cu}, render_params)
             per_unit = (time.perf_counter() - tb) / max(1, len(chunk))
-            for i, u, im in zip(chunk, cu, images):
+            for i, u, im, inf in zip(chunk, cu, images, info):
                 digest = blobs.put(png_bytes(im), "png")
                 rec = {"blob": digest, "fn": f"synthetic/{spec.name}", "method": method_name, "created_by_run": run_id,
-                       "created_at": time.time(), "seconds": per_unit}
+                       "created_at": time.time(), "seconds": per_unit,
+                       **{k: inf.get(k) for k in ("start_timestep", "first_timestep", "denoise_steps")}}
                 rec = memo.put(keys[i], rec)
                 records[i] = rec
             stats.computed += len(chunk)
@@ -163,6 +169,12 @@ def run_units(
             "prompt_segments": json.dumps(segs) if segs is not None else None,
             "negative_prompt": u.negative_prompt, "prompt_source": u.prompt_source, "seed": int(u.seed),
             "mode": u.mode, "strength": u.strength, "guidance_scale": float(u.guidance_scale), "steps": int(u.steps),
+            # the resolved protocol (methods/protocol.py); the schedule facts come from the memo record
+            "scheduler": u.scheduler if spec.uses_diffusion else None,
+            "start_rule": u.start_rule if spec.uses_diffusion and u.mode == "img2img" else None,
+            "resolution": u.resolution, "start_timestep": rec.get("start_timestep"),
+            "first_timestep": rec.get("first_timestep"), "denoise_steps": rec.get("denoise_steps"),
+            "preprocess": u.preprocess if spec.uses_diffusion and u.mode == "img2img" else None,
             "switch_prompt": (sw if isinstance(sw, str) or sw is None else "".join(t for t, _ in sw)),
             "switch_t": u.switch_t, "embedding_id": u.embedding_id, "concepts": json.dumps(u.concepts, sort_keys=True),
             "model_fingerprint": model_fp if spec.uses_diffusion else None,

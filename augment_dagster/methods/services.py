@@ -34,6 +34,27 @@ class FilterServices:
         f = torch.nn.functional.normalize(f.float(), dim=1)
         return f.numpy()
 
+    def classifier_confusion(self, classifier_blob: str, image_ids: list[str], labels: list[str]) -> tuple[list[str], np.ndarray]:
+        """(classes, cm[true, pred]) of a stored classifier on real images (e.g. the train split: GeNIe's
+        ``confusion_topk`` sources)."""
+        import torch
+
+        from ..metrics import confusion_matrix
+        from ..training.classifier import predict_logits
+        from ..training.stage import load_classifier_blob
+
+        model, meta = load_classifier_blob(self.blobs, classifier_blob)
+        classes = list(meta["classes"])
+        with torch.no_grad():
+            logits = predict_logits(model, to_tensor([self.real_image(i) for i in image_ids], self.image_size))
+        return classes, confusion_matrix(logits.argmax(1), [classes.index(lb) for lb in labels], len(classes))
+
+    def clip_image_features(self, pil_images: list) -> np.ndarray:
+        """L2-normalised CLIP image embeddings (``models.clip``)."""
+        from ..models.clip_ops import image_features
+
+        return image_features(self.clip_factory(), pil_images).numpy()
+
     def clip_zero_shot(self, pil_images: list, class_names: list[str], template: str = "a photo of a {}") -> np.ndarray:
         """Softmax over class prompts of CLIP image-text similarity, [N, C]."""
         from ..models.clip_ops import zero_shot_probs

@@ -13,6 +13,7 @@ from pydantic import Field
 from ..util import hash_obj
 from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit
 from .baselines import unit_seed
+from .protocol import Protocol
 
 
 def guidance_from_similarity(s: float, clamp_min: float | None = None) -> float:
@@ -23,7 +24,6 @@ def guidance_from_similarity(s: float, clamp_min: float | None = None) -> float:
 
 
 class SGIDParams(MethodParams):
-    images_per_real: int | None = Field(1, ge=1, description="M (paper: 1 augmented image per original)")
     strength: float = Field(0.5, ge=0.0, le=1.0, description="noise rate n ∈ {0.3, 0.5, 0.7} (chosen on val)")
     caption_strategy: Literal["nucleus", "beam", "clip_filter"] = "clip_filter"
     label_weight: float = Field(1.5, gt=0)
@@ -77,5 +77,7 @@ def plan(inputs: MethodInputs) -> list[SynthUnit]:
 
 SPECS = (
     MethodSpec("sgid", "1", "SGID: img2img with 'A picture of a <label>, <BLIP caption>', weighted tokens, CLIP-similarity guidance",
-               SGIDParams, plan, needs=("captions",)),
+               SGIDParams, plan, needs=("captions",),
+               protocol=Protocol(scheduler="pndm", steps=50, images_per_real=1, guidance="f(s*) per image",
+                                 note="SD v1-5 (diffusers default sampler) img2img at n 0.5; g = f(s*) per image")),
 )

@@ -72,8 +72,18 @@ def parse_suffixes(text: str, prefix: str) -> list[str]:
     return out[:MAX_SUFFIXES]
 
 
+def greedy_captions(captions) -> list[str]:
+    """Diff-II's caption set: ONE greedy BLIP caption per train image (``get_suffix.py``), in image order, from the
+    captions manifest (the beam / nucleus candidates there are SGID's)."""
+    g = captions[captions["strategy"] == "greedy"].sort_values(["image_id", "idx"])
+    if g.empty:
+        raise ValueError("the captions manifest has no greedy captions: rematerialize captions")
+    return list(g.groupby("image_id", sort=True)["caption"].first())
+
+
 def suffix_rows(captions: list[str], metaclass: str, client: LLMClient, seed: int) -> list[dict]:
-    caps = sorted(set(captions))
+    """``captions``: one per image (:func:`greedy_captions`); at most 200 are sampled with the seed."""
+    caps = list(captions)
     random.Random(hash_obj("suffix-captions", seed)).shuffle(caps)
     caps = caps[:MAX_CAPTIONS]
     prefix = f"a photo of a{'n' if metaclass[:1].lower() in 'aeiou' else ''} {metaclass}"

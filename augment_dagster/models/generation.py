@@ -14,8 +14,20 @@ scheduler per batch (``set_timesteps`` / ``scale_model_input`` / ``step`` / ``ad
 * prompt embeddings with per-token weights (SGID) and injected concept vectors (textual inversion);
 * DDIM inversion with diffusers' ``DDIMInverseScheduler``.
 
-Batching: requests are grouped by (num_inference_steps, number of denoising steps, start kind, CFG on/off) and
-run up to ``batch_size`` at a time through the UNet (a CFG batch of B requests is one UNet call on 2B latents).
+Per-request protocol: each request names its ``scheduler`` (None = the core's default), its ``resolution``
+(None = the bundle's) and its ``start_rule`` for img2img starts:
+
+* ``sdedit`` (DA-Fusion, DIAGen, SGID, the baselines) — the diffusers img2img convention above;
+* ``genie`` (GeNIe, METHODS §4): noise z0 to t = ⌊1000·r⌋ (pure noise for r > 0.999), run the full N-step
+  schedule but skip every step with t − 1 > 1000·r (≈⌊N·r⌋ steps: 40 at r = 0.8 on DPM-Solver++-50).
+
+A scheduler other than the model's own class is built from the model's scheduler config (betas, offset) with
+that class's *default* timestep spacing and, for PNDM, ``skip_prk_steps`` — what ``X.from_config(pipe.scheduler
+.config)`` gives on SD-1.x, whose config sets neither (DDIM/PNDM: "leading", DPM-Solver++/Euler: "linspace").
+
+Batching: requests are grouped by (scheduler, resolution, num_inference_steps, start kind, first step, noise
+timestep, CFG on/off) — everything that changes the image apart from per-request tensors — and run up to
+``batch_size`` at a time through the UNet (a CFG batch of B requests is one UNet call on 2B latents).
 Noise: request i's noise is drawn on the CPU from its own ``torch.Generator('cpu').manual_seed(seed)`` and then
 moved to the device, so a request gives the same image alone or inside any batch.
 
@@ -33,7 +45,7 @@ generated latents/images, ``inverted_images`` counts images passed through :meth
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -45,6 +57,22 @@ SCHEDULERS = {
     "euler": "EulerDiscreteScheduler",
 }
 WEIGHTINGS = ("output", "input_embeddings")
+START_RULES = ("sdedit", "genie")
+PREPROCESS = ("resize", "center_crop")
+# what SD-1.x's scheduler_config.json sets and a scheduler class would not default to on its own
+_SD1_SCHEDULER_EXTRAS = {"pndm": {"skip_prk_steps": True}}
+
+
+class _Key(NamedTuple):
+    """Batch group key: requests with equal keys share one denoising loop."""
+
+    scheduler: str
+    resolution: int | None  # None = the bundle's
+    steps: int
+    kind: str  # "noise" | "image" (SDEdit) | "genie" | "latents"
+    begin: int  # index of the first timestep run
+    noise_t: int | None  # genie: the timestep z0 is noised to
+    cfg: bool
 
 
 @dataclass
@@ -85,6 +113,10 @@ class GenRequest:
     # extension: the timestep init_latents sit at (e.g. the end of a partial inversion, see
     # GenerationCore.inversion_timesteps); None = pure z_T, denoised over the full schedule
     init_latents_t: int | None = None
+    scheduler: str | None = None  # one of SCHEDULERS; None = the core's default
+    start_rule: str = "sdedit"  # img2img start: "sdedit" (diffusers img2img) | "genie" (⌊1000r⌋, skip t−1 > 1000r)
+    resolution: int | None = None  # pixels (square); None = the bundle's resolution
+    preprocess: str = "resize"  # init image -> square: "resize" (squash, DA-Fusion) | "center_crop" (GeNIe: Resize + CenterCrop)
 
 
 @dataclass
@@ -116,8 +148,11 @@ class GenerationCore:
         self.pipe = bundle.pipe
         self.batch_size = max(1, int(batch_size))
         self.scheduler_name = scheduler
-        self._sched_cls = getattr(diffusers, SCHEDULERS[scheduler])
+        self._diffusers = diffusers
         self._sched_config = dict(self.pipe.scheduler.config)
+        self._native = type(self.pipe.scheduler).__name__
+        self._sched_configs: dict[str, tuple[type, dict]] = {}
+        self._plans: dict[tuple, tuple] = {}
         p = next(self.pipe.unet.parameters())
         self.device = p.device
         self.dtype = p.dtype
@@ -224,13 +259,30 @@ class GenerationCore:
         return out
 
     # ------------------------------------------------------------------ images
-    def encode_images(self, images) -> torch.Tensor:
-        """z0 = posterior mean · scaling_factor of RGB images resized (bilinear) to the bundle's resolution."""
+    @staticmethod
+    def prepare_image(image, size: int, preprocess: str = "resize"):
+        """RGB ``size``² image: ``resize`` squashes to the square (bilinear); ``center_crop`` resizes the short
+        side to ``size`` and crops the centre (torchvision Resize + CenterCrop, GeNIe)."""
         from PIL import Image
 
-        r = self.bundle.resolution
-        arr = np.stack([np.asarray(im.convert("RGB").resize((r, r), Image.BILINEAR), dtype=np.float32)
-                        for im in images]) / 127.5 - 1.0
+        if preprocess not in PREPROCESS:
+            raise ValueError(f"unknown preprocess {preprocess!r}; choose from {PREPROCESS}")
+        im = image.convert("RGB")
+        if preprocess == "center_crop" and im.width != im.height:
+            s = size / min(im.width, im.height)
+            w, h = max(size, round(im.width * s)), max(size, round(im.height * s))
+            im = im.resize((w, h), Image.BILINEAR)
+            left, top = (w - size) // 2, (h - size) // 2
+            return im.crop((left, top, left + size, top + size))
+        return im.resize((size, size), Image.BILINEAR)
+
+    def encode_images(self, images, resolution: int | None = None, preprocess: "str | list[str]" = "resize") -> torch.Tensor:
+        """z0 = posterior mean · scaling_factor of RGB images brought to ``resolution``² (None: the bundle's) by
+        ``preprocess`` (one for all, or one per image; see :meth:`prepare_image`)."""
+        r = int(resolution or self.bundle.resolution)
+        pre = [preprocess] * len(images) if isinstance(preprocess, str) else list(preprocess)
+        arr = np.stack([np.asarray(self.prepare_image(im, r, p), dtype=np.float32)
+                        for im, p in zip(images, pre)]) / 127.5 - 1.0
         vae = self.pipe.vae
         x = torch.from_numpy(arr).permute(0, 3, 1, 2).to(self.device, vae.dtype)
         with torch.inference_mode():
@@ -253,37 +305,95 @@ class GenerationCore:
         """Steps actually run at ``strength`` (diffusers img2img: ``min(int(N·strength), N)``)."""
         return min(int(num_inference_steps * strength), num_inference_steps)
 
-    def _new_scheduler(self):
-        return self._sched_cls.from_config(self._sched_config)
+    def scheduler_class_and_config(self, name: str | None = None) -> tuple[type, dict]:
+        """The diffusers class and config of scheduler ``name`` on this model (see the module doc)."""
+        name = name or self.scheduler_name
+        if name not in self._sched_configs:
+            if name not in SCHEDULERS:
+                raise ValueError(f"unknown scheduler {name!r}; choose from {sorted(SCHEDULERS)}")
+            cls_name = SCHEDULERS[name]
+            conf = dict(self._sched_config)
+            if cls_name != self._native:
+                conf.pop("timestep_spacing", None)
+                conf.update(_SD1_SCHEDULER_EXTRAS.get(name, {}))
+            self._sched_configs[name] = (getattr(self._diffusers, cls_name), conf)
+        return self._sched_configs[name]
 
-    def _latent_shape(self) -> tuple[int, int, int]:
+    def _new_scheduler(self, name: str | None = None):
+        cls, conf = self.scheduler_class_and_config(name)
+        return cls.from_config(conf)
+
+    def _latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
         c = self.pipe.unet.config
-        return (int(c.in_channels), int(c.sample_size), int(c.sample_size))
+        if resolution is None or int(resolution) == int(self.bundle.resolution):
+            return (int(c.in_channels), int(c.sample_size), int(c.sample_size))
+        f = int(self.bundle.resolution) // int(c.sample_size)  # the VAE's downscale factor
+        if int(resolution) % f:
+            raise ValueError(f"resolution {resolution} is not a multiple of the VAE's downscale factor {f}")
+        return (int(c.in_channels), int(resolution) // f, int(resolution) // f)
 
     @staticmethod
     def _noise(seed: int, shape) -> torch.Tensor:
         return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(seed)), dtype=torch.float32)
 
-    def _latents_denoise_steps(self, r: GenRequest) -> int:
-        if r.init_latents_t is None:
-            return r.num_inference_steps
-        s = self._new_scheduler()
-        s.set_timesteps(r.num_inference_steps)
-        return int((s.timesteps[:: s.order] <= int(r.init_latents_t)).sum())
+    def _timesteps(self, name: str, steps: int) -> tuple[list[int], int]:
+        """(the N-step schedule's timesteps, scheduler order) — cached per (scheduler, N)."""
+        k = ("ts", name, int(steps))
+        if k not in self._plans:
+            sch = self._new_scheduler(name)
+            sch.set_timesteps(int(steps))
+            self._plans[k] = ([int(t) for t in sch.timesteps], int(getattr(sch, "order", 1)))
+        return self._plans[k]
 
-    def _group_key(self, r: GenRequest) -> tuple:
+    def _group_key(self, r: GenRequest) -> _Key:
         cfg = r.guidance_scale > 1.0
         if r.weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {r.weighting!r}; choose from {WEIGHTINGS}")
+        if r.start_rule not in START_RULES:
+            raise ValueError(f"unknown start_rule {r.start_rule!r}; choose from {START_RULES}")
+        name = r.scheduler or self.scheduler_name
+        res = int(r.resolution) if r.resolution and int(r.resolution) != int(self.bundle.resolution) else None
+        self._latent_shape(res)  # validates the resolution
+        N = int(r.num_inference_steps)
+        ts, order = self._timesteps(name, N)
         if r.init_latents is not None:
-            return (r.num_inference_steps, self._latents_denoise_steps(r), "latents", cfg)
+            if r.init_latents_t is None:
+                return _Key(name, res, N, "latents", 0, None, cfg)
+            n = sum(1 for t in ts[::order] if t <= int(r.init_latents_t))
+            return _Key(name, res, N, "latents", (N - n) * order if n else len(ts), None, cfg)
         if r.init_image is not None:
-            return (r.num_inference_steps, self.denoising_steps(r.num_inference_steps, r.strength), "image", cfg)
-        return (r.num_inference_steps, r.num_inference_steps, "noise", cfg)
+            if r.start_rule == "genie":
+                T = int(self._sched_config.get("num_train_timesteps", 1000))
+                if r.strength > 0.999:  # GeNIe: pure noise start
+                    return _Key(name, res, N, "noise", 0, None, cfg)
+                limit = T * float(r.strength)
+                keep = [i for i, t in enumerate(ts) if t - 1 <= limit]
+                begin = keep[0] if keep else len(ts)
+                return _Key(name, res, N, "genie", begin, int(limit), cfg)
+            n = self.denoising_steps(N, r.strength)  # 0: the VAE reconstruction
+            return _Key(name, res, N, "image", (N - n) * order if n else len(ts), None, cfg)
+        return _Key(name, res, N, "noise", 0, None, cfg)
+
+    def schedule_info(self, r: GenRequest) -> dict[str, Any]:
+        """What the loop does for request ``r`` (lineage): scheduler, resolution, start_rule, the timestep the
+        start latents sit at (``start_timestep``; None for pure-noise / pure-z_T starts), the first UNet timestep
+        and the number of denoising steps."""
+        k = self._group_key(r)
+        ts, _ = self._timesteps(k.scheduler, k.steps)
+        run = ts[k.begin:]
+        start = None
+        if k.kind == "genie":
+            start = k.noise_t
+        elif k.kind == "image":
+            start = run[0] if run else 0
+        elif k.kind == "latents" and k.begin > 0:
+            start = int(r.init_latents_t)
+        return {"scheduler": k.scheduler, "resolution": int(k.resolution or self.bundle.resolution),
+                "start_rule": r.start_rule if r.init_image is not None else None, "start_timestep": start,
+                "first_timestep": run[0] if run else None, "denoise_steps": len(run)}
 
     # ------------------------------------------------------------------ generation
-    def generate_latents(self, requests: list[GenRequest], progress: bool = False) -> torch.Tensor:
-        """Final latents [N, 4, h, w] (CPU float32), in request order."""
+    def _generate(self, requests: list[GenRequest], progress: bool = False) -> list[torch.Tensor]:
         out: list[torch.Tensor | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
@@ -304,14 +414,30 @@ class GenerationCore:
         if bar is not None:
             bar.close()
         self.stats["images"] += len(requests)
+        return out  # type: ignore[return-value]
+
+    def generate_latents(self, requests: list[GenRequest], progress: bool = False) -> torch.Tensor:
+        """Final latents [N, 4, h, w] (CPU float32), in request order (all requests of one resolution)."""
+        out = self._generate(requests, progress)
+        if len({tuple(z.shape) for z in out}) > 1:
+            raise ValueError("generate_latents: requests of different resolutions; use generate()")
         return torch.stack(out) if out else torch.zeros(0, *self._latent_shape())
 
     def generate(self, requests: list[GenRequest], progress: bool = False) -> list:
-        """PIL images at the bundle's resolution, in request order."""
+        """PIL images (each at its request's resolution), in request order."""
         if not requests:
             return []
-        lat = self.generate_latents(requests, progress)
-        return [im for s in range(0, len(lat), self.batch_size) for im in self.decode(lat[s:s + self.batch_size])]
+        lat = self._generate(requests, progress)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, z in enumerate(lat):
+            by_shape.setdefault(tuple(z.shape), []).append(i)
+        images: list = [None] * len(lat)
+        for idx in by_shape.values():
+            for s in range(0, len(idx), self.batch_size):
+                chunk = idx[s:s + self.batch_size]
+                for i, im in zip(chunk, self.decode(torch.stack([lat[i] for i in chunk]))):
+                    images[i] = im
+        return images
 
     def _unet_eps(self, z: torch.Tensor, t, emb: torch.Tensor, uncond: torch.Tensor | None,
                   g: torch.Tensor | float) -> torch.Tensor:
@@ -331,27 +457,32 @@ class GenerationCore:
 
     def _run(self, reqs: list[GenRequest], key: tuple) -> torch.Tensor:
         """THE denoising loop (one batch of one group)."""
-        steps, n_denoise, kind, cfg = key
-        sched = self._new_scheduler()
-        sched.set_timesteps(steps, device=self.device)
-        t_start = steps - n_denoise
-        timesteps = sched.timesteps[t_start * sched.order:]
+        sched = self._new_scheduler(key.scheduler)
+        sched.set_timesteps(key.steps, device=self.device)
+        timesteps = sched.timesteps[key.begin:]
         if hasattr(sched, "set_begin_index"):
-            sched.set_begin_index(t_start * sched.order)
-        shape = self._latent_shape()
+            sched.set_begin_index(key.begin)
+        shape = self._latent_shape(key.resolution)
         B = len(reqs)
+        kind = key.kind
         if kind == "latents":
             z = torch.stack([r.init_latents.detach().float().cpu().reshape(shape) for r in reqs]).to(self.device)
-            if n_denoise == steps:  # pure z_T, like the pipelines' `latents=` argument
+            if key.begin == 0:  # pure z_T, like the pipelines' `latents=` argument
                 z = z * sched.init_noise_sigma
-            elif n_denoise == 0:
+            if len(timesteps) == 0:
                 return z.cpu()
-        elif kind == "image":
-            z0 = self.encode_images([r.init_image for r in reqs])
-            if n_denoise == 0:
+        elif kind in ("image", "genie"):
+            z0 = self.encode_images([r.init_image for r in reqs], key.resolution, [r.preprocess for r in reqs])
+            if len(timesteps) == 0:
                 return z0.cpu()
             noise = torch.stack([self._noise(r.seed, shape) for r in reqs]).to(self.device)
-            z = sched.add_noise(z0.to(self.device), noise, timesteps[:1].repeat(B))
+            if kind == "image":
+                z = sched.add_noise(z0.to(self.device), noise, timesteps[:1].repeat(B))
+            else:  # GeNIe: q(z_t | z0) at t = ⌊1000r⌋, which need not be on the schedule
+                ab = sched.alphas_cumprod[int(key.noise_t)].to(self.device, torch.float32)
+                z = ab.sqrt() * z0.to(self.device) + (1 - ab).sqrt() * noise
+                if key.scheduler == "euler":  # sigma parameterisation: x = z_t / sqrt(ᾱ)
+                    z = z / ab.sqrt()
         else:
             z = torch.stack([self._noise(r.seed, shape) for r in reqs]).to(self.device) * sched.init_noise_sigma
         # text conditioning
@@ -365,7 +496,7 @@ class GenerationCore:
             switch = cond
         switch_t = torch.tensor([int(r.switch_t) if h else -1 for r, h in zip(reqs, has_switch)], device=self.device)
         uncond = None
-        if cfg:
+        if key.cfg:
             neg = [GenRequest(prompt=r.negative_prompt, seed=0, concepts=r.concepts) for r in reqs]
             uncond = self._encode_requests([Prompt.of(r.negative_prompt) for r in reqs], neg)
         g = torch.tensor([float(r.guidance_scale) for r in reqs], device=self.device, dtype=torch.float32).view(B, 1, 1, 1)

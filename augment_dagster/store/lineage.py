@@ -115,7 +115,8 @@ def lineage(root: str | os.PathLike, ident: str) -> dict[str, Any]:
     return {
         "synthetic_id": sid, "experiment": exp, "split": part, "method": method, "algorithm": first.get("algorithm"),
         "label": first.get("label"), "blob": first.get("blob"),
-        "generation": {k: first.get(k) for k in ("mode", "seed", "strength", "guidance_scale", "steps")}
+        "generation": {k: first.get(k) for k in ("mode", "seed", "strength", "guidance_scale", "steps", "scheduler",
+                                                 "start_rule", "start_timestep", "denoise_steps", "resolution")}
         | {"params": json.loads(first.get("params_json") or "{}")},
         "guides": real, "concept": concept, "prompt": prompt, "model_fingerprint": first.get("model_fingerprint"),
         "dagster_run_id": first.get("created_by_run"), "mlflow_runs": mlflow,
@@ -129,7 +130,8 @@ def format_lineage(ch: dict[str, Any]) -> str:
          f"  file: blobs/{ch['blob'][:2]}/{ch['blob']}.png"]
     g = ch["generation"]
     L.append(f"  generation: mode={g['mode']} seed={g['seed']} strength={g['strength']} guidance={g['guidance_scale']} "
-             f"steps={g['steps']} params={g['params']}")
+             f"steps={g['steps']} scheduler={g.get('scheduler')} start={g.get('start_rule')}@t{g.get('start_timestep')} "
+             f"denoised={g.get('denoise_steps')} params={g['params']}")
     p = ch["prompt"]
     L.append(f"  prompt: {p['prompt']!r} (source: {p['prompt_source']})" + (f"  switch→ {p['switch_prompt']!r} at t<{p['switch_t']}" if p.get("switch_prompt") else ""))
     for r in ch["guides"]:
