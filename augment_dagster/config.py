@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .errors import UserError
 from .util import hash_obj
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
@@ -23,7 +24,7 @@ _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _SPLIT_RE = re.compile(r"^(\d+)shot-s(\d+)$")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file is invalid. The message names the file and the offending key."""
 
 

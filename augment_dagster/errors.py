@@ -1,0 +1,84 @@
+"""User errors: bad input a person can fix (a config key, a dataset file, a model source, an LLM endpoint).
+
+Every such error derives from :class:`UserError`. The ``augment`` CLI prints it as one short block — what went
+wrong, where (file / key / URL, named in the message), what to do — and exits 2; ``-v`` shows the trace.
+Errors raised inside a Dagster step reach the CLI either as the original exception (in-process runs) or as text
+inside Dagster's failure (out-of-process steps, asset-check failures); :func:`find_user_error` unwraps both.
+No torch, no Dagster at import time.
+"""
+from __future__ import annotations
+
+import re
+
+# class name -> default advice, used when an error arrives only as text (e.g. from an out-of-process step)
+HINTS = {
+    "ConfigError": "fix the named key in the config file (see assets_config/demo.yaml for a valid example)",
+    "DatasetError": "fix the dataset folder (dataset.source), or switch to dataset.source: builtin",
+    "BadImageError": "fix or remove the file, or set dataset.on_bad_file: skip to skip unreadable files",
+    "SplitError": "add images, lower splits.shots / splits.val_per_class, or set splits.fewer_than_k: use_all",
+    "LLMError": "check that the LLM server is reachable and the model exists (models.llm.base_url / models.llm.model), "
+                "or set models.llm.fallback_to_offline: true",
+    "MissingAPIKeyError": "export the API key variable named above, or set models.llm.provider: offline",
+    "NotEnoughPromptsError": "check the LLM's answers (models.llm), or set models.llm.provider: offline",
+    "ModelSourceError": "point the named models.* source at a local folder or a reachable hub id (or use source: tiny)",
+    "AssetCheckFailed": "inspect the asset's Checks tab in `dagster dev`, or its manifest; fix the input and rerun",
+}
+
+
+class UserError(Exception):
+    """Base of errors caused by input a user can fix. ``hint`` is the "what to do" line (class default)."""
+
+    hint: str = ""
+
+    def advice(self) -> str:
+        return self.hint or HINTS.get(type(self).__name__, "") or next(
+            (HINTS[c.__name__] for c in type(self).__mro__ if c.__name__ in HINTS), "")
+
+
+_NAMES = "|".join(sorted(HINTS, key=len, reverse=True))
+_TEXT_RE = re.compile(rf"\b(?:[\w.]+\.)?({_NAMES}): (.+)")
+
+
+class _TextUserError(UserError):
+    """A user error known only from its class name and message (Dagster failure text)."""
+
+    def __init__(self, cls_name: str, message: str):
+        super().__init__(message)
+        self.cls_name = cls_name
+        self.hint = HINTS.get(cls_name, "")
+
+
+def find_user_error(exc: BaseException) -> UserError | None:
+    """The user error behind ``exc``: itself, one in its cause/context chain, or one named in the text of a
+    Dagster failure (a step run out of process, a blocking asset check)."""
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return e
+        user = getattr(e, "user_exception", None)
+        if isinstance(user, UserError):
+            return user
+        e = e.__cause__ or e.__context__
+    text = str(exc)
+    m = _TEXT_RE.search(text)
+    if m:
+        return _TextUserError(m.group(1), m.group(2).strip())
+    if type(exc).__name__ == "DagsterAssetCheckFailedError":
+        return _TextUserError("AssetCheckFailed", text.strip().splitlines()[0] if text.strip() else "a blocking asset check failed")
+    return None
+
+
+def format_user_error(err: UserError, max_width: int = 300) -> str:
+    """One short block (at most 5 lines): what and where (the message names the file/key/URL), what to do."""
+    name = getattr(err, "cls_name", None) or type(err).__name__
+    msg = " ".join(str(err).split())
+    if len(msg) > max_width:
+        msg = msg[: max_width - 1] + "…"
+    lines = [f"augment: error ({name}): {msg}"]
+    advice = err.advice()
+    if advice:
+        lines.append(f"  what to do: {advice}")
+    lines.append("  (rerun with -v for the full trace)")
+    return "\n".join(lines)
