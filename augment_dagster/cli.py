@@ -182,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     sp.set_defaults(fn=lambda a: _lazy("export", a))
 
     args = p.parse_args(argv)
+    if not (args.trace or getattr(args, "verbose", False)):
+        from .errors import quiet_user_error_logs
+
+        quiet_user_error_logs()
     try:
         return int(args.fn(args) or 0)
     except Exception as e:  # user errors (also when raised inside a Dagster step): one short block, exit 2

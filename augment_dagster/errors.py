@@ -82,3 +82,60 @@ def format_user_error(err: UserError, max_width: int = 300) -> str:
         lines.append(f"  what to do: {advice}")
     lines.append("  (rerun with -v for the full trace)")
     return "\n".join(lines)
+
+
+def _error_info_names(info) -> list[str]:
+    """Class names along a Dagster SerializableErrorInfo's cause/context chain."""
+    names, seen = [], 0
+    while info is not None and seen < 20:
+        names.append(getattr(info, "cls_name", "") or "")
+        info, seen = getattr(info, "cause", None) or getattr(info, "context", None), seen + 1
+    return names
+
+
+def is_user_error_log(record) -> bool:
+    """A Dagster log record of a step/run failure caused by a user error (its trace is noise for the user:
+    the CLI prints the short block instead)."""
+    meta = getattr(record, "dagster_meta", None) or {}
+    event = meta.get("dagster_event") if isinstance(meta, dict) else None
+    if event is None:
+        return False
+    kind = getattr(event, "event_type_value", "")
+    if kind == "STEP_FAILURE":
+        info = getattr(getattr(event, "step_failure_data", None), "error", None)
+        return any(n in HINTS or n in _user_class_names() for n in _error_info_names(info))
+    if kind in ("RUN_FAILURE", "PIPELINE_FAILURE"):  # the run-level echo of the step's error
+        info = getattr(getattr(event, "event_specific_data", None), "error", None)
+        return info is None or any(n in HINTS or n in _user_class_names() for n in _error_info_names(info))
+    return False
+
+
+def _user_class_names() -> set[str]:
+    def walk(c):
+        for s in c.__subclasses__():
+            yield s.__name__
+            yield from walk(s)
+
+    return set(walk(UserError))
+
+
+def quiet_user_error_logs() -> None:
+    """Make Dagster's console loggers created from now on drop failure records caused by user errors.
+
+    Dagster builds its console logger with ``logging.getLoggerClass()``; the CLI (without ``-v``) installs this
+    class so a bad image reads as the CLI's short block, not as a 40-line trace logged by the step."""
+    import logging
+
+    base = logging.getLoggerClass()
+    if getattr(base, "_augment_quiet", False):
+        return
+
+    class QuietUserErrors(base):  # type: ignore[misc, valid-type]
+        _augment_quiet = True
+
+        def handle(self, record):
+            if record.levelno >= logging.ERROR and is_user_error_log(record):
+                return
+            super().handle(record)
+
+    logging.setLoggerClass(QuietUserErrors)
