@@ -212,6 +212,9 @@ class MlflowConfig(_Strict):
 
 
 class AutomationConfig(_Strict):
+    enabled: bool = Field(True, description="false: the new-data sensor, the nightly schedule and the automation-condition "
+                                            "sensor of this experiment start STOPPED (an example config that must not run "
+                                            "by itself); they can still be turned on in the UI")
     schedule_cron: str = "0 2 * * *"
     sensor_interval_s: int = Field(60, ge=5)
 

@@ -14,7 +14,7 @@ import warnings
 import dagster as dg
 
 from .assets import build_experiment_assets
-from .automation import new_data_sensor, schedule
+from .automation import automation_condition_sensors, new_data_sensor, schedule
 from .config import ExperimentConfig, discover_configs
 from .resources import ManifestIOManager, MlflowTracker
 from .scaleout import executor_for, pipes_resources
@@ -45,9 +45,7 @@ def build_definitions(configs: list[ExperimentConfig] | None = None) -> dg.Defin
     first_dir = configs[0].resolved_data_dir() if configs else None
     mlflow_cfg = configs[0].mlflow if configs else None
     shared = dg.Definitions(
-        sensors=[dg.AutomationConditionSensorDefinition(
-            "automation_condition_sensor", target=dg.AssetSelection.all(),
-            default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=30)],
+        sensors=automation_condition_sensors(configs),
         resources={"mlflow": MlflowTracker(
             tracking_uri=mlflow_cfg.tracking_uri if mlflow_cfg else None,
             default_root=str((first_dir or __import__("pathlib").Path("augment_data")) / "mlflow"),
