@@ -13,7 +13,7 @@ import warnings
 
 import dagster as dg
 
-from .assets import build_experiment_assets
+from .assets import build_experiment_assets, build_experiment_checks
 from .automation import automation_condition_sensors, new_data_sensor, schedule
 from .config import ExperimentConfig, discover_configs
 from .resources import ManifestIOManager, MlflowTracker
@@ -26,6 +26,7 @@ warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
 def experiment_defs(cfg: ExperimentConfig) -> dg.Definitions:
     assets = build_experiment_assets(cfg)
+    checks = build_experiment_checks(cfg, assets)
     data_dir = cfg.resolved_data_dir()
     partitioned = dg.AssetSelection.groups(cfg.experiment) - dg.AssetSelection.keys(
         dg.AssetKey([cfg.experiment, "raw_images"]), dg.AssetKey([cfg.experiment, "report"]))
@@ -33,6 +34,7 @@ def experiment_defs(cfg: ExperimentConfig) -> dg.Definitions:
                               description=f"All partitioned assets of {cfg.experiment} for one split")
     return dg.Definitions(
         assets=assets,
+        asset_checks=checks,
         jobs=[job],
         schedules=[schedule(cfg, job)],
         sensors=[new_data_sensor(cfg, dg.AssetSelection.keys(dg.AssetKey([cfg.experiment, "raw_images"])))],
