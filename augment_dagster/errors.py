@@ -65,8 +65,8 @@ def find_user_error(exc: BaseException) -> UserError | None:
     m = _TEXT_RE.search(text)
     if m:
         return _TextUserError(m.group(1), m.group(2).strip())
-    if type(exc).__name__ == "DagsterAssetCheckFailedError":
-        return _TextUserError("AssetCheckFailed", text.strip().splitlines()[0] if text.strip() else "a blocking asset check failed")
+    if type(exc).__name__ == "DagsterAssetCheckFailedError":  # "1 blocking asset check failed ...:\n<asset>: <check>"
+        return _TextUserError("AssetCheckFailed", " ".join(text.split()) or "a blocking asset check failed")
     return None
 
 
@@ -82,6 +82,9 @@ def format_user_error(err: UserError, max_width: int = 300) -> str:
         lines.append(f"  what to do: {advice}")
     lines.append("  (rerun with -v for the full trace)")
     return "\n".join(lines)
+
+
+_QUIET = {"DagsterAssetCheckFailedError"}  # a blocking check failed: the CLI names the asset and check
 
 
 def _error_info_names(info) -> list[str]:
@@ -103,10 +106,10 @@ def is_user_error_log(record) -> bool:
     kind = getattr(event, "event_type_value", "")
     if kind == "STEP_FAILURE":
         info = getattr(getattr(event, "step_failure_data", None), "error", None)
-        return any(n in HINTS or n in _user_class_names() for n in _error_info_names(info))
+        return any(n in HINTS or n in _QUIET or n in _user_class_names() for n in _error_info_names(info))
     if kind in ("RUN_FAILURE", "PIPELINE_FAILURE"):  # the run-level echo of the step's error
         info = getattr(getattr(event, "event_specific_data", None), "error", None)
-        return info is None or any(n in HINTS or n in _user_class_names() for n in _error_info_names(info))
+        return info is None or any(n in HINTS or n in _QUIET or n in _user_class_names() for n in _error_info_names(info))
     return False
 
 

@@ -112,6 +112,17 @@ def test_checks_green_on_a_run_then_a_corrupt_blob_fails(tmp_path, monkeypatch):
         integ = evs["chk/synthetic/real_guidance:synthetic_integrity"]
         assert integ.metadata["rows"].value == integ.metadata["planned_units"].value > 0
 
+        # the UI's lineage table: first rows with guide, prompt, seed, strength, blob path; and the command
+        key = dg.AssetKey(["chk", "synthetic", "real_guidance"])
+        mat = inst.fetch_materializations(dg.AssetRecordsFilter(asset_key=key, asset_partitions=["2shot-s0"]),
+                                          limit=1).records[0].asset_materialization
+        table = mat.metadata["lineage"]
+        assert {c.name for c in table.schema.columns} >= {"guide", "prompt", "seed", "strength", "concept", "blob_path"}
+        first = table.records[0].data
+        assert os.path.exists(first["blob_path"]) and first["guide"] and first["prompt"] and 0 <= first["strength"] <= 1
+        assert mat.metadata["lineage_command"].value.startswith("augment lineage " + first["synthetic_id"])
+        assert "dagster/column_schema" in mat.metadata
+
         # corrupt one synthetic blob on disk: the check of that asset fails (ERROR), naming the blob
         syn = pd.read_parquet(tmp_path / "store" / "manifests" / "chk" / "synthetic" / "real_guidance" / "2shot-s0.parquet")
         victim = syn["blob"].iloc[0]
@@ -125,3 +136,24 @@ def test_checks_green_on_a_run_then_a_corrupt_blob_fails(tmp_path, monkeypatch):
         got = _evaluations(r)["chk/synthetic/real_guidance:synthetic_integrity"]
         assert not got.passed and got.severity == dg.AssetCheckSeverity.ERROR
         assert victim[:16] in got.description and "BlobIntegrityError" in got.description
+
+
+def test_mlflow_links_point_at_each_run():
+    from augment_dagster.assets.common import mlflow_links
+
+    class Tracker:
+        enabled = True
+
+        def resolved_uri(self):
+            return "http://127.0.0.1:5999"
+
+        def client(self):
+            class C:
+                def get_run(self, rid):
+                    return type("R", (), {"info": type("I", (), {"experiment_id": "7"})()})()
+            return C()
+
+    m = pd.DataFrame({"method": ["real_only", "m"], "split": ["2shot-s0"] * 2, "acc_id": [0.5, 0.6],
+                      "mlflow_run_id": ["abc123", ""], "mlflow_error": ["", "ConnectionError: down"]})
+    md = mlflow_links(Tracker(), m).value
+    assert "(http://127.0.0.1:5999/#/experiments/7/runs/abc123)" in md and "not logged: ConnectionError" in md

@@ -83,6 +83,12 @@ def test_find_user_error_unwraps_chains_and_dagster_text():
     u = find_user_error(text)
     assert u is not None and "127.0.0.1:9" in str(u) and "models.llm.base_url" in format_user_error(u)
     assert find_user_error(ValueError("a bug, not a user error")) is None
+    from dagster._core.errors import DagsterAssetCheckFailedError
+
+    blocked = find_user_error(DagsterAssetCheckFailedError(
+        "1 blocking asset check failed with ERROR severity:\nexp/synthetic/m: synthetic_integrity"))
+    block = format_user_error(blocked)
+    assert "exp/synthetic/m: synthetic_integrity" in block and "Checks tab" in block and len(block.splitlines()) <= 3
     assert isinstance(LLMError("x"), UserError) and isinstance(LLMError("x"), RuntimeError)
 
 
