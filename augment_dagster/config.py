@@ -214,6 +214,9 @@ class MlflowConfig(_Strict):
 class ChecksConfig(_Strict):
     """Asset checks (augment_dagster/assets/checks.py; severities in README "Asset checks")."""
 
+    enabled: bool = Field(True, description="false: define no asset checks (each check is one more Dagster step per "
+                                            "asset and partition, ~0.2 s each on a no-op rerun)")
+
     label_consistency_floor: float = Field(
         0.5, ge=0.0, le=1.0, description="synthetic/<m> label_consistency warns when the CLIP zero-shot accuracy of the "
                                          "synthetic images is below this fraction of that of the split's real train images")

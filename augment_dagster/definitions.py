@@ -26,7 +26,7 @@ warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
 def experiment_defs(cfg: ExperimentConfig) -> dg.Definitions:
     assets = build_experiment_assets(cfg)
-    checks = build_experiment_checks(cfg, assets)
+    checks = build_experiment_checks(cfg, assets) if cfg.checks.enabled else []
     data_dir = cfg.resolved_data_dir()
     partitioned = dg.AssetSelection.groups(cfg.experiment) - dg.AssetSelection.keys(
         dg.AssetKey([cfg.experiment, "raw_images"]), dg.AssetKey([cfg.experiment, "report"]))
