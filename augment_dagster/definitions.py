@@ -19,7 +19,6 @@ from .config import ExperimentConfig, discover_configs
 from .resources import ManifestIOManager, MlflowTracker
 from .scaleout import executor_for, pipes_resources
 
-
 # `Output(data_version=...)` is marked beta in dagster 1.13; it is the documented way to report content versions
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
 

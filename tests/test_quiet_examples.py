@@ -3,7 +3,7 @@ sensors/schedules, a SkipReason naming the folder, and no automation-condition s
 import dagster as dg
 import pytest
 
-from augment_dagster.config import load_config, parse_config, DEFAULT_CONFIG_DIR
+from augment_dagster.config import DEFAULT_CONFIG_DIR, load_config, parse_config
 from augment_dagster.definitions import build_definitions
 
 

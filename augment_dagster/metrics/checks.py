@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -73,7 +74,7 @@ def check_split(df: pd.DataFrame, shots: int, val_per_class: int) -> list[Outcom
     kshots = Outcome("k_shots_per_class", k_ok, WARN,
                      f"every class has {shots} train + {val_per_class} val images" if k_ok else
                      f"classes off the {shots}+{val_per_class} plan (splits.fewer_than_k: use_all): {short}",
-                     {"classes": int(len(counts)), "short_classes": short})
+                     {"classes": len(counts), "short_classes": short})
     return [integrity, kshots]
 
 
@@ -119,7 +120,7 @@ def check_synthetic_integrity(df: pd.DataFrame, expected_rows: int | None, load_
     ok = not problems
     return Outcome("synthetic_integrity", ok, ERROR,
                    f"{len(df)} rows = planned units; every image decodes and is not blank/constant/NaN" if ok else "; ".join(problems),
-                   {"rows": int(len(df)), "planned_units": expected_rows, "bad_images": len(bad), "bad": bad[:20]})
+                   {"rows": len(df), "planned_units": expected_rows, "bad_images": len(bad), "bad": bad[:20]})
 
 
 def check_class_balance(df: pd.DataFrame, train_per_class: dict[str, int], tolerance: float) -> Outcome:
@@ -175,7 +176,7 @@ def check_weights(df: pd.DataFrame) -> Outcome:
         tot = pd.Series(np.where(np.isfinite(w), w, 0.0)).groupby(df["label"].to_numpy()).sum()
         dead = sorted(str(c) for c, v in tot.items() if not v > 0)
     fw = w[np.isfinite(w)]
-    spread = {"n": int(len(w)), "min": float(fw.min()) if len(fw) else float("nan"), "max": float(fw.max()) if len(fw) else float("nan"),
+    spread = {"n": len(w), "min": float(fw.min()) if len(fw) else float("nan"), "max": float(fw.max()) if len(fw) else float("nan"),
               "mean": float(fw.mean()) if len(fw) else float("nan"), "std": float(fw.std()) if len(fw) else float("nan"),
               "p10": float(np.percentile(fw, 10)) if len(fw) else float("nan"),
               "p90": float(np.percentile(fw, 90)) if len(fw) else float("nan"),
@@ -244,7 +245,7 @@ def check_rows(df: pd.DataFrame, name: str, required: Iterable[str] = ()) -> Out
     return Outcome(name, ok, ERROR,
                    f"{len(df)} rows, no missing values in {list(required)}" if ok else
                    ("empty manifest" if not len(df) else f"missing columns {absent}, nulls {nulls}"),
-                   {"rows": int(len(df)), "nulls": nulls})
+                   {"rows": len(df), "nulls": nulls})
 
 
 def check_report(summary: pd.DataFrame, methods: list[str], shots: list[int], n_seeds: int) -> Outcome:
