@@ -1,12 +1,18 @@
 """Automation: new-data sensor on the dataset folder, nightly schedule, and the automation-condition sensor.
 
-* ``new_data_sensor_<exp>`` (RUNNING by default) hashes (relative path, size, mtime) of the dataset tree
-  every ``automation.sensor_interval_s``; when the listing changes it requests ``raw_images``. The cursor is
-  the listing hash, so an unchanged directory never requests a run.
+* ``new_data_sensor_<exp>`` hashes (relative path, size, mtime) of the dataset tree every
+  ``automation.sensor_interval_s``; when the listing changes it requests ``raw_images``. The cursor is the
+  listing hash, so an unchanged directory never requests a run; a missing dataset folder is a ``SkipReason``
+  naming the folder, never a run.
 * ``<exp>_nightly`` requests the whole graph on ``automation.schedule_cron``: cheap, because every stage
   reuses its memoized units.
-* The automation-condition sensor (RUNNING) evaluates the assets' conditions: cheap assets follow upstream
-  eagerly; GPU assets only when upstream data versions or their code version changed.
+* The automation-condition sensor evaluates the assets' conditions: cheap assets follow upstream eagerly;
+  GPU assets only when upstream data versions or their code version changed.
+
+An experiment is *active* when ``automation.enabled`` (default true) and its dataset folder exists (the
+built-in dataset always does). Only active experiments get RUNNING sensors/schedules; the others start
+STOPPED (an example config, or a dataset not yet in place, never launches a run by itself) and can be turned
+on in the UI once the data is there.
 """
 
 import os
@@ -33,20 +39,53 @@ def listing_hash(root: str | os.PathLike) -> str:
     return hash_obj(items)[:24]
 
 
+def dataset_folder(cfg: ExperimentConfig) -> Path | None:
+    """The user's dataset folder, or None for the built-in dataset (written on demand under the data dir)."""
+    if cfg.dataset.source == "builtin":
+        return None
+    return Path(cfg.dataset.source).expanduser()
+
+
+def missing_dataset_reason(cfg: ExperimentConfig) -> str | None:
+    folder = dataset_folder(cfg)
+    if folder is None or folder.is_dir():
+        return None
+    where = f" in {cfg.source_path}" if cfg.source_path else ""
+    return (f"dataset folder {folder} does not exist (dataset.source{where}); put an imagefolder tree there "
+            "(root/<class>/*) or point dataset.source at one")
+
+
+def inactive_reason(cfg: ExperimentConfig) -> str | None:
+    """Why an experiment's automation starts STOPPED (None: it is active)."""
+    if not cfg.automation.enabled:
+        return f"automation.enabled is false in {cfg.source_path or 'the config'}"
+    return missing_dataset_reason(cfg)
+
+
+def _default_status(cfg: ExperimentConfig):
+    return dg.DefaultSensorStatus.STOPPED if inactive_reason(cfg) else dg.DefaultSensorStatus.RUNNING
+
+
 def new_data_sensor(cfg: ExperimentConfig, job_selection: dg.AssetSelection) -> dg.SensorDefinition:
+    off = inactive_reason(cfg)
+
     @dg.sensor(
         name=f"new_data_sensor_{cfg.experiment}", minimum_interval_seconds=cfg.automation.sensor_interval_s,
-        default_status=dg.DefaultSensorStatus.RUNNING, asset_selection=job_selection,
-        description=f"Requests {cfg.experiment}/raw_images when files in the dataset folder are added, changed or removed.",
+        default_status=_default_status(cfg), asset_selection=job_selection,
+        description=f"Requests {cfg.experiment}/raw_images when files in the dataset folder are added, changed or removed."
+                    + (f" Starts stopped: {off}." if off else ""),
     )
     def _sensor(context: dg.SensorEvaluationContext):
+        missing = missing_dataset_reason(cfg)
+        if missing:
+            return dg.SkipReason(missing)
         if cfg.dataset.source == "builtin":
             from .assets.data import dataset_root
             from .assets.common import Experiment
 
             root = dataset_root(Experiment(cfg))
         else:
-            root = Path(cfg.dataset.source).expanduser()
+            root = dataset_folder(cfg)
         h = listing_hash(root)
         if context.cursor == h:
             return dg.SkipReason(f"no change in {root}")
@@ -58,13 +97,37 @@ def new_data_sensor(cfg: ExperimentConfig, job_selection: dg.AssetSelection) -> 
 
 def schedule(cfg: ExperimentConfig, job) -> dg.ScheduleDefinition:
     """Requests every split partition of the experiment's partitioned assets on ``automation.schedule_cron``."""
+    off = inactive_reason(cfg)
 
     @dg.schedule(name=f"{cfg.experiment}_nightly", cron_schedule=cfg.automation.schedule_cron, job=job,
-                 default_status=dg.DefaultScheduleStatus.RUNNING,
-                 description="Reruns every split of the graph; cheap, since unchanged units are reused from the memo.")
+                 default_status=dg.DefaultScheduleStatus.STOPPED if off else dg.DefaultScheduleStatus.RUNNING,
+                 description="Reruns every split of the graph; cheap, since unchanged units are reused from the memo."
+                             + (f" Starts stopped: {off}." if off else ""))
     def _schedule(context: dg.ScheduleEvaluationContext):
+        missing = missing_dataset_reason(cfg)
+        if missing:
+            yield dg.SkipReason(missing)
+            return
         t = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else "now"
         for pk in cfg.splits.keys():
             yield dg.RunRequest(run_key=f"{pk}@{t}", partition_key=pk)
 
     return _schedule
+
+
+def automation_condition_sensors(configs: list[ExperimentConfig]) -> list[dg.AutomationConditionSensorDefinition]:
+    """The RUNNING sensor covers the groups of active experiments; a STOPPED one covers the others, so their
+    assets' automation conditions launch nothing (and Dagster adds no default sensor for them)."""
+    inactive = [c.experiment for c in configs if inactive_reason(c)]
+    off = dg.AssetSelection.groups(*inactive) if inactive else None
+    sensors = [dg.AutomationConditionSensorDefinition(
+        "automation_condition_sensor", target=dg.AssetSelection.all() - off if off is not None else dg.AssetSelection.all(),
+        default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=30,
+        description="Evaluates the automation conditions of the active experiments' assets.")]
+    if off is not None:
+        sensors.append(dg.AutomationConditionSensorDefinition(
+            "automation_condition_sensor_inactive", target=off, default_status=dg.DefaultSensorStatus.STOPPED,
+            minimum_interval_seconds=30,
+            description="Automation conditions of experiments that start stopped (automation.enabled: false or "
+                        f"dataset missing): {', '.join(inactive)}. Turn on once their data is in place."))
+    return sensors

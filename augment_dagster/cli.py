@@ -13,7 +13,7 @@ import os as _os
 # On small shared CPUs, OpenMP worker threads that spin-wait make every small torch op 50-250x slower while
 # another process is busy; passive waiting avoids it. Must be set before torch is imported.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-from .config import DEFAULT_CONFIG_DIR, PROJECT_ROOT, ConfigError, ExperimentConfig, load_config
+from .config import DEFAULT_CONFIG_DIR, PROJECT_ROOT, ConfigError, ExperimentConfig, load_config  # noqa: F401
 
 DEFAULT_CONFIG = DEFAULT_CONFIG_DIR / "demo.yaml"
 
@@ -143,6 +143,8 @@ def cmd_run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="augment", description="Diffusion-based few-shot augmentation as a Dagster asset graph.")
+    p.add_argument("-v", "--verbose", dest="trace", action="store_true",
+                   help="on an error, show the full trace (also `augment run -v`)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def common(sp):
@@ -182,10 +184,23 @@ def main(argv: list[str] | None = None) -> int:
     sp.set_defaults(fn=lambda a: _lazy("export", a))
 
     args = p.parse_args(argv)
+    if not (args.trace or getattr(args, "verbose", False)):
+        from .errors import quiet_user_error_logs
+
+        quiet_user_error_logs()
     try:
         return int(args.fn(args) or 0)
-    except ConfigError as e:
-        print(str(e), file=sys.stderr)
+    except Exception as e:  # user errors (also when raised inside a Dagster step): one short block, exit 2
+        from .errors import find_user_error, format_user_error
+
+        user = find_user_error(e)
+        if user is None:
+            raise
+        if args.trace or getattr(args, "verbose", False):
+            import traceback
+
+            traceback.print_exception(e, file=sys.stderr)
+        print(format_user_error(user), file=sys.stderr)
         return 2
 
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .errors import UserError
 from .util import hash_obj
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
@@ -23,7 +24,7 @@ _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _SPLIT_RE = re.compile(r"^(\d+)shot-s(\d+)$")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file is invalid. The message names the file and the offending key."""
 
 
@@ -234,7 +235,24 @@ class MlflowConfig(_Strict):
     log_models: bool = True
 
 
+class ChecksConfig(_Strict):
+    """Asset checks (augment_dagster/assets/checks.py; severities in README "Asset checks")."""
+
+    enabled: bool = Field(True, description="false: define no asset checks (each check is one more Dagster step per "
+                                            "asset and partition, ~0.2 s each on a no-op rerun)")
+
+    label_consistency_floor: float = Field(
+        0.5, ge=0.0, le=1.0, description="synthetic/<m> label_consistency warns when the CLIP zero-shot accuracy of the "
+                                         "synthetic images is below this fraction of that of the split's real train images")
+    balance_tolerance: float = Field(0.5, ge=0.0, description="synthetic/<m> class_balance warns when the largest per-class "
+                                                              "count (per real train image) exceeds the smallest by more than this fraction")
+    max_images: int = Field(256, ge=1, description="label_consistency scores at most this many synthetic images per partition")
+
+
 class AutomationConfig(_Strict):
+    enabled: bool = Field(True, description="false: the new-data sensor, the nightly schedule and the automation-condition "
+                                            "sensor of this experiment start STOPPED (an example config that must not run "
+                                            "by itself); they can still be turned on in the UI")
     schedule_cron: str = "0 2 * * *"
     sensor_interval_s: int = Field(60, ge=5)
 
@@ -289,6 +307,7 @@ class ExperimentConfig(_Strict):
     methods: dict[str, MethodConfig] = Field(default_factory=dict)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     automation: AutomationConfig = Field(default_factory=AutomationConfig)
+    checks: ChecksConfig = Field(default_factory=ChecksConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
 
     # filled by load_config, not part of the YAML

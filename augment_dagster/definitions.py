@@ -13,12 +13,11 @@ import warnings
 
 import dagster as dg
 
-from .assets import build_experiment_assets
-from .automation import new_data_sensor, schedule
+from .assets import build_experiment_assets, build_experiment_checks
+from .automation import automation_condition_sensors, new_data_sensor, schedule
 from .config import ExperimentConfig, discover_configs
 from .resources import ManifestIOManager, MlflowTracker
 from .scaleout import executor_for, pipes_resources
-
 
 # `Output(data_version=...)` is marked beta in dagster 1.13; it is the documented way to report content versions
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
@@ -26,6 +25,7 @@ warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
 def experiment_defs(cfg: ExperimentConfig) -> dg.Definitions:
     assets = build_experiment_assets(cfg)
+    checks = build_experiment_checks(cfg, assets) if cfg.checks.enabled else []
     data_dir = cfg.resolved_data_dir()
     partitioned = dg.AssetSelection.groups(cfg.experiment) - dg.AssetSelection.keys(
         dg.AssetKey([cfg.experiment, "raw_images"]), dg.AssetKey([cfg.experiment, "report"]))
@@ -33,6 +33,7 @@ def experiment_defs(cfg: ExperimentConfig) -> dg.Definitions:
                               description=f"All partitioned assets of {cfg.experiment} for one split")
     return dg.Definitions(
         assets=assets,
+        asset_checks=checks,
         jobs=[job],
         schedules=[schedule(cfg, job)],
         sensors=[new_data_sensor(cfg, dg.AssetSelection.keys(dg.AssetKey([cfg.experiment, "raw_images"])))],
@@ -45,9 +46,7 @@ def build_definitions(configs: list[ExperimentConfig] | None = None) -> dg.Defin
     first_dir = configs[0].resolved_data_dir() if configs else None
     mlflow_cfg = configs[0].mlflow if configs else None
     shared = dg.Definitions(
-        sensors=[dg.AutomationConditionSensorDefinition(
-            "automation_condition_sensor", target=dg.AssetSelection.all(),
-            default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=30)],
+        sensors=automation_condition_sensors(configs),
         resources={"mlflow": MlflowTracker(
             tracking_uri=mlflow_cfg.tracking_uri if mlflow_cfg else None,
             default_root=str((first_dir or __import__("pathlib").Path("augment_data")) / "mlflow"),

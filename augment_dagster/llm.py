@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
 from .util import atomic_write_text, canonical_json, hash_obj
 
 MAX_PROMPT_CHARS = 300
 
 
-class LLMError(RuntimeError):
+class LLMError(UserError, RuntimeError):
     pass
 
 
@@ -132,6 +133,10 @@ class LLMClient:
                 f"models.llm.provider is 'openai' but the environment variable {self.api_key_env} is not set; "
                 f"export it, or set models.llm.provider: offline (or fallback_to_offline: true)")
 
+    def _where(self) -> str:
+        """Where a request went, for error messages: the base URL and the model (never the key)."""
+        return f"{self.base_url or 'the OpenAI default URL'} (models.llm.base_url), model {self.model!r} (models.llm.model)"
+
     def _cache_key(self, messages, seed) -> str:
         # the key never contains the API key
         return hash_obj("llm", self.provider, self.model, self.base_url, messages,
@@ -181,7 +186,7 @@ class LLMClient:
                 r = client.chat.completions.create(model=self.model, messages=messages, **opt)
                 text = r.choices[0].message.content if r.choices else None
                 if not isinstance(text, str):
-                    raise LLMError("response had no message content")
+                    raise LLMError(f"response from {self._where()} had no message content")
                 return LLMResponse(text=text, source="openai", model=self.model, response_id=str(getattr(r, "id", "")),
                                    response_hash=hash_obj(text)[:16])
             except (openai.RateLimitError, openai.APITimeoutError, openai.APIConnectionError, openai.InternalServerError) as e:
@@ -190,12 +195,13 @@ class LLMClient:
                 if e.status_code >= 500 or e.status_code == 429:
                     last = e
                 else:
-                    raise LLMError(f"LLM request failed with HTTP {e.status_code}: {_redact(str(e), key)}") from None
+                    raise LLMError(f"LLM request to {self._where()} failed with HTTP {e.status_code}: "
+                                   f"{_redact(str(e), key)[:200]}") from None
             except LLMError as e:
                 last = e
             if attempt < self.max_retries:
                 time.sleep(self.backoff_s * (2 ** attempt))
-        raise LLMError(f"LLM request failed after {self.max_retries + 1} attempts: {type(last).__name__}: "
+        raise LLMError(f"LLM request to {self._where()} failed after {self.max_retries + 1} attempts: {type(last).__name__}: "
                        f"{_redact(str(last), key)[:200]}")
 
     def _cache_get(self, key: str) -> dict | None:

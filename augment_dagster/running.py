@@ -16,7 +16,7 @@ def materialize_experiment(defs, cfg, instance, *, partitions: list[str] | None 
     ``data_versions``, if given, is filled with ``{asset key[partition]: Dagster data version}``."""
     import dagster as dg
 
-    assets = list(defs.assets)
+    assets = list(defs.assets) + list(defs.asset_checks or [])  # the checks of the selected assets run with them
     resources = dict(defs.resources)
     exp = cfg.experiment
     head, report = dg.AssetKey([exp, "raw_images"]), dg.AssetKey([exp, "report"])

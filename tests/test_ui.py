@@ -26,6 +26,8 @@ MINI = {
     "training": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 8},
     "methods": {"real_guidance": {}, "dafusion": {}},
     "mlflow": {"enabled": False},
+    # no sensor/automation runs racing the runs this test launches (the daemon still runs: see daemonHealth below)
+    "automation": {"enabled": False},
 }
 
 
@@ -51,6 +53,8 @@ def server(tmp_path_factory):
     d = tmp_path_factory.mktemp("ui")
     (d / "configs").mkdir()
     (d / "configs" / "ui.yaml").write_text(yaml.safe_dump(MINI))
+    # the shipped example (dataset folder missing, automation.enabled: false) must stay quiet on a fresh data dir
+    shutil.copy(ROOT / "assets_config" / "example_sd15.yaml", d / "configs" / "example_sd15.yaml")
     home = d / "dagster_home"
     home.mkdir()
     shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
@@ -78,6 +82,7 @@ def server(tmp_path_factory):
     if not ok:
         proc.kill()
         pytest.fail("dagster dev did not come up:\n" + (d / "dagster_dev.log").read_text()[-3000:])
+    gql(url, "mutation { setNuxSeen }")  # the "join the community" dialog would cover the screenshots
     yield url, data, entries[0]["name"]
     os.killpg(proc.pid, signal.SIGINT)
     try:
@@ -106,6 +111,12 @@ def launch(url, loc, keys, partition=None):
     pytest.fail("run did not finish")
 
 
+def chromium_flags(data):
+    return ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run", f"--user-data-dir={data / 'chromium-profile'}", "--window-size=1400,900",
+            "--virtual-time-budget=20000"]
+
+
 @pytest.mark.slow
 def test_graph_launch_metadata_staleness_screenshot(server):
     url, data, loc = server
@@ -129,6 +140,7 @@ def test_graph_launch_metadata_staleness_screenshot(server):
     md = {e["label"]: e for e in node["assetMaterializations"][0]["metadataEntries"]}
     assert md["computed"]["intValue"] == 2 * 2 and md["reused"]["intValue"] == 0
     assert "data:image/png;base64," in md["sample_grid"]["mdStr"]
+    assert {"lineage", "lineage_command", "planned_units"} <= set(md)
     assert node["staleStatus"] == "FRESH"
     missing = gql(url, q, {"k": [{"path": ["ui", "classifier", "dafusion"]}]})["assetNodes"][0]
     assert missing["staleStatus"] == "MISSING"
@@ -138,9 +150,7 @@ def test_graph_launch_metadata_staleness_screenshot(server):
         pytest.skip("Debian chromium is not installed (.ci/run installs it); GraphQL part passed")
     shot = data / "ui_asset_graph.png"
     data.mkdir(parents=True, exist_ok=True)
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", "--no-first-run", f"--user-data-dir={data / 'chromium-profile'}", "--window-size=1400,900",
-             "--virtual-time-budget=20000"]
+    flags = chromium_flags(data)
     page = f"{url}/locations/{loc}/asset-groups/ui"
     subprocess.run([chromium, *flags, f"--screenshot={shot}", page], check=True, timeout=120, capture_output=True)
     dom = subprocess.run([chromium, *flags, "--dump-dom", page], check=True, timeout=120, capture_output=True, text=True).stdout
@@ -154,3 +164,73 @@ def test_graph_launch_metadata_staleness_screenshot(server):
     im = Image.open(shot).convert("L")
     assert im.size == (1400, 900)
     assert ImageStat.Stat(im).stddev[0] > 5  # not a blank page
+
+
+CHECKS_Q = """query($k: [AssetKeyInput!]) { assetNodes(assetKeys: $k) { assetKey { path }
+  assetChecksOrError { __typename ... on AssetChecks { checks { name blocking
+    executionForLatestMaterialization { status evaluation { severity description } } } } } } }"""
+
+
+@pytest.mark.slow
+def test_checks_tab_green_and_example_group_quiet(server):
+    """Every stage kind has a check; the checks of a materialized synthetic asset are green (screenshot of its
+    Checks tab under the data dir); the example group got no run and its automation starts stopped."""
+    url, data, loc = server
+    nodes = gql(url, CHECKS_Q, {"k": None})["assetNodes"]
+    by_stage: dict = {}
+    for n in nodes:
+        path = n["assetKey"]["path"]
+        if path[0] != "ui":
+            continue
+        checks = n["assetChecksOrError"].get("checks") or []
+        by_stage.setdefault(path[1], []).append(len(checks))
+    assert by_stage and all(min(v) >= 1 for v in by_stage.values()), by_stage
+
+    launch(url, loc, [["ui", "raw_images"]])
+    rid = launch(url, loc, [["ui", "few_shot_split"], ["ui", "synthetic", "real_guidance"]], "2shot-s0")
+    key = ["ui", "synthetic", "real_guidance"]
+    checks = gql(url, CHECKS_Q, {"k": [{"path": key}]})["assetNodes"][0]["assetChecksOrError"]["checks"]
+    names = {c["name"]: c for c in checks}
+    for name in names:  # this run evaluated every check of the asset, green
+        ex = gql(url, """query($k: AssetKeyInput!, $c: String!) { assetCheckExecutions(assetKey: $k, checkName: $c, limit: 5) {
+            runId status } }""", {"k": {"path": key}, "c": name})["assetCheckExecutions"]
+        assert {"runId": rid, "status": "SUCCEEDED"} in ex, (name, ex)
+    assert {"synthetic_integrity", "class_balance", "label_consistency"} <= set(names)
+    assert names["synthetic_integrity"]["blocking"]
+    status = {n: (c["executionForLatestMaterialization"] or {}).get("status") for n, c in names.items()}
+    assert set(status.values()) == {"SUCCEEDED"}, {n: c["executionForLatestMaterialization"] for n, c in names.items()}
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is not None:
+        shot = data / "ui_synthetic_checks.png"
+        page = f"{url}/assets/{'/'.join(key)}?view=checks"
+        subprocess.run([chromium, *chromium_flags(data), f"--screenshot={shot}", page], check=True, timeout=120,
+                       capture_output=True)
+        dom = subprocess.run([chromium, *chromium_flags(data), "--dump-dom", page], check=True, timeout=120,
+                             capture_output=True, text=True).stdout
+        assert "synthetic_integrity" in dom and "label_consistency" in dom  # the Checks tab rendered its checks
+        from PIL import Image, ImageStat
+
+        assert ImageStat.Stat(Image.open(shot).convert("L")).stddev[0] > 5
+
+    # the example group: automation starts stopped, and nothing was launched for it while the daemon ran
+    sel = {"repositoryLocationName": loc, "repositoryName": "__repository__"}
+    sensors = gql(url, """query($r: RepositorySelector!) { sensorsOrError(repositorySelector: $r) { ... on Sensors {
+        results { name sensorState { status ticks(limit: 3) { status } } } } } }""", {"r": sel})["sensorsOrError"]["results"]
+    st = {s["name"]: s["sensorState"] for s in sensors}
+    assert st["new_data_sensor_sd15_example"]["status"] == "STOPPED"
+    assert st["automation_condition_sensor_inactive"]["status"] == "STOPPED"
+    scheds = gql(url, """query($r: RepositorySelector!) { schedulesOrError(repositorySelector: $r) { ... on Schedules {
+        results { name scheduleState { status } } } } }""", {"r": sel})["schedulesOrError"]["results"]
+    assert {s["name"]: s["scheduleState"]["status"] for s in scheds}["sd15_example_nightly"] == "STOPPED"
+    for _ in range(90):  # the sensor daemon is up and evaluating (so a quiet example group means something)
+        health = gql(url, "{ instance { daemonHealth { allDaemonStatuses { daemonType healthy } } } }")
+        sensor = [d for d in health["instance"]["daemonHealth"]["allDaemonStatuses"] if d["daemonType"] == "SENSOR"]
+        if sensor and sensor[0]["healthy"]:
+            break
+        time.sleep(1)
+    else:
+        pytest.fail(f"the sensor daemon is not healthy: {health}")
+    runs = gql(url, "{ runsOrError { ... on Runs { results { runId assetSelection { path } } } } }")["runsOrError"]["results"]
+    example = [r["runId"] for r in runs if any(p["path"][0] == "sd15_example" for p in (r["assetSelection"] or []))]
+    assert not example, example

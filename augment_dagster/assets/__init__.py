@@ -23,3 +23,10 @@ def build_experiment_assets(cfg: ExperimentConfig) -> list:
     assets += diff_ii.build(exp, needs)
     assets += synthetic.build(exp) + evaluation.build(exp) + report.build(exp)
     return assets
+
+
+def build_experiment_checks(cfg: ExperimentConfig, assets: list) -> list:
+    """The asset checks of one experiment's assets (``assets/checks.py``)."""
+    from . import checks
+
+    return checks.build(Experiment(cfg), assets)

@@ -181,3 +181,82 @@ def image_source(exp: Experiment, raw_or_split: pd.DataFrame):
 
     root = raw_or_split["dataset_root"].iloc[0] if "dataset_root" in raw_or_split and len(raw_or_split) else "."
     return ImageSource(root, raw_or_split, exp.blobs, exp.cfg.dataset.max_image_pixels)
+
+
+# ---------------------------------------------------------------- lineage and MLflow links in the UI
+LINEAGE_COLUMNS = {
+    "synthetic_id": "content id of the synthetic image (prefix; `augment lineage <id>` prints the full chain)",
+    "label": "class", "guide": "real guide image id(s) (prefix)", "prompt": "text prompt", "seed": "generation seed",
+    "strength": "img2img strength (noise level of the guide)", "concept": "learned concept / embedding id (prefix)",
+    "blob_path": "the image file in the blob store",
+}
+
+
+def lineage_metadata(exp: Experiment, df: pd.DataFrame, planned_units: int | None = None, rows: int = 10) -> dict:
+    """Metadata of a synthetic set for the UI: its first rows as a table (guide, prompt, seed, strength, concept,
+    blob path), the manifest's column schema, the command that prints an image's full lineage, and the number
+    of planned units (what the ``synthetic_integrity`` check compares the rows with)."""
+    def short(v, n=12):
+        if v is None or (isinstance(v, float) and v != v):
+            return ""
+        if isinstance(v, (list, tuple)) or hasattr(v, "tolist"):
+            return ",".join(str(x)[:n] for x in list(v))
+        return str(v)[:n]
+
+    recs = []
+    for r in df.head(rows).to_dict("records"):
+        try:
+            path = str(exp.blobs.find(r["blob"]))
+        except (FileNotFoundError, KeyError, TypeError):
+            path = ""
+        concept = r.get("embedding_id") or r.get("concepts")
+        strength = r.get("strength")
+        recs.append(dg.TableRecord({
+            "synthetic_id": short(r.get("synthetic_id")), "label": str(r.get("label", "")), "guide": short(r.get("guide_ids")),
+            "prompt": str(r.get("prompt") or "")[:200], "seed": int(r["seed"]) if r.get("seed") is not None else -1,
+            "strength": float(strength) if isinstance(strength, (int, float)) and strength == strength else -1.0,
+            "concept": short(concept, 16), "blob_path": path}))
+    types = {"seed": "int", "strength": "float"}
+    schema = dg.TableSchema(columns=[dg.TableColumn(c, types.get(c, "string"), description=d) for c, d in LINEAGE_COLUMNS.items()])
+    manifest_schema = dg.TableSchema(columns=[
+        dg.TableColumn(str(c), "int" if str(t).startswith("int") else "float" if str(t).startswith("float") else "string")
+        for c, t in df.dtypes.items()])
+    first = str(df["synthetic_id"].iloc[0])[:16] if len(df) else "<synthetic id>"
+    cfg = f" --config {exp.cfg.source_path}" if exp.cfg.source_path else ""
+    md = {"lineage": dg.MetadataValue.table(recs, schema=schema),
+          "dagster/column_schema": manifest_schema,
+          "lineage_command": dg.MetadataValue.text(f"augment lineage {first}{cfg}")}
+    if planned_units is not None:
+        md["planned_units"] = dg.MetadataValue.int(int(planned_units))
+    return md
+
+
+def mlflow_links(mlflow, metrics: pd.DataFrame) -> dg.MetadataValue:
+    """A markdown table linking each method × split row to its MLflow run (UI URL for an http tracking server,
+    else the run id and the `mlflow ui` command for the local store)."""
+    if metrics is None or not len(metrics) or "mlflow_run_id" not in metrics:
+        return dg.MetadataValue.md("_no MLflow runs_")
+    uri = mlflow.resolved_uri() if mlflow is not None else ""
+    base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
+    eids: dict[str, str] = {}
+    try:
+        client = mlflow.client() if mlflow is not None and mlflow.enabled else None
+    except Exception:  # noqa: BLE001 - links are best effort
+        client = None
+    lines = ["| method | split | acc_id | MLflow run |", "|---|---|---|---|"]
+    for r in metrics.sort_values(["method", "split"]).itertuples():
+        rid = str(getattr(r, "mlflow_run_id", "") or "")
+        if not rid:
+            cell = f"(not logged: {str(getattr(r, 'mlflow_error', '') or '')[:60]})"
+        else:
+            if client is not None and rid not in eids:
+                try:
+                    eids[rid] = client.get_run(rid).info.experiment_id
+                except Exception:  # noqa: BLE001
+                    eids[rid] = ""
+            eid = eids.get(rid, "")
+            cell = f"[{rid[:12]}]({base}/#/experiments/{eid}/runs/{rid})" if eid else f"`{rid}`"
+        lines.append(f"| {r.method} | {r.split} | {float(r.acc_id):.3f} | {cell} |")
+    if not uri.startswith("http"):
+        lines.append(f"\nlocal store: `mlflow ui --backend-store-uri {uri}` serves these links on {base}")
+    return dg.MetadataValue.md("\n".join(lines))

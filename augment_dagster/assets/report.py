@@ -191,6 +191,9 @@ def build(exp: Experiment) -> list:
             )
         md = {"report": dg.MetadataValue.md(table), "report_dir": dg.MetadataValue.path(str(out_dir)),
               "missing_methods": dg.MetadataValue.json(missing), "mlflow_run_id": dg.MetadataValue.text(run_id or f"(none: {err})")}
+        from .common import mlflow_links  # each method × split row -> its MLflow run
+
+        md["mlflow_runs"] = mlflow_links(mlflow, allm)
         if png:
             import base64
 

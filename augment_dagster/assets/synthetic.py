@@ -84,6 +84,8 @@ def compute_synthetic(exp: Experiment, name: str, partition_key: str, split: pd.
     }
     if filter_md:
         md["filter"] = dg.MetadataValue.json(filter_md)
+    from .common import lineage_metadata  # the UI's lineage table + planned units (checked by synthetic_integrity)
+    md.update(lineage_metadata(exp, df, planned_units=len(units)))
     md.update(sample_grid_metadata(exp, [images.synthetic(b) for b in sample["blob"]], f"synthetic/{name} {partition_key}"))
     return df, md
 

@@ -18,16 +18,17 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
+from ..errors import UserError
 from ..util import sha256_bytes
 
 RESERVED = {"test", "ood"}
 
 
-class BadImageError(ValueError):
+class BadImageError(UserError, ValueError):
     pass
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     pass
 
 

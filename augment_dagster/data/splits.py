@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import pandas as pd
 
+from ..errors import UserError
 from ..util import stable_int
 
 
-class SplitError(ValueError):
+class SplitError(UserError, ValueError):
     pass
 
 

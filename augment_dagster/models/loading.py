@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from ..util import hash_obj, pick_device, pick_dtype, sha256_file
 
 PACKAGE_MODELS = Path(__file__).resolve().parent.parent / "builtin_models"
@@ -34,7 +35,7 @@ TINY_SEED = 0
 _KIND_KEY = {"sd": "diffusion", "blip": "captioner", "clip": "clip"}
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(UserError, ValueError):
     """A model source that could not be loaded; the message names the source and the config key to change."""
 
 

@@ -1,0 +1,189 @@
+"""Asset checks of one experiment, shown in each asset's Checks tab and run with every materialization.
+
+One ``multi_asset_check`` per asset (one step, the manifest loaded once) evaluates the pure checks of
+``augment_dagster.metrics.checks`` for the same partition. Severities and which checks block downstream are
+listed in README "Asset checks"; the checking logic lives in the pure module, this file is wiring.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+
+from ..metrics import checks as q
+from .common import Experiment
+
+# partitioned asset checks are a preview feature in dagster 1.13 (AssetCheckSpec(partitions_def=...))
+warnings.filterwarnings("ignore", category=dg.PreviewWarning)
+
+_SEVERITY = {q.ERROR: dg.AssetCheckSeverity.ERROR, q.WARN: dg.AssetCheckSeverity.WARN}
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {str(k): _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    if hasattr(v, "item"):  # numpy scalars
+        return _clean(v.item())
+    return v
+
+
+def metadata_value(v: Any) -> dg.MetadataValue:
+    v = _clean(v)
+    if isinstance(v, bool):
+        return dg.MetadataValue.bool(v)
+    if isinstance(v, int):
+        return dg.MetadataValue.int(v)
+    if isinstance(v, float):
+        return dg.MetadataValue.float(v)
+    if isinstance(v, (dict, list)):
+        return dg.MetadataValue.json(v)
+    return dg.MetadataValue.text("-" if v is None else str(v))
+
+
+def check_result(key: dg.AssetKey, o: q.Outcome) -> dg.AssetCheckResult:
+    md = {k: metadata_value(v) for k, v in o.metadata.items()}
+    md["severity_on_failure"] = dg.MetadataValue.text(o.severity)
+    return dg.AssetCheckResult(asset_key=key, check_name=o.name, passed=bool(o.passed), severity=_SEVERITY[o.severity],
+                               description=o.description, metadata=md)
+
+
+def _op_name(key: dg.AssetKey) -> str:
+    return "__".join(key.path).replace("-", "_") + "__checks"
+
+
+def _checks(key: dg.AssetKey, partitions_def, specs: list[tuple[str, bool, str]], fn: Callable[..., list[q.Outcome]],
+            extra_ins: dict[str, dg.AssetKey] | None = None, kinds: str = "python") -> dg.AssetChecksDefinition:
+    """One step that evaluates ``fn(context, df=<manifest>, **extra) -> [Outcome]`` and reports every spec."""
+    ins = {"df": dg.AssetIn(key=key), **{k: dg.AssetIn(key=v) for k, v in (extra_ins or {}).items()}}
+
+    @dg.multi_asset_check(
+        name=_op_name(key), compute_kind=kinds, ins=ins,
+        specs=[dg.AssetCheckSpec(name, asset=key, blocking=blocking, description=desc, partitions_def=partitions_def,
+                                 additional_deps=list((extra_ins or {}).values()))
+               for name, blocking, desc in specs],
+    )
+    def _run(context, **inputs):
+        outcomes = {o.name: o for o in fn(context, **inputs)}
+        for name, _, _ in specs:
+            yield check_result(key, outcomes[name])
+
+    return _run
+
+
+def _pk(context) -> str | None:
+    return context.partition_key if context.has_partition_key else None
+
+
+def latest_metadata(context, key: dg.AssetKey) -> dict[str, Any]:
+    """Metadata of the asset's latest materialization of this step's partition (plain values)."""
+    pk = _pk(context)
+    res = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[pk] if pk else None), limit=1)
+    if not res.records:
+        return {}
+    mat = res.records[0].asset_materialization
+    return {k: getattr(v, "value", v) for k, v in (mat.metadata or {}).items()} if mat else {}
+
+
+def expected_synthetic_rows(md: dict[str, Any]) -> int | None:
+    """Rows the synthetic manifest must have: the planned units, or what the method's post-filter kept."""
+    filt = md.get("filter")
+    if isinstance(filt, dict) and "kept" in filt:
+        return int(filt["kept"])
+    return int(md["planned_units"]) if "planned_units" in md else None
+
+
+def synthetic_outcomes(exp: Experiment, df: pd.DataFrame, split: pd.DataFrame, expected: int | None,
+                       clip=None) -> list[q.Outcome]:
+    """The three checks of synthetic/<m> (also used by tests without Dagster)."""
+    from .common import clip_bundle, image_source
+
+    cfg = exp.cfg.checks
+    train = split[split["role"] == "train"]
+    classes = sorted(train["label"].unique())
+    out = [q.check_synthetic_integrity(df, expected, lambda b: exp.blobs.get(b, verify=True), classes),
+           q.check_class_balance(df, train.groupby("label").size().to_dict(), cfg.balance_tolerance)]
+    integrity_ok = out[0].passed
+    if len(df) and integrity_ok and len(classes) >= 2:
+        from ..models.clip_ops import zero_shot_probs
+
+        clip = clip or clip_bundle(exp)
+        images = image_source(exp, split)
+        per = max(1, cfg.max_images // len(classes))
+        sample = df.groupby("label", group_keys=False).head(per)
+        prompts = [f"a photo of a {c}" for c in classes]
+        sp = zero_shot_probs(clip, [images.synthetic(b) for b in sample["blob"]], prompts)
+        rp = zero_shot_probs(clip, [images.real(i) for i in train["image_id"]], prompts)
+        out.append(q.check_label_consistency(sp, list(sample["label"]), rp, list(train["label"]), classes,
+                                             cfg.label_consistency_floor))
+    else:
+        out.append(q.Outcome("label_consistency", True, q.WARN,
+                             "skipped: " + ("no images" if not len(df) else "integrity failed" if not integrity_ok
+                                            else "fewer than 2 classes"), {}))
+    return out
+
+
+SPECS = {
+    "raw_images": [("classes_have_images", False, "ERROR: at least 2 train classes, each with images")],
+    "few_shot_split": [("split_integrity", True, "ERROR, blocking: train and val non-empty; no image in two roles"),
+                       ("k_shots_per_class", False, "WARN: every class has K train + V val images")],
+    "synthetic": [("synthetic_integrity", True, "ERROR, blocking: rows = planned units; every image reads back "
+                                                "with its hash and is not blank/constant/NaN; labels are split classes"),
+                  ("class_balance", False, "WARN: per-class synthetic images per real image within checks.balance_tolerance"),
+                  ("label_consistency", False, "WARN: CLIP zero-shot accuracy on synthetic ≥ checks.label_consistency_floor "
+                                               "× that on the real train images")],
+    "confidence_weights": [("weights_finite", True, "ERROR, blocking: weights finite, ≥ 0, positive per class; spread reported")],
+    "classifier": [("above_chance", False, "WARN: best val accuracy above chance (1/C)"),
+                   ("best_epoch_on_val", False, "ERROR: the kept epoch has the best val accuracy of the history")],
+    "metrics": [("accuracy_valid", False, "ERROR: ID accuracy in [0, 1] on a non-empty test set")],
+    "report": [("all_methods_present", False, "ERROR: every enabled method and real_only, for every K, over every seed")],
+}
+_ROWS = {"concept_embeddings", "captions", "class_prompts", "prompt_suffixes", "concept_lora", "inversion_pool", "set_metrics"}
+
+
+def build(exp: Experiment, assets: list) -> list[dg.AssetChecksDefinition]:
+    """Checks for every asset of the experiment (built from the assets, so they follow the enabled methods)."""
+    cfg = exp.cfg
+    out = []
+    for a in assets:
+        for key in a.keys:
+            stage = key.path[1]
+            parts = a.partitions_def
+            if stage == "raw_images":
+                out.append(_checks(key, parts, SPECS[stage], lambda c, df: [q.check_raw_images(df)]))
+            elif stage == "few_shot_split":
+                out.append(_checks(key, parts, SPECS[stage], lambda c, df: q.check_split(df, _shots(c), cfg.splits.val_per_class)))
+            elif stage == "synthetic":
+                def syn(c, df, split, _key=key):
+                    return synthetic_outcomes(exp, df, split, expected_synthetic_rows(latest_metadata(c, _key)))
+
+                out.append(_checks(key, parts, SPECS["synthetic"], syn, {"split": exp.key("few_shot_split")}, kinds="pytorch"))
+            elif stage == "confidence_weights":
+                out.append(_checks(key, parts, SPECS[stage], lambda c, df: [q.check_weights(df)]))
+            elif stage in ("classifier", "real_classifier"):
+                out.append(_checks(key, parts, SPECS["classifier"], lambda c, df: q.check_classifier(df.iloc[0].to_dict())))
+            elif stage == "metrics":
+                out.append(_checks(key, parts, SPECS[stage], lambda c, df: [q.check_metrics_row(df.iloc[0].to_dict())]))
+            elif stage == "report":
+                methods = ["real_only", *cfg.enabled_methods()]
+                out.append(_checks(key, parts, SPECS[stage], lambda c, df, _m=methods: [
+                    q.check_report(df, _m, list(cfg.splits.shots), len(cfg.splits.seeds))]))
+            elif stage in _ROWS:
+                name = f"{stage}_present"
+                out.append(_checks(key, parts, [(name, False, "ERROR: a non-empty manifest")],
+                                   lambda c, df, _n=name: [q.check_rows(df, _n)]))
+    return out
+
+
+def _shots(context) -> int:
+    from ..config import parse_split_key
+
+    return parse_split_key(context.partition_key)[0]

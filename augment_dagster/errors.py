@@ -1,0 +1,144 @@
+"""User errors: bad input a person can fix (a config key, a dataset file, a model source, an LLM endpoint).
+
+Every such error derives from :class:`UserError`. The ``augment`` CLI prints it as one short block — what went
+wrong, where (file / key / URL, named in the message), what to do — and exits 2; ``-v`` shows the trace.
+Errors raised inside a Dagster step reach the CLI either as the original exception (in-process runs) or as text
+inside Dagster's failure (out-of-process steps, asset-check failures); :func:`find_user_error` unwraps both.
+No torch, no Dagster at import time.
+"""
+from __future__ import annotations
+
+import re
+
+# class name -> default advice, used when an error arrives only as text (e.g. from an out-of-process step)
+HINTS = {
+    "ConfigError": "fix the named key in the config file (see assets_config/demo.yaml for a valid example)",
+    "DatasetError": "fix the dataset folder (dataset.source), or switch to dataset.source: builtin",
+    "BadImageError": "fix or remove the file, or set dataset.on_bad_file: skip to skip unreadable files",
+    "SplitError": "add images, lower splits.shots / splits.val_per_class, or set splits.fewer_than_k: use_all",
+    "LLMError": "check that the LLM server is reachable and the model exists (models.llm.base_url / models.llm.model), "
+                "or set models.llm.fallback_to_offline: true",
+    "MissingAPIKeyError": "export the API key variable named above, or set models.llm.provider: offline",
+    "NotEnoughPromptsError": "check the LLM's answers (models.llm), or set models.llm.provider: offline",
+    "ModelSourceError": "point the named models.* source at a local folder or a reachable hub id (or use source: tiny)",
+    "AssetCheckFailed": "inspect the asset's Checks tab in `dagster dev`, or its manifest; fix the input and rerun",
+}
+
+
+class UserError(Exception):
+    """Base of errors caused by input a user can fix. ``hint`` is the "what to do" line (class default)."""
+
+    hint: str = ""
+
+    def advice(self) -> str:
+        return self.hint or HINTS.get(type(self).__name__, "") or next(
+            (HINTS[c.__name__] for c in type(self).__mro__ if c.__name__ in HINTS), "")
+
+
+_NAMES = "|".join(sorted(HINTS, key=len, reverse=True))
+_TEXT_RE = re.compile(rf"\b(?:[\w.]+\.)?({_NAMES}): (.+)")
+
+
+class _TextUserError(UserError):
+    """A user error known only from its class name and message (Dagster failure text)."""
+
+    def __init__(self, cls_name: str, message: str):
+        super().__init__(message)
+        self.cls_name = cls_name
+        self.hint = HINTS.get(cls_name, "")
+
+
+def find_user_error(exc: BaseException) -> UserError | None:
+    """The user error behind ``exc``: itself, one in its cause/context chain, or one named in the text of a
+    Dagster failure (a step run out of process, a blocking asset check)."""
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return e
+        user = getattr(e, "user_exception", None)
+        if isinstance(user, UserError):
+            return user
+        e = e.__cause__ or e.__context__
+    text = str(exc)
+    m = _TEXT_RE.search(text)
+    if m:
+        return _TextUserError(m.group(1), m.group(2).strip())
+    if type(exc).__name__ == "DagsterAssetCheckFailedError":  # "1 blocking asset check failed ...:\n<asset>: <check>"
+        return _TextUserError("AssetCheckFailed", " ".join(text.split()) or "a blocking asset check failed")
+    return None
+
+
+def format_user_error(err: UserError, max_width: int = 300) -> str:
+    """One short block (at most 5 lines): what and where (the message names the file/key/URL), what to do."""
+    name = getattr(err, "cls_name", None) or type(err).__name__
+    msg = " ".join(str(err).split())
+    if len(msg) > max_width:
+        msg = msg[: max_width - 1] + "…"
+    lines = [f"augment: error ({name}): {msg}"]
+    advice = err.advice()
+    if advice:
+        lines.append(f"  what to do: {advice}")
+    lines.append("  (rerun with -v for the full trace)")
+    return "\n".join(lines)
+
+
+_QUIET = {"DagsterAssetCheckFailedError"}  # a blocking check failed: the CLI names the asset and check
+
+
+def _error_info_names(info) -> list[str]:
+    """Class names along a Dagster SerializableErrorInfo's cause/context chain."""
+    names, seen = [], 0
+    while info is not None and seen < 20:
+        names.append(getattr(info, "cls_name", "") or "")
+        info, seen = getattr(info, "cause", None) or getattr(info, "context", None), seen + 1
+    return names
+
+
+def is_user_error_log(record) -> bool:
+    """A Dagster log record of a step/run failure caused by a user error (its trace is noise for the user:
+    the CLI prints the short block instead)."""
+    meta = getattr(record, "dagster_meta", None) or {}
+    event = meta.get("dagster_event") if isinstance(meta, dict) else None
+    if event is None:
+        return False
+    kind = getattr(event, "event_type_value", "")
+    if kind == "STEP_FAILURE":
+        info = getattr(getattr(event, "step_failure_data", None), "error", None)
+        return any(n in HINTS or n in _QUIET or n in _user_class_names() for n in _error_info_names(info))
+    if kind in ("RUN_FAILURE", "PIPELINE_FAILURE"):  # the run-level echo of the step's error
+        info = getattr(getattr(event, "event_specific_data", None), "error", None)
+        return info is None or any(n in HINTS or n in _QUIET or n in _user_class_names() for n in _error_info_names(info))
+    return False
+
+
+def _user_class_names() -> set[str]:
+    def walk(c):
+        for s in c.__subclasses__():
+            yield s.__name__
+            yield from walk(s)
+
+    return set(walk(UserError))
+
+
+def quiet_user_error_logs() -> None:
+    """Make Dagster's console loggers created from now on drop failure records caused by user errors.
+
+    Dagster builds its console logger with ``logging.getLoggerClass()``; the CLI (without ``-v``) installs this
+    class so a bad image reads as the CLI's short block, not as a 40-line trace logged by the step."""
+    import logging
+
+    base = logging.getLoggerClass()
+    if getattr(base, "_augment_quiet", False):
+        return
+
+    class QuietUserErrors(base):  # type: ignore[misc, valid-type]
+        _augment_quiet = True
+
+        def handle(self, record):
+            if record.levelno >= logging.ERROR and is_user_error_log(record):
+                return
+            super().handle(record)
+
+    logging.setLoggerClass(QuietUserErrors)
