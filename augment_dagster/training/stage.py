@@ -19,14 +19,26 @@ CLASSIFIER_VERSION = "clf-1"
 WEIGHTS_VERSION = "w-1"
 
 
+# TrainingConfig keys that do not change a trained classifier (kept out of its memo key)
+_NOT_CLASSIFIER_KEYS = {"headline", "evaluation", "episodes", "diagen_filter", "weight_views", "recipe"}
+
+
+def freeze_for(training, classifier_cfg) -> bool:
+    lp = getattr(training, "linear_probe", None)
+    return bool(classifier_cfg.freeze_backbone if lp is None else lp)
+
+
 def _train_cfg(training, classifier_cfg, seed: int, device: str):
+    """TrainConfig from a *resolved* TrainingConfig (recipe applied) + models.classifier."""
     from .classifier import TrainConfig
 
     return TrainConfig(
-        backbone=classifier_cfg.source, freeze_backbone=classifier_cfg.freeze_backbone, epochs=training.epochs,
+        backbone=classifier_cfg.source, freeze_backbone=freeze_for(training, classifier_cfg), epochs=training.epochs,
         steps_per_epoch=training.steps_per_epoch, batch_size=training.batch_size, lr=training.lr,
-        weight_decay=training.weight_decay, label_smoothing=training.label_smoothing, train_aug=training.train_aug,
-        cutmix_prob=training.cutmix_prob, mixup_alpha=training.mixup_alpha, seed=seed, device=device,
+        weight_decay=training.weight_decay, optimizer=training.optimizer, momentum=training.momentum,
+        schedule=training.schedule, warmup_frac=training.warmup_frac, label_smoothing=training.label_smoothing,
+        train_aug=training.train_aug, cutmix_prob=training.cutmix_prob, mixup_alpha=training.mixup_alpha,
+        class_balanced=training.class_balanced, seed=seed, device=device,
     )
 
 
@@ -66,8 +78,11 @@ def train_classifier_stage(
     fit_temperature: bool = False,
     name: str = "classifier",
 ) -> tuple[dict, StageStats]:
-    """Train (or reuse) one classifier; returns a record with the model blob, T and history."""
+    """Train (or reuse) one classifier; returns a record with the model blob, T and history.
+    ``training`` is a TrainingConfig; its recipe is applied here (``resolved()``; idempotent)."""
     t0 = time.perf_counter()
+    if hasattr(training, "resolved"):
+        training = training.resolved()
     stats = StageStats()
     train = split[split["role"] == "train"].sort_values(["label", "rank"]).reset_index(drop=True)
     val = split[split["role"] == "val"].sort_values(["label", "rank"]).reset_index(drop=True)
@@ -83,7 +98,8 @@ def train_classifier_stage(
         else:
             syn_w = np.ones(len(synth))
     key = memo_key(name, CLASSIFIER_VERSION, model=classifier_cfg.source,
-                   params={"training": training.model_dump(mode="json"), "freeze": classifier_cfg.freeze_backbone,
+                   params={"training": training.model_dump(mode="json", exclude=_NOT_CLASSIFIER_KEYS),
+                           "freeze": freeze_for(training, classifier_cfg),
                            "alpha": alpha if use_synth else 0.0, "temperature": fit_temperature},
                    inputs={"train": list(zip(train["image_id"], train["label"])), "val": list(zip(val["image_id"], val["label"])),
                            "synth": list(zip(synth["synthetic_id"], synth["label"])) if use_synth else [],
@@ -125,6 +141,7 @@ def train_classifier_stage(
         rec = {"blob": blob, "temperature": T, "best_epoch": int(res.best_epoch), "best_val_acc": float(res.best_val_acc),
                "history": res.history, "n_real_draws": int(res.n_real_draws), "n_syn_draws": int(res.n_syn_draws),
                "val_nll_before_T": nll_before, "val_nll_after_T": nll_after, "val_confusion": val_confusion,
+               "optimizer": res.optimizer, "features_cached": bool(res.features_cached),
                "train_seconds": time.perf_counter() - t0}
         rec = memo.put(key, rec)
         stats.computed = 1
@@ -149,17 +166,19 @@ def load_classifier_blob(blobs: BlobStore, blob: str):
 
 
 def evaluate(model, meta, images: ImageSource, rows: pd.DataFrame, image_size: int) -> dict[str, Any]:
-    """Accuracy, per-class accuracy and confusion matrix of a classifier on rows (image_id, label)."""
+    """Top-1 accuracy, mean per-class accuracy (DA-Fusion/DIAGen's headline), per-class accuracy and confusion
+    matrix of a classifier on rows (image_id, label)."""
     import torch
 
-    from ..metrics import accuracy, confusion_matrix, per_class_accuracy
+    from ..metrics import accuracy, confusion_matrix, mean_per_class_accuracy, per_class_accuracy
     from .classifier import predict_logits
 
     classes = meta["classes"]
     idx = label_index(classes)
     rows = rows[rows["label"].isin(classes)]
     if len(rows) == 0:
-        return {"n": 0, "accuracy": float("nan"), "per_class": {}, "confusion": np.zeros((len(classes), len(classes)), int)}
+        return {"n": 0, "accuracy": float("nan"), "mean_per_class": float("nan"), "per_class": {},
+                "confusion": np.zeros((len(classes), len(classes)), int)}
     x = to_tensor([images.real(i) for i in rows["image_id"]], image_size)
     y = torch.tensor([idx[l] for l in rows["label"]])
     with torch.no_grad():
@@ -167,6 +186,7 @@ def evaluate(model, meta, images: ImageSource, rows: pd.DataFrame, image_size: i
     preds = logits.argmax(1)
     pc = per_class_accuracy(preds, y, len(classes))
     return {"n": int(len(rows)), "accuracy": float(accuracy(preds, y)),
+            "mean_per_class": float(mean_per_class_accuracy(preds, y, len(classes))),
             "per_class": {c: float(v) for c, v in zip(classes, pc)},
             "confusion": confusion_matrix(preds, y, len(classes))}
 
