@@ -1,5 +1,5 @@
 """The classifier stages with the unit memo (no Dagster): train (or reuse) a classifier on a split plus an
-optional synthetic set, evaluate it, and DIAGen's confidence weights. Torch is imported inside functions."""
+optional synthetic set, evaluate it, and DIAGen's weight rule (the weights themselves: ``training/filter.py``). Torch is imported inside functions."""
 from __future__ import annotations
 
 import json
@@ -189,41 +189,6 @@ def evaluate(model, meta, images: ImageSource, rows: pd.DataFrame, image_size: i
             "mean_per_class": float(mean_per_class_accuracy(preds, y, len(classes))),
             "per_class": {c: float(v) for c, v in zip(classes, pc)},
             "confusion": confusion_matrix(preds, y, len(classes))}
-
-
-def confidence_weights(
-    synth: pd.DataFrame, *, images: ImageSource, blobs: BlobStore, classifier_rec: dict, image_size: int,
-    views: int, rule: str, seed: int,
-) -> pd.DataFrame:
-    """DIAGen weighting: q = mean over ``views`` augmented views of softmax(z/T)[label];
-    w = q (rule 'paper') or 1 if q >= .5 else 2q (rule 'code'); rule 'none' gives uniform weights."""
-    out = pd.DataFrame({"synthetic_id": synth["synthetic_id"].values, "label": synth["label"].values})
-    if rule == "none" or len(synth) == 0:
-        out["q"] = np.nan
-        out["weight"] = 1.0
-        out["rule"] = "none"
-        return out
-    import torch
-
-    from ..methods.standard_aug import augment_images
-    from .classifier import predict_logits
-
-    model, meta = load_classifier_blob(blobs, classifier_rec["blob"])
-    T = float(meta.get("temperature", 1.0))
-    idx = label_index(meta["classes"])
-    x = to_tensor([images.synthetic(b) for b in synth["blob"]], image_size)
-    y = torch.tensor([idx[l] for l in synth["label"]])
-    qs = []
-    with torch.no_grad():
-        for v in range(views):
-            xv = augment_images(x, "weak", seed=seed * 1000 + v) if views > 1 else x
-            p = torch.softmax(predict_logits(model, xv) / T, dim=1)
-            qs.append(p[torch.arange(len(y)), y])
-    q = torch.stack(qs).mean(0).numpy()
-    out["q"] = q
-    out["weight"] = weight_rule(q, rule)
-    out["rule"] = rule
-    return out
 
 
 def weight_rule(q: np.ndarray, rule: str) -> np.ndarray:
