@@ -343,13 +343,14 @@ def test_pipeline_episodes_and_recipe_metrics(piped):
         accs = np.array(json.loads(r["episodic_accs"]))
         assert r["episodic_acc"] == pytest.approx(accs.mean()) and r["episodic_ci95"] == pytest.approx(1.96 * accs.std() / np.sqrt(40))
     assert rows["txt2img"]["episodic_episodes"] == 0  # not asked for
+    assert rows["real_only"]["episodic_episodes"] == 40  # the un-augmented baseline runs whenever a method does
     d = rows["dafusion"]
     assert d["recipe"] == "dafusion" and d["headline"] == "mean_per_class" and d["acc_id"] == d["mpca_id"]
     assert rows["real_only"]["headline"] == "top1" and rows["real_only"]["acc_id"] == rows["real_only"]["top1_id"]
     report = (data / "report" / "proto" / "report.md").read_text()
     assert "Episodic few-shot evaluation" in report and "genie" in report.split("Episodic")[1]
     ep = pd.read_csv(data / "report" / "proto" / "episodic.csv")
-    assert set(ep["method"]) == {"genie", "img2img_low"}
+    assert set(ep["method"]) == {"genie", "img2img_low", "real_only"}
     assert (ep["ci95"] > 0).all() and (ep["episodes"] == 40).all()  # 2-way episodes of 3 classes differ
     assert "±" in report.split("Episodic")[1]
 

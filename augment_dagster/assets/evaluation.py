@@ -254,6 +254,8 @@ def build_metrics(exp: Experiment, name: str, clf_key: dg.AssetKey, synth_key: d
         from ..store import memo_key
 
         training = cfg.training_for(name if name in cfg.methods else None)
+        episodic = "few_shot_episodes" in training.evaluation or (
+            name == REAL_ONLY and any("few_shot_episodes" in cfg.training_for(m).evaluation for m in cfg.enabled_methods()))
         memo = exp.memo()
         key = memo_key("evaluate", "ev-2", model=rec["blob"], params={"image_size": cfg.training.image_size},
                        inputs={r: [[str(i), str(l)] for i, l in split.loc[split["role"] == r, ["image_id", "label"]].itertuples(index=False)]
@@ -278,7 +280,7 @@ def build_metrics(exp: Experiment, name: str, clf_key: dg.AssetKey, synth_key: d
             "classifier_blob": rec["blob"], "synthetic_gpu_seconds": float("nan"),
         }
         ep = None
-        if "few_shot_episodes" in training.evaluation:
+        if episodic:  # real_only runs them whenever a method does: the un-augmented baseline (GeNIe's "Weak")
             from ..training.episodes import episodic_eval
 
             ep = episodic_eval(split, synthetic, images=images, blobs=exp.blobs, memo=memo, ecfg=training.episodes,
