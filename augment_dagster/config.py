@@ -101,7 +101,9 @@ class DiffusionModelConfig(ModelSource):
 
 
 class ClassifierModelConfig(_Strict):
-    source: str = Field("tiny-cnn", description="'tiny-cnn' (width 16), 'tiny-cnn:<width>', or a transformers vision backbone (hub id or folder)")
+    source: str = Field("tiny-cnn", description="'tiny-cnn' (width 16, random init), 'tiny-cnn:<width>', 'tiny-pretrained' "
+                        "(shipped TinyCNN backbone pretrained on the built-in pretrain pool), or a transformers vision "
+                        "backbone (hub id or folder)")
     freeze_backbone: bool = False
 
 
