@@ -58,6 +58,17 @@ def test_recipe_tables_and_key_by_key_overrides():
     assert set(RECIPES) == {"project", "dafusion", "diagen", "diff_ii", "sgid"}
 
 
+def test_config_and_trainer_agree_on_names():
+    from augment_dagster.config import TRAIN_AUG_NAMES
+    from augment_dagster.training.classifier import OPTIMIZERS, SCHEDULES, TRAIN_AUGS
+
+    assert set(TRAIN_AUG_NAMES) == set(TRAIN_AUGS)
+    fields = TrainingConfig.model_fields
+    assert set(fields["optimizer"].annotation.__args__) == set(OPTIMIZERS)
+    assert set(fields["schedule"].annotation.__args__) == set(SCHEDULES)
+    assert set(fields["train_aug"].annotation.__args__) == set(TRAIN_AUGS)
+
+
 def test_method_training_override_errors_name_the_key():
     base = {"experiment": "x", "methods": {"dafusion": {"training": {"recipe": "dafusion", "epochs": 2}}}}
     cfg = parse_config(base)
@@ -101,8 +112,14 @@ def test_each_recipe_trains_tiny_model(recipe, shapes):
         if shape == "cosine":  # linear warmup over warmup_frac of the steps
             assert peak == round(training.warmup_frac * len(lrs))
             assert lrs[peak] == pytest.approx(training.lr)
+    # the recipe's online transform is applied: without it the same seed gives other weights
+    plain = train_classifier(tx, ty, vx, vy, 3, _train_cfg(training.model_copy(update={"train_aug": "none"}),
+                                                           ClassifierModelConfig(source="tiny-pretrained"), 0, "cpu"))
+    assert not torch.equal(plain.model.head.weight, res.model.head.weight)
+    assert plain.optimizer == res.optimizer and plain.lr_curve == res.lr_curve
     # a random online transform prevents feature caching; the linear probe keeps the backbone fixed
     assert not res.features_cached
+    assert plain.features_cached == bool(training.linear_probe)
     if training.linear_probe:
         ref = build_classifier("tiny-pretrained", 3, freeze_backbone=True)
         assert all(torch.equal(v, ref.backbone.state_dict()[k]) for k, v in res.model.backbone.state_dict().items())

@@ -89,7 +89,8 @@ def sample_episodes(test_labels: np.ndarray, num_classes: int, n_way: int, queri
     by_class = {c: np.nonzero(test_labels == c)[0] for c in range(num_classes)}
     eligible = [c for c in range(num_classes) if len(by_class[c])]
     if len(eligible) < 2:
-        raise ValueError("few_shot_episodes needs test images of at least 2 classes")
+        raise ValueError("training.evaluation few_shot_episodes needs test images of at least 2 of the split's "
+                         "classes (the dataset's test pool); drop few_shot_episodes or add test images")
     n_way = min(n_way, len(eligible))
     out = []
     for _ in range(episodes):

@@ -51,7 +51,9 @@ def train_diagen_filter(split: pd.DataFrame, *, images: ImageSource, blobs: Blob
     train = split[split["role"] == "train"].sort_values(["label", "rank"]).reset_index(drop=True)
     es, tset = split_val(split[split["role"] == "val"])
     classes = sorted(train["label"].unique())
-    key = memo_key("diagen_filter", FILTER_VERSION, model=fcfg.backbone,
+    from .episodes import encoder_fingerprint
+
+    key = memo_key("diagen_filter", FILTER_VERSION, model=encoder_fingerprint(fcfg.backbone),
                    params={"filter": fcfg.model_dump(mode="json"), "image_size": image_size},
                    inputs={"train": list(zip(train["image_id"], train["label"])),
                            "es": list(zip(es["image_id"], es["label"])), "t": list(zip(tset["image_id"], tset["label"]))},

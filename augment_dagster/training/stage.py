@@ -97,7 +97,9 @@ def train_classifier_stage(
             syn_w = np.array([float(wmap.get(s, 1.0)) for s in synth["synthetic_id"]])
         else:
             syn_w = np.ones(len(synth))
-    key = memo_key(name, CLASSIFIER_VERSION, model=classifier_cfg.source,
+    from .episodes import encoder_fingerprint  # the shipped backbone's digest, so retrained weights retrain
+
+    key = memo_key(name, CLASSIFIER_VERSION, model=encoder_fingerprint(classifier_cfg.source),
                    params={"training": training.model_dump(mode="json", exclude=_NOT_CLASSIFIER_KEYS),
                            "freeze": freeze_for(training, classifier_cfg),
                            "alpha": alpha if use_synth else 0.0, "temperature": fit_temperature},
