@@ -368,7 +368,8 @@ def test_pipeline_episodes_and_recipe_metrics(piped):
     assert "Episodic few-shot evaluation" in report and "genie" in report.split("Episodic")[1]
     ep = pd.read_csv(data / "report" / "proto" / "episodic.csv")
     assert set(ep["method"]) == {"genie", "img2img_low", "real_only"}
-    assert (ep["ci95"] > 0).all() and (ep["episodes"] == 40).all()  # 2-way episodes of 3 classes differ
+    assert (ep["episodes"] == 40).all() and (ep["ci95"] >= 0).all()
+    assert (ep["ci95"] > 0).any()  # 2-way episodes of 3 classes differ (a method at 100 % everywhere has CI 0)
     assert "±" in report.split("Episodic")[1]
 
 
