@@ -1,8 +1,10 @@
-"""Downstream classifier: a tiny CNN by default, or any transformers vision backbone (ResNet, ViT, DINOv2,
-CLIP vision; hub id or local folder) with a linear head, linear-probe (``freeze_backbone``) or full fine-tuning.
+"""Downstream classifier: a tiny CNN by default (random init, or ``tiny-pretrained``: the shipped backbone),
+or any transformers vision backbone (ResNet, ViT, DINOv2, CLIP vision; hub id or local folder) with a linear
+head, linear-probe (``freeze_backbone``) or full fine-tuning.
 
 Batches are drawn by the α-mixing sampler (real with 1−α, synthetic ∝ weight within the real image's
-group; DIAGen Eq. 2), weak train augmentation (kornia), optional CutMix/MixUp with soft-label CE; the best
+group; DIAGen Eq. 2), an online train transform (kornia; TRAIN_AUGS), Adam/AdamW/SGD with a per-step
+torch LR scheduler (onecycle, cosine with linear warmup, constant), optional CutMix/MixUp with soft-label CE; the best
 epoch is chosen on the *validation* split and deep-copied (never the test set, METHODS §8). A frozen
 backbone runs in eval mode under no_grad, so its BatchNorm statistics cannot drift (DA-Fusion bug, §8).
 
@@ -311,8 +313,6 @@ def build_train_transform(name: str, size: tuple[int, int]):
     return make_policy(name, size)
 
 
-_train_aug = build_train_transform
-
 
 def _model_device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
@@ -392,7 +392,10 @@ def train_classifier(real_x: torch.Tensor, real_y: torch.Tensor, val_x: torch.Te
                      synth_y: torch.Tensor | None = None, groups=None, syn_weights=None, alpha: float = 0.0,
                      progress: bool = False, model: nn.Module | None = None) -> TrainResult:
     """Train for ``cfg.epochs`` × ``cfg.steps_per_epoch`` batches drawn by :class:`MixingSampler`
-    (class-balanced real draws; with probability ``alpha`` a synthetic of the drawn image's group).
+    (class-balanced or uniform real draws; with probability ``alpha`` a synthetic of the drawn image's group),
+    with ``cfg.optimizer``, the per-step LR schedule ``cfg.schedule`` and the online transform ``cfg.train_aug``.
+    A frozen backbone with no random transform and no CutMix/MixUp trains the head on features encoded once.
+    ``select_on``/``patience``: best epoch by val accuracy or val loss, optional early stopping.
 
     ``groups`` defaults to the class pool (every synthetic of the same class) when synthetics are given.
     The returned model holds the weights of the best validation epoch (accuracy, ties -> lower val loss),
