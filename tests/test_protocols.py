@@ -382,3 +382,42 @@ def test_pipeline_diagen_guidance_reaches_units(piped):
     assert "guidance_scale" not in cfg.methods["diagen"].params
     sid = _manifest(data, "synthetic", "diagen", "2shot-s0")["synthetic_id"].iloc[0]
     assert lineage(data, sid)["generation"]["guidance_scale"] == 15.0
+
+
+def test_linear_probe_features_come_from_the_store(tmp_path):
+    """A frozen pretrained backbone with no random transform: the stage takes real/val features from the store
+    (shared by every classifier of the split), and the result equals encoding in the trainer."""
+    from augment_dagster.store import BlobStore, Memo
+    from augment_dagster.training.classifier import TrainConfig
+    from augment_dagster.training.episodes import load_encoder
+    from augment_dagster.training.stage import train_classifier_stage
+
+    ims = {f"{c}{i}": im for c in CLASSES for i, (im, _) in enumerate(generate_pool("train", c, 6, 0, 32))}
+
+    class Images:
+        def real(self, i):
+            return ims[i]
+
+    split = pd.DataFrame([{"image_id": k, "label": k.rstrip("0123456789"), "rank": int(k[-1]),
+                           "role": "train" if int(k[-1]) < 4 else "val"} for k in ims])
+    blobs, memo = BlobStore(tmp_path), Memo(tmp_path)
+    training = TrainingConfig(recipe="dafusion", train_aug="none", epochs=3, steps_per_epoch=5)
+    clf = ClassifierModelConfig(source="tiny-pretrained")
+    kw = dict(images=Images(), blobs=blobs, memo=memo, training=training, classifier_cfg=clf, device="cpu")
+    rec, _ = train_classifier_stage(split, seed=0, **kw)
+    assert rec["features_cached"] and rec["optimizer"] == "Adam"
+    hits = memo.hits
+    rec2, _ = train_classifier_stage(split, seed=1, **kw)  # another classifier: its features are store hits
+    assert memo.hits >= hits + 2 and rec2["blob"] != rec["blob"]
+    # same weights as encoding inside the trainer
+    from augment_dagster.data.images import to_tensor
+    from augment_dagster.training.stage import _train_cfg, load_classifier_blob
+
+    tr, va = split[split.role == "train"].sort_values(["label", "rank"]), split[split.role == "val"].sort_values(["label", "rank"])
+    idx = {c: k for k, c in enumerate(sorted(CLASSES))}
+    rx, vx = to_tensor([ims[i] for i in tr.image_id], 32), to_tensor([ims[i] for i in va.image_id], 32)
+    ry, vy = torch.tensor([idx[l] for l in tr.label]), torch.tensor([idx[l] for l in va.label])
+    direct = train_classifier(rx, ry, vx, vy, 3, _train_cfg(training.resolved(), clf, 0, "cpu"))
+    stored, _ = load_classifier_blob(blobs, rec["blob"])
+    assert torch.allclose(direct.model.head.weight, stored.head.weight, atol=1e-5)
+    assert isinstance(load_encoder("tiny-pretrained"), TinyCNN) and TrainConfig().cache_features

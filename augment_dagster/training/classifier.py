@@ -390,12 +390,15 @@ def make_scheduler(opt, cfg: TrainConfig, total: int):
 def train_classifier(real_x: torch.Tensor, real_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
                      num_classes: int, cfg: TrainConfig, synth_x: torch.Tensor | None = None,
                      synth_y: torch.Tensor | None = None, groups=None, syn_weights=None, alpha: float = 0.0,
-                     progress: bool = False, model: nn.Module | None = None) -> TrainResult:
+                     progress: bool = False, model: nn.Module | None = None,
+                     features: tuple | None = None) -> TrainResult:
     """Train for ``cfg.epochs`` × ``cfg.steps_per_epoch`` batches drawn by :class:`MixingSampler`
     (class-balanced or uniform real draws; with probability ``alpha`` a synthetic of the drawn image's group),
     with ``cfg.optimizer``, the per-step LR schedule ``cfg.schedule`` and the online transform ``cfg.train_aug``.
     A frozen backbone with no random transform and no CutMix/MixUp trains the head on features encoded once.
     ``select_on``/``patience``: best epoch by val accuracy or val loss, optional early stopping.
+    ``features`` = (real [N, D], synthetic [S, D] or None, val [V, D]): precomputed backbone features of the
+    same images (e.g. from the store), used on that feature-cached path instead of encoding here.
 
     ``groups`` defaults to the class pool (every synthetic of the same class) when synthetics are given.
     The returned model holds the weights of the best validation epoch (accuracy, ties -> lower val loss),
@@ -441,10 +444,18 @@ def train_classifier(real_x: torch.Tensor, real_y: torch.Tensor, val_x: torch.Te
         # linear probe with a deterministic input pipeline: encode every image once, train the head on features
         cached = bool(cfg.cache_features and getattr(model, "freeze_backbone", False) and aug is None
                       and cfg.cutmix_prob == 0 and cfg.mixup_alpha == 0)
-        if cached:
+        if cached and features is not None:
+            f_r, f_s, f_v = features
+            if len(f_r) != len(real_x) or len(f_v) != len(val_x) or (use_syn and len(f_s) != len(synth_x)):
+                raise ValueError("precomputed features must have one row per real / synthetic / val image")
+            rx = f_r.float().to(dev)
+            sx = f_s.float().to(dev) if use_syn else None
+            vf = f_v.float() if len(val_y) else None
+        elif cached:
             rx = extract_features(model, real_x.float()).to(dev)
             sx = extract_features(model, synth_x.float()).to(dev) if use_syn else None
             vf = extract_features(model, val_x.float()) if len(val_y) else None
+        if cached:
             step_model = model.head
         else:
             rx = real_x.float().to(dev)

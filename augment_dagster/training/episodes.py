@@ -51,16 +51,18 @@ def load_encoder(source: str):
 
 
 def cached_features(ids: list[str], load, *, encoder: str, image_size: int, blobs: BlobStore, memo: Memo,
-                    views: int = 0, seed: int = 0):
-    """L2-normalised features [len(ids)·max(1, views), D] of the images ``load(id)`` (PIL), cached in the
-    store. ``views`` = 0: the plain image; > 0: that many weak-transform views per image (view-major order)."""
+                    views: int = 0, seed: int = 0, normalize: bool = True):
+    """Features [len(ids)·max(1, views), D] (L2-normalised rows when ``normalize``) of the images ``load(id)``
+    (PIL) under the frozen ``encoder``, cached in the store. ``views`` = 0: the plain image; > 0: that many
+    weak-transform views per image (view-major order)."""
     import torch
 
     from ..store.tensors import tensor_bytes, tensor_from_bytes
     from .classifier import build_train_transform, extract_features
 
     key = memo_key("features", FEATURES_VERSION, model=encoder_fingerprint(encoder),
-                   params={"image_size": image_size, "views": views}, inputs=list(ids), seed=seed if views else None)
+                   params={"image_size": image_size, "views": views, "normalize": normalize}, inputs=list(ids),
+                   seed=seed if views else None)
     rec = memo.get(key)
     if rec is not None and blobs.exists(rec["blob"]):
         return tensor_from_bytes(blobs.get(rec["blob"])), True
@@ -74,10 +76,10 @@ def cached_features(ids: list[str], load, *, encoder: str, image_size: int, blob
         with torch.random.fork_rng(), torch.no_grad():
             for v in range(views):
                 torch.manual_seed(int(seed) * 1000 + v)
-                outs.append(extract_features(model, aug(x).reshape(x.shape).clamp(0, 1), normalize=True))
+                outs.append(extract_features(model, aug(x).reshape(x.shape).clamp(0, 1), normalize=normalize))
         f = torch.cat(outs)
     else:
-        f = extract_features(model, x, normalize=True)
+        f = extract_features(model, x, normalize=normalize)
     memo.put(key, {"blob": blobs.put(tensor_bytes(f.contiguous()), "safetensors"), "shape": list(f.shape)})
     return f, False
 

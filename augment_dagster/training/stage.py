@@ -126,6 +126,19 @@ def train_classifier_stage(
                       synth_y=torch.tensor([idx[l] for l in synth["label"]]),
                       groups=synthetic_groups(train, synth), syn_weights=syn_w, alpha=alpha)
         cfg = _train_cfg(training, classifier_cfg, seed, device)
+        if (cfg.freeze_backbone and cfg.train_aug == "none" and cfg.cutmix_prob == 0 and cfg.mixup_alpha == 0
+                and not cfg.backbone.startswith("tiny-cnn")):
+            # linear probe of a fixed pretrained backbone: features from the store, shared by every classifier
+            from .episodes import cached_features
+
+            fk = dict(encoder=cfg.backbone, image_size=size, blobs=blobs, memo=memo, normalize=False)
+            f_r, _ = cached_features(list(train["image_id"]), images.real, **fk)
+            f_v = cached_features(list(val["image_id"]), images.real, **fk)[0] if len(val) else f_r
+            f_s = None
+            if use_synth:
+                blob_of = dict(zip(synth["synthetic_id"], synth["blob"]))
+                f_s, _ = cached_features(list(synth["synthetic_id"]), lambda i: images.synthetic(blob_of[i]), **fk)
+            kw["features"] = (f_r, f_s, f_v)
         res = train_classifier(rx, ry, vx, vy, len(classes), cfg, **kw)
         T = 1.0
         nll_before = nll_after = None
