@@ -272,11 +272,17 @@ class TrainingConfig(_Strict):
     episodes: EpisodesConfig = Field(default_factory=EpisodesConfig)
     diagen_filter: DiagenFilterConfig = Field(default_factory=DiagenFilterConfig)
     image_size: int = Field(32, ge=8, le=1024, description="classifier input size (images are resized)")
-    weight_views: int = Field(5, ge=1, description="(unused since the DIAGen filter: see diagen_filter.views)")
     cutmix_prob: float = Field(0.0, ge=0, le=1)
     mixup_alpha: float = Field(0.0, ge=0)
     synthetic_probability: float = Field(0.5, ge=0, le=1, description="alpha: P(draw a synthetic image), DA-Fusion default 0.5")
     class_balanced: bool = Field(True, description="real draws ∝ 1/class count (DIAGen) instead of uniform (DA-Fusion)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "weight_views" in data:
+            raise ValueError("weight_views moved to training.diagen_filter.views (DIAGen's own filter)")
+        return data
 
     def resolved(self, overrides: dict[str, Any] | None = None, algorithm: str | None = None) -> "TrainingConfig":
         """This config with its recipe applied: defaults < RECIPES[recipe] < keys set explicitly here <

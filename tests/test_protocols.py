@@ -78,6 +78,8 @@ def test_method_training_override_errors_name_the_key():
         parse_config({"experiment": "x", "methods": {"dafusion": {"training": {"optimzer": "sgd"}}}})
     with pytest.raises(ConfigError, match=r"methods\.dafusion\.training\.schedule"):
         parse_config({"experiment": "x", "methods": {"dafusion": {"training": {"schedule": "linear"}}}})
+    with pytest.raises(ConfigError, match=r"training: .*weight_views moved to training\.diagen_filter\.views"):
+        parse_config({"experiment": "x", "training": {"weight_views": 3}})
     with pytest.raises(ConfigError, match=r"training\.recipe"):
         parse_config({"experiment": "x", "training": {"recipe": "alia"}})
 

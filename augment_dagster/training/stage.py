@@ -20,7 +20,7 @@ WEIGHTS_VERSION = "w-1"
 
 
 # TrainingConfig keys that do not change a trained classifier (kept out of its memo key)
-_NOT_CLASSIFIER_KEYS = {"headline", "evaluation", "episodes", "diagen_filter", "weight_views", "recipe"}
+_NOT_CLASSIFIER_KEYS = {"headline", "evaluation", "episodes", "diagen_filter", "recipe"}
 
 
 def freeze_for(training, classifier_cfg) -> bool:
