@@ -121,8 +121,8 @@ def build_method_chain(exp: Experiment, name: str) -> list:
     cfg = exp.cfg
     entry = cfg.methods[name]
     spec = get_method(cfg.method_algorithm(name))
-    params = method_params(name, entry)
-    alpha = next(a for a in (entry.synthetic_probability, spec.default_alpha, cfg.training.synthetic_probability) if a is not None)
+    alpha = next(a for a in (entry.synthetic_probability, spec.default_alpha, cfg.training_for(name).synthetic_probability)
+                 if a is not None)
 
     weighting = _weighting(cfg, name)
     w_ins = {"synthetic": dg.AssetIn(key=exp.key("synthetic", name))}
