@@ -7,7 +7,10 @@ Trains, in order, on a large generated ``pretrain`` pool (disjoint from the demo
       DDPM scaled_linear betas, eps prediction, min-SNR gamma=5),
   (c) a tiny CLIP (contrastive InfoNCE on image-caption pairs),
   (d) a tiny BLIP captioner (teacher-forced LM loss, decoder conditioned on the vision tower),
-  (e) a tiny judge classifier (``TinyCNN``, used by the evidence tests; ``<out>/judge.pt``).
+  (e) a tiny judge classifier (``TinyCNN``, used by the evidence tests; ``<out>/judge.pt``),
+  (f) the ``tiny-pretrained`` classifier backbone (``TinyCNN`` width 32, supervised on the pretrain pool's 5
+      named classes, "star" held out; ``<out>/tiny-backbone.pt``, fp16): the frozen encoder of linear probes, DIAGen's filter
+      and the episodic evaluation (stage ``backbone``; evidence = linear-probe accuracy on the demo pools).
 The class name "star" never appears in any caption (it is replaced by "shape"), so textual inversion has
 something to learn; 10 % of the diffusion captions are empty (classifier-free guidance).
 
@@ -323,6 +326,69 @@ def train_judge(x_u8, attrs, args, report):
     return data
 
 
+# ----------------------------------------------------------------------------- (f) tiny-pretrained backbone
+def _linear_probe(feats_tr, y_tr, feats_te, y_te) -> float:
+    from sklearn.linear_model import LogisticRegression
+
+    f = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True).clip(1e-12)  # noqa: E731
+    clf = LogisticRegression(C=1.0, max_iter=1000).fit(f(feats_tr), y_tr)
+    return float((clf.predict(f(feats_te)) == y_te).mean())
+
+
+def backbone_probe_evidence(model, per_class_train: int = 16, per_class_test: int = 20, shots=(2, 4, 16)) -> dict:
+    """Linear-probe accuracy (L2-normalised features, LogisticRegression C=1) of ``model``'s features: fit on the
+    first K images per class of the demo's *train* pool, scored on its *test* pool (neither is in the pretrain pool)."""
+    from augment_dagster.training.classifier import extract_features
+
+    def pool(name, n):
+        items = [(im, SHAPES.index(c)) for c in SHAPES for im, _ in generate_pool(name, c, n, 0, SIZE)]
+        x = torch.from_numpy(np.stack([np.asarray(i, dtype=np.float32) / 255.0 for i, _ in items])).permute(0, 3, 1, 2)
+        return extract_features(model, x).numpy(), np.array([y for _, y in items])
+
+    ftr, ytr = pool("train", per_class_train)
+    fte, yte = pool("test", per_class_test)
+    rank = np.concatenate([np.arange(per_class_train)] * len(SHAPES))
+    return {f"linear_probe_acc_{k}shot": round(_linear_probe(ftr[rank < k], ytr[rank < k], fte, yte), 4) for k in shots}
+
+
+def train_backbone(x_u8, attrs, args, report) -> bytes:
+    """Supervised pretraining of a TinyCNN on the pretrain pool's 5 *named* classes ("star" is held out, as in
+    the text models, so the 6-class probe has one class the backbone never saw), train transform = GeNIe's weak
+    RRC(0.2–1) + HFlip. Only the backbone (no head) is shipped."""
+    import io
+
+    from augment_dagster.training.classifier import TinyCNN, TrainConfig, train_classifier
+
+    t0 = time.time()
+    names = [c for c in SHAPES if c != HELD_OUT]
+    keep = [i for i, a in enumerate(attrs) if a.shape != HELD_OUT]
+    y = torch.tensor([names.index(attrs[i].shape) for i in keep])
+    x = x_u8[keep].float() / 255.0
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed + 11))
+    nv = max(1, min(300, len(x) // 10))
+    val, tr = perm[:nv], perm[nv:]
+    torch.manual_seed(args.seed + 11)
+    model = TinyCNN(len(names), width=args.backbone_width)
+    cfg = TrainConfig(epochs=args.backbone_epochs, steps_per_epoch=100, batch_size=args.backbone_bs,
+                      lr=args.backbone_lr, train_aug="weak", seed=args.seed + 11, device="cpu")
+    res = train_classifier(x[tr], y[tr], x[val], y[val], len(names), cfg, model=model)
+    model = res.model.eval()
+    ev = backbone_probe_evidence(model)
+    torch.manual_seed(args.seed + 11)
+    ev_rand = backbone_probe_evidence(TinyCNN(len(SHAPES), width=args.backbone_width).eval())
+    sd = {k: (v.half() if v.is_floating_point() else v) for k, v in model.backbone.state_dict().items()}
+    meta = {"width": args.backbone_width, "method": "supervised-5class", "classes_seen": names, "held_out": HELD_OUT,
+            "epochs": args.backbone_epochs, "steps_per_epoch": 100, "batch_size": args.backbone_bs, "seed": args.seed,
+            "pool": "pretrain", "pretrain_val_acc": round(res.best_val_acc, 4), "dtype": "float16"}
+    buf = io.BytesIO()
+    torch.save({"state_dict": sd, "meta": meta}, buf)
+    report["backbone"] = dict(**meta, wall_s=round(time.time() - t0, 1),
+                              params=sum(p.numel() for p in model.backbone.parameters()),
+                              probe=ev, probe_random_init=ev_rand)
+    log("backbone done", report["backbone"])
+    return buf.getvalue()
+
+
 # ----------------------------------------------------------------------------- evidence (also used by the tests)
 NAMED = [c for c in SHAPES if c != HELD_OUT]
 
@@ -503,7 +569,8 @@ def write_training_md(out: Path, report: dict) -> None:
         return sum(f.stat().st_size for f in Path(p).rglob("*") if f.is_file())
 
     sizes = {d: size(out / d) for d in ("tiny-sd", "tiny-clip", "tiny-blip")}
-    sizes["judge.pt"] = (out / "judge.pt").stat().st_size if (out / "judge.pt").exists() else 0
+    for f in ("judge.pt", "tiny-backbone.pt"):
+        sizes[f] = (out / f).stat().st_size if (out / f).exists() else 0
     report["sizes_bytes"] = sizes
     ev = report.get("evidence", {})
     L = ["# Tiny embedded models: how they were trained", "",
@@ -526,6 +593,19 @@ def write_training_md(out: Path, report: dict) -> None:
     if report.get("judge"):
         j = report["judge"]
         L.append(f"| judge (TinyCNN) | {j['params']:,} | {j.get('epochs', 3)} epochs x 100 x 64 | {j['wall_s'] / 60:.1f} min | val acc {j['val_acc']} |")
+    if report.get("backbone"):
+        b = report["backbone"]
+        L.append(f"| backbone (TinyCNN w{b['width']}, 5 classes) | {b['params']:,} | {b['epochs']} epochs x 100 x "
+                 f"{b['batch_size']} | {b['wall_s'] / 60:.1f} min | val acc {b['pretrain_val_acc']} |")
+    if report.get("backbone"):
+        b = report["backbone"]
+        L += ["", "`tiny-pretrained` backbone (`tiny-backbone.pt`, `models.classifier.source: tiny-pretrained`): "
+              "supervised on the pretrain pool's 5 named classes only (\"star\" held out: the backbone never saw a "
+              "star label), weak transform RRC(0.2–1) + HFlip; only the backbone is shipped, in fp16. Linear probe (frozen features, L2-normalised, LogisticRegression C=1) "
+              "fit on the first K images per class of the demo's train pool, scored on its test pool (120 images):", "",
+              "| K per class | pretrained | random init |", "|---|---|---|"]
+        for k, v in b["probe"].items():
+            L.append(f"| {k.split('_')[-1]} | {v} | {b['probe_random_init'].get(k)} |")
     if report.get("vae"):
         L += ["", f"VAE scaling_factor {report['vae']['scaling_factor']}, reconstruction PSNR "
               f"{report['vae']['recon_psnr_db']} dB (first 256 pretrain images)."]
@@ -554,6 +634,10 @@ def main(argv=None):
         p.add_argument(f"--{st}-lr", type=float, default=lr)
     p.add_argument("--snr-gamma", type=float, default=5.0)
     p.add_argument("--judge-epochs", type=int, default=4)
+    p.add_argument("--backbone-epochs", type=int, default=4)
+    p.add_argument("--backbone-bs", type=int, default=64)
+    p.add_argument("--backbone-lr", type=float, default=3e-3)
+    p.add_argument("--backbone-width", type=int, default=32)
     p.add_argument("--eval-per-class", type=int, default=50)
     p.add_argument("--eval-guidance", type=float, nargs="+", default=[4.0])
     p.add_argument("--ti-steps", type=int, default=200)
@@ -628,6 +712,11 @@ def main(argv=None):
         proc.save_pretrained(str(out / "tiny-blip"))
     if "judge" in stages:
         (out / "judge.pt").write_bytes(train_judge(x_u8, attrs, args, report))
+    if "backbone" in stages:
+        data = train_backbone(x_u8, attrs, args, report)
+        tmp = out / "tiny-backbone.pt.tmp"
+        tmp.write_bytes(data)
+        tmp.replace(out / "tiny-backbone.pt")
     if set(stages) - {"eval"}:
         report["total_wall_s"] = round(time.time() - t0, 1)
     rep_path.write_text(json.dumps(report, indent=2))

@@ -162,7 +162,8 @@ def test_tiny_cnn_learns_easy_problem(easy):
     acc = float((predict_logits(res.model, vx).argmax(1) == vy).float().mean())
     assert acc == pytest.approx(res.best_val_acc)
     feats = extract_features(res.model, vx[:5], normalize=True)
-    assert feats.shape == (5, 64) and torch.allclose  # tiny-cnn: width 16 -> 4*16 features(feats.norm(dim=1), torch.ones(5), atol=1e-5)
+    assert feats.shape == (5, 64)  # tiny-cnn: width 16 -> 4*16 features
+    assert torch.allclose(feats.norm(dim=1), torch.ones(5), atol=1e-5)
 
 
 def test_best_epoch_selected_on_val_and_deep_copied(easy):
@@ -221,6 +222,32 @@ def test_cutmix_and_mixup_paths(easy):
         torch.manual_seed(0)
         xm, ys = _mix(x, y, 2, TrainConfig(mixup_alpha=1.0))
     assert torch.allclose(ys.sum(1), torch.ones(8)) and float(xm.min()) >= 0 and float(xm.max()) <= 1
+
+
+def test_cutmix_lambda_equals_pasted_area():
+    """CutMix's label weight of the original image equals the fraction of its pixels left unpasted."""
+    n, c = 8, 8
+    x = torch.arange(n, dtype=torch.float32).div(n).view(n, 1, 1, 1).expand(n, 3, 32, 32).contiguous()  # one value each
+    y = torch.arange(n)
+    checked = 0
+    for seed in range(5):
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            xm, ys = _mix(x, y, c, TrainConfig(cutmix_prob=1.0))
+        for i in range(n):
+            other = int(ys[i].argmax()) if float(ys[i, i]) < 0.5 else None
+            kept = float((xm[i, 0] == x[i, 0]).float().mean())  # pixels still from image i
+            if kept == 1.0:
+                assert float(ys[i, i]) == pytest.approx(1.0, abs=1e-6)
+                continue
+            pasted_from = {round(float(v) * n) for v in xm[i, 0][xm[i, 0] != x[i, 0]].unique()}
+            assert len(pasted_from) == 1  # one box from one other image
+            j = pasted_from.pop()
+            assert float(ys[i, i]) == pytest.approx(kept, abs=1e-6)
+            assert float(ys[i, j]) == pytest.approx(1 - kept, abs=1e-6)
+            assert other is None or other == j
+            checked += 1
+    assert checked >= 10
 
 
 def test_save_load_roundtrip_tiny(easy):

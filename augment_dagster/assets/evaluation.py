@@ -1,4 +1,8 @@
-"""real_classifier, confidence_weights/<m>, classifier/<m>, metrics/<m> (incl. metrics/real_only)."""
+"""real_classifier, diagen_filter, confidence_weights/<m>, classifier/<m>, metrics/<m> (incl. metrics/real_only).
+
+Every classifier follows its resolved training recipe (``cfg.training_for(entry)``); metrics record top-1 and
+mean per-class accuracy (``acc_id``/``acc_ood`` = the recipe's headline), and, where the entry's
+``training.evaluation`` lists ``few_shot_episodes``, GeNIe's episodic accuracy with its 95 % CI."""
 
 import json
 
@@ -62,33 +66,98 @@ def build_real_classifier(exp: Experiment) -> dg.AssetsDefinition:
     return real_classifier
 
 
+def _weighting(cfg, name: str) -> str:
+    return getattr(method_params(name, cfg.methods[name]), "weighting", "none")
+
+
+def weighting_methods(cfg) -> list[str]:
+    return [m for m in cfg.enabled_methods() if _weighting(cfg, m) != "none"]
+
+
+def build_diagen_filter(exp: Experiment) -> dg.AssetsDefinition:
+    cfg = exp.cfg
+
+    @dg.asset(
+        key=exp.key("diagen_filter"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
+        partitions_def=exp.partitions, ins={"split": dg.AssetIn(key=exp.key("few_shot_split"))},
+        code_version=exp.code_version(("training", "diagen_filter"), ("training", "image_size")), kinds={"pytorch"},
+        automation_condition=CONTENT_AUTOMATION,
+        description="DIAGen's own filter (METHODS §2c), shared by every method that weights: frozen backbone + linear "
+                    "head on the K real shots with RandAugment, early stopping on val loss (patience 6) on the even "
+                    "half of the val pool, T by LBFGS on the odd half; degenerate T -> T = 1 with a warning.",
+    )
+    def diagen_filter(context: dg.AssetExecutionContext, split: pd.DataFrame) -> dg.Output:
+        from ..training.filter import train_diagen_filter
+
+        _, seed = parse_split_key(context.partition_key)
+        rec, reused = train_diagen_filter(split, images=image_source(exp, split), blobs=exp.blobs, memo=exp.memo(),
+                                          fcfg=cfg.training.diagen_filter, image_size=cfg.training.image_size,
+                                          seed=cfg.seed * 1000 + seed, device=exp.device)
+        if rec["degenerate"]:
+            context.log.warning(f"diagen_filter {context.partition_key}: degenerate temperature ({rec['degenerate']}); "
+                                f"using {rec['fallback']}")
+        md = {"temperature": dg.MetadataValue.float(float(rec["temperature"])),
+              "temperature_fitted": dg.MetadataValue.float(float(rec["temperature_fitted"])),
+              "degenerate": dg.MetadataValue.text(rec["degenerate"] or "no"),
+              "fallback": dg.MetadataValue.text(rec["fallback"] or "-"),
+              "best_epoch": dg.MetadataValue.int(int(rec["best_epoch"])),
+              "epochs_run": dg.MetadataValue.int(int(rec["epochs_run"])),
+              "stopped_early": dg.MetadataValue.bool(bool(rec["stopped_early"])),
+              "es_val_acc": dg.MetadataValue.float(float(rec["es_val_acc"])),
+              "t_val_acc": dg.MetadataValue.float(float(rec["t_val_acc"])),
+              "split_of_val": dg.MetadataValue.text(f"early stopping {rec['n_es']} / temperature {rec['n_t']} images "
+                                                    "(per class by rank: even / odd)"),
+              "history": dg.MetadataValue.md(md_table(pd.DataFrame(rec["history"]))),
+              "computed": dg.MetadataValue.int(0 if reused else 1), "reused": dg.MetadataValue.int(1 if reused else 0)}
+        row = {k: v for k, v in rec.items() if k != "history"}
+        row.update(history=json.dumps(rec["history"], default=float), classes=list(rec["classes"]),
+                   split=context.partition_key, created_by_run=context.run_id)
+        return output(pd.DataFrame([row]), md)
+
+    return diagen_filter
+
+
 def build_method_chain(exp: Experiment, name: str) -> list:
     cfg = exp.cfg
     entry = cfg.methods[name]
     spec = get_method(cfg.method_algorithm(name))
-    params = method_params(name, entry)
-    alpha = next(a for a in (entry.synthetic_probability, spec.default_alpha, cfg.training.synthetic_probability) if a is not None)
+    alpha = next(a for a in (entry.synthetic_probability, spec.default_alpha, cfg.training_for(name).synthetic_probability)
+                 if a is not None)
+
+    weighting = _weighting(cfg, name)
+    w_ins = {"synthetic": dg.AssetIn(key=exp.key("synthetic", name))}
+    if weighting != "none":
+        w_ins["filt"] = dg.AssetIn(key=exp.key("diagen_filter"))
 
     @dg.asset(
         key=exp.key("confidence_weights", name), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
-        partitions_def=exp.partitions,
-        ins={"synthetic": dg.AssetIn(key=exp.key("synthetic", name)), "real_clf": dg.AssetIn(key=exp.key("real_classifier"))},
-        code_version=exp.code_version(("methods", name), "training"), kinds={"pytorch"},
+        partitions_def=exp.partitions, ins=w_ins,
+        code_version=exp.code_version(("methods", name), ("training", "diagen_filter")), kinds={"pytorch"},
         automation_condition=CONTENT_AUTOMATION,
-        description=f"Sampling weight per synthetic image of {name}: uniform, or DIAGen confidence q under the "
-                    "temperature-scaled real classifier (w=q, or the code rule).",
+        description=f"Sampling weight per synthetic image of {name}: uniform, or DIAGen confidence q (mean over the "
+                    "filter's train-transform views of softmax(z/T)[y]) under the diagen_filter (w=q, or the code rule).",
     )
-    def weights(context: dg.AssetExecutionContext, synthetic: pd.DataFrame, real_clf: pd.DataFrame) -> dg.Output:
-        from ..training.stage import confidence_weights
+    def weights(context: dg.AssetExecutionContext, synthetic: pd.DataFrame, **rest) -> dg.Output:
+        from ..training.filter import confidence_weights
 
         _, seed = parse_split_key(context.partition_key)
+        filt = rest.get("filt")
+        frec = filt.iloc[0].to_dict() if filt is not None and len(filt) else {}
         df = confidence_weights(synthetic, images=image_source(exp, pd.DataFrame({"image_id": [], "path": []})),
-                                blobs=exp.blobs, classifier_rec=real_clf.iloc[0].to_dict(),
-                                image_size=cfg.training.image_size, views=cfg.training.weight_views,
-                                rule=params.weighting, seed=seed)
-        return output(df, {"rule": dg.MetadataValue.text(params.weighting),
-                           "mean_weight": dg.MetadataValue.float(float(df["weight"].mean()) if len(df) else 0.0),
-                           "mean_q": dg.MetadataValue.float(float(np.nanmean(df["q"])) if len(df) and df["q"].notna().any() else float("nan"))})
+                                blobs=exp.blobs, filter_rec=frec, image_size=cfg.training.image_size,
+                                rule=weighting if frec else "none", seed=seed)
+        w = df["weight"].to_numpy(dtype=float) if len(df) else np.zeros(0)
+        md = {"rule": dg.MetadataValue.text(weighting),
+              "mean_weight": dg.MetadataValue.float(float(w.mean()) if len(w) else 0.0),
+              "min_weight": dg.MetadataValue.float(float(w.min()) if len(w) else float("nan")),
+              "median_weight": dg.MetadataValue.float(float(np.median(w)) if len(w) else float("nan")),
+              "max_weight": dg.MetadataValue.float(float(w.max()) if len(w) else float("nan")),
+              "mean_q": dg.MetadataValue.float(float(np.nanmean(df["q"])) if len(df) and df["q"].notna().any() else float("nan"))}
+        if frec:
+            md.update({"temperature": dg.MetadataValue.float(float(frec["temperature"])),
+                       "filter_degenerate": dg.MetadataValue.text(frec.get("degenerate") or "no"),
+                       "views": dg.MetadataValue.text(f"{frec['views']} x {frec['train_aug']}")})
+        return output(df, md)
 
     @dg.asset(
         key=exp.key("classifier", name), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
@@ -105,7 +174,7 @@ def build_method_chain(exp: Experiment, name: str) -> list:
 
         _, seed = parse_split_key(context.partition_key)
         rec, stats = train_classifier_stage(split, images=image_source(exp, split), blobs=exp.blobs, memo=exp.memo(),
-                                            training=cfg.training, classifier_cfg=cfg.models.classifier,
+                                            training=cfg.training_for(name), classifier_cfg=cfg.models.classifier,
                                             seed=cfg.seed * 1000 + seed, device=exp.device, synth=synthetic,
                                             weights=weights, alpha=alpha, name="classifier")
         md = _classifier_md(rec)
@@ -168,8 +237,9 @@ def build_metrics(exp: Experiment, name: str, clf_key: dg.AssetKey, synth_key: d
         key=exp.key("metrics", name), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
         partitions_def=exp.partitions, ins=ins, code_version=exp.code_version("training", "mlflow"),
         kinds={"pytorch", "mlflow"}, automation_condition=CONTENT_AUTOMATION,
-        description=f"Metrics of the {name} classifier: top-1 accuracy on the ID test set and the OOD set, "
-                    "per-class accuracy, confusion matrix; logged as an MLflow run.",
+        description=f"Metrics of the {name} classifier: top-1 and mean per-class accuracy on the ID test set and the "
+                    "OOD set (acc_id/acc_ood = the recipe's headline), per-class accuracy, confusion matrix, and GeNIe's "
+                    "episodic accuracy ± 95 % CI when training.evaluation lists few_shot_episodes; logged as an MLflow run.",
     )
     def metrics(context: dg.AssetExecutionContext, mlflow: MlflowTracker, split: pd.DataFrame, clf: pd.DataFrame,
                 **rest) -> dg.Output:
@@ -183,8 +253,11 @@ def build_metrics(exp: Experiment, name: str, clf_key: dg.AssetKey, synth_key: d
         images = image_source(exp, split)
         from ..store import memo_key
 
+        training = cfg.training_for(name if name in cfg.methods else None)
+        episodic = "few_shot_episodes" in training.evaluation or (
+            name == REAL_ONLY and any("few_shot_episodes" in cfg.training_for(m).evaluation for m in cfg.enabled_methods()))
         memo = exp.memo()
-        key = memo_key("evaluate", "ev-1", model=rec["blob"], params={"image_size": cfg.training.image_size},
+        key = memo_key("evaluate", "ev-2", model=rec["blob"], params={"image_size": cfg.training.image_size},
                        inputs={r: [[str(i), str(l)] for i, l in split.loc[split["role"] == r, ["image_id", "label"]].itertuples(index=False)]
                                for r in ("test", "ood")})
         cached = memo.get(key)
@@ -194,15 +267,27 @@ def build_metrics(exp: Experiment, name: str, clf_key: dg.AssetKey, synth_key: d
             cached = memo.put(key, {r: {**v, "confusion": np.asarray(v["confusion"]).tolist()} for r, v in res.items()})
         res = cached
         classes = meta["classes"]
+        head = "mean_per_class" if training.headline == "mean_per_class" else "accuracy"
         row = {
             "method": name, "split": context.partition_key, "shots": shots, "seed": seed,
-            "acc_id": res["test"]["accuracy"], "acc_ood": res["ood"]["accuracy"],
+            "acc_id": res["test"][head], "acc_ood": res["ood"][head], "headline": training.headline,
+            "recipe": training.recipe, "top1_id": res["test"]["accuracy"], "top1_ood": res["ood"]["accuracy"],
+            "mpca_id": res["test"]["mean_per_class"], "mpca_ood": res["ood"]["mean_per_class"],
             "n_test": res["test"]["n"], "n_ood": res["ood"]["n"], "best_val_acc": float(rec["best_val_acc"]),
             "best_epoch": int(rec["best_epoch"]), "n_synthetic": int(rec["n_synthetic"]),
             "per_class_id": json.dumps(res["test"]["per_class"]), "per_class_ood": json.dumps(res["ood"]["per_class"]),
             "confusion_id": json.dumps(np.asarray(res["test"]["confusion"]).tolist()),
             "classifier_blob": rec["blob"], "synthetic_gpu_seconds": float("nan"),
         }
+        ep = None
+        if episodic:  # real_only runs them whenever a method does: the un-augmented baseline (GeNIe's "Weak")
+            from ..training.episodes import episodic_eval
+
+            ep = episodic_eval(split, synthetic, images=images, blobs=exp.blobs, memo=memo, ecfg=training.episodes,
+                               image_size=cfg.training.image_size, split_seed=seed)
+        row.update({"episodic_acc": ep["mean"] if ep else float("nan"), "episodic_ci95": ep["ci95"] if ep else float("nan"),
+                    "episodic_episodes": int(ep["episodes"]) if ep else 0,
+                    "episodic_accs": json.dumps(ep["accs"]) if ep else "[]"})
         cm_png = confusion_plot_png(np.asarray(res["test"]["confusion"]), classes)
         artifacts = {"confusion_matrix_id.png": cm_png}
         if synthetic is not None and len(synthetic):
@@ -222,6 +307,9 @@ def build_metrics(exp: Experiment, name: str, clf_key: dg.AssetKey, synth_key: d
         run_id, err = mlflow.log_run(
             exp.cfg.mlflow.experiment_name or exp.name, f"{name}/{context.partition_key}",
             params=params, metrics={"acc_id": row["acc_id"], "acc_ood": row["acc_ood"], "best_val_acc": row["best_val_acc"],
+                                    "top1_id": row["top1_id"], "top1_ood": row["top1_ood"], "mpca_id": row["mpca_id"],
+                                    "mpca_ood": row["mpca_ood"],
+                                    **({"episodic_acc": ep["mean"], "episodic_ci95": ep["ci95"]} if ep else {}),
                                     **{f"acc_id_{c}": v for c, v in res["test"]["per_class"].items()}},
             tags=tags, artifacts=artifacts, model=model if cfg.mlflow.log_models else None,
             find_existing={"augment.classifier_blob": rec["blob"], "augment.method": name, "dagster.partition": context.partition_key},
@@ -234,8 +322,14 @@ def build_metrics(exp: Experiment, name: str, clf_key: dg.AssetKey, synth_key: d
             context.log.warning(f"MLflow logging failed (the asset still materialized; relog with `augment report --relog`): {err}")
         df = pd.DataFrame([row])
         md = {"acc_id": dg.MetadataValue.float(row["acc_id"]), "acc_ood": dg.MetadataValue.float(row["acc_ood"]),
+              "headline": dg.MetadataValue.text(f"{training.headline} (recipe {training.recipe})"),
+              "top1_id": dg.MetadataValue.float(row["top1_id"]), "mpca_id": dg.MetadataValue.float(row["mpca_id"]),
               "per_class_id": dg.MetadataValue.json(res["test"]["per_class"]),
               "mlflow_run_id": dg.MetadataValue.text(run_id or f"(failed: {err})")}
+        if ep:
+            md["episodic_acc"] = dg.MetadataValue.text(
+                f"{ep['mean']:.4f} ± {ep['ci95']:.4f} ({ep['episodes']} episodes, {ep['n_way']}-way {ep['shots']}-shot, "
+                f"{ep['n_augmented']} augmented)")
         return output(df, md)
 
     return metrics
@@ -254,6 +348,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def build(exp: Experiment) -> list:
     assets = [build_real_classifier(exp), build_metrics(exp, REAL_ONLY, exp.key("real_classifier"), None)]
+    if weighting_methods(exp.cfg):
+        assets.append(build_diagen_filter(exp))
     for name in exp.cfg.enabled_methods():
         assets.extend(build_method_chain(exp, name))
     return assets

@@ -35,6 +35,26 @@ def summarize(metrics: pd.DataFrame, setm: pd.DataFrame | None = None) -> pd.Dat
     return pd.DataFrame(rows)
 
 
+def episodic_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    """GeNIe's episodic accuracy per (method, shots): mean ± 1.96·std/√n over the episodes of all seeds pooled
+    (each seed's split has its own episodes). Empty when no method ran few_shot_episodes."""
+    import json
+
+    from ..metrics import episode_ci
+
+    if "episodic_accs" not in metrics or not len(metrics):
+        return pd.DataFrame()
+    rows = []
+    for (method, shots), g in metrics.groupby(["method", "shots"], sort=True):
+        accs = [a for s in g["episodic_accs"] if isinstance(s, str) for a in json.loads(s)]
+        if not accs:
+            continue
+        m, ci = episode_ci(accs)
+        rows.append({"method": method, "shots": int(shots), "seeds": int(g["seed"].nunique()), "episodes": len(accs),
+                     "episodic_acc": m, "ci95": ci, "episodic": f"{m:.3f} ± {ci:.3f}"})
+    return pd.DataFrame(rows)
+
+
 def pretty(summary: pd.DataFrame) -> pd.DataFrame:
     if summary.empty:
         return summary
@@ -157,6 +177,9 @@ def build(exp: Experiment) -> list:
         allm, setm = frames("m_"), frames("s_")
         summary = summarize(allm, setm) if len(allm) else pd.DataFrame()
         table = md_table(pretty(summary))
+        episodic = episodic_table(allm)
+        ep_md = (f"\n\n## Episodic few-shot evaluation (GeNIe protocol, mean ± 95 % CI)\n\n"
+                 f"{md_table(episodic[['method', 'shots', 'seeds', 'episodes', 'episodic']])}" if len(episodic) else "")
         out_dir = exp.data_dir / "report" / exp.name
         png = accuracy_plot_png(summary) if len(summary) else b""
         scatter = scatter_png(summary) if len(summary) else b""
@@ -173,7 +196,9 @@ def build(exp: Experiment) -> list:
             atomic_write_bytes(out_dir / "fidelity_diversity.png", scatter)
         if grid_png:
             atomic_write_bytes(out_dir / "samples.png", grid_png)
-        atomic_write_text(out_dir / "report.md", f"# {exp.name}: methods × shots\n\n{table}\n\n"
+        if len(episodic):
+            atomic_write_text(out_dir / "episodic.csv", episodic.to_csv(index=False))
+        atomic_write_text(out_dir / "report.md", f"# {exp.name}: methods × shots\n\n{table}{ep_md}\n\n"
                           "![accuracy](accuracy_vs_shots.png)\n![fidelity vs diversity](fidelity_diversity.png)\n"
                           f"![samples ({first_split})](samples.png)\n")
         missing = [m for m in methods if m not in set(allm.get("method", pd.Series(dtype=str)))]
@@ -183,13 +208,15 @@ def build(exp: Experiment) -> list:
                 cfg.mlflow.experiment_name or exp.name, "report",
                 params={"methods": ",".join(methods), "splits": ",".join(cfg.splits.keys()), "config_hash": cfg.config_hash()},
                 metrics={f"{r.method}.{r.shots}shot.acc_id": r.acc_id_mean for r in summary.itertuples()}
-                | {f"{r.method}.{r.shots}shot.acc_ood": r.acc_ood_mean for r in summary.itertuples()},
+                | {f"{r.method}.{r.shots}shot.acc_ood": r.acc_ood_mean for r in summary.itertuples()}
+                | {f"{r.method}.{r.shots}shot.episodic_acc": r.episodic_acc for r in episodic.itertuples()}
+                | {f"{r.method}.{r.shots}shot.episodic_ci95": r.ci95 for r in episodic.itertuples()},
                 tags={"dagster.run_id": context.run_id, "dagster.asset_key": context.asset_key.to_user_string(),
                       "augment.experiment": exp.name, "augment.kind": "report"},
                 artifacts={"report.md": (out_dir / "report.md").read_bytes(), "report.csv": (out_dir / "report.csv").read_bytes(),
                            "accuracy_vs_shots.png": png, "fidelity_diversity.png": scatter, "samples.png": grid_png},
             )
-        md = {"report": dg.MetadataValue.md(table), "report_dir": dg.MetadataValue.path(str(out_dir)),
+        md = {"report": dg.MetadataValue.md(table + ep_md), "report_dir": dg.MetadataValue.path(str(out_dir)),
               "missing_methods": dg.MetadataValue.json(missing), "mlflow_run_id": dg.MetadataValue.text(run_id or f"(none: {err})")}
         from .common import mlflow_links  # each method × split row -> its MLflow run
 

@@ -42,6 +42,21 @@ def per_class_accuracy(preds, labels, num_classes: int) -> np.ndarray:
     return np.where(n > 0, np.diag(cm) / np.maximum(n, 1), np.nan)
 
 
+def mean_per_class_accuracy(preds, labels, num_classes: int) -> float:
+    """Mean over the classes present in ``labels`` of their accuracy (DA-Fusion/DIAGen's headline metric)."""
+    pc = per_class_accuracy(preds, labels, num_classes)
+    pc = pc[~np.isnan(pc)]
+    return float(pc.mean()) if len(pc) else float("nan")
+
+
+def episode_ci(accs) -> tuple[float, float]:
+    """(mean, 1.96·std/√n) of per-episode accuracies (GeNIe's reporting; population std as in its code)."""
+    a = np.asarray([x for x in accs if x == x], dtype=np.float64)
+    if len(a) == 0:
+        return float("nan"), float("nan")
+    return float(a.mean()), float(1.96 * a.std() / np.sqrt(len(a)))
+
+
 def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Exact Euclidean distances [len(a), len(b)] (scipy cdist: identical points give exactly 0)."""
     from scipy.spatial.distance import cdist

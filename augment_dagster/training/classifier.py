@@ -1,8 +1,10 @@
-"""Downstream classifier: a tiny CNN by default, or any transformers vision backbone (ResNet, ViT, DINOv2,
-CLIP vision; hub id or local folder) with a linear head, linear-probe (``freeze_backbone``) or full fine-tuning.
+"""Downstream classifier: a tiny CNN by default (random init, or ``tiny-pretrained``: the shipped backbone),
+or any transformers vision backbone (ResNet, ViT, DINOv2, CLIP vision; hub id or local folder) with a linear
+head, linear-probe (``freeze_backbone``) or full fine-tuning.
 
 Batches are drawn by the α-mixing sampler (real with 1−α, synthetic ∝ weight within the real image's
-group; DIAGen Eq. 2), weak train augmentation (kornia), optional CutMix/MixUp with soft-label CE; the best
+group; DIAGen Eq. 2), an online train transform (kornia; TRAIN_AUGS), Adam/AdamW/SGD with a per-step
+torch LR scheduler (onecycle, cosine with linear warmup, constant), optional CutMix/MixUp with soft-label CE; the best
 epoch is chosen on the *validation* split and deep-copied (never the test set, METHODS §8). A frozen
 backbone runs in eval mode under no_grad, so its BatchNorm statistics cannot drift (DA-Fusion bug, §8).
 
@@ -29,8 +31,16 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-TRAIN_AUGS = ("none", "weak", "strong", "randaugment")
+# online train transforms (METHODS §1, §3, §4, §10):
+#   none; crop = RRC(0.6–1) + HFlip (the project's recipe); weak = RRC(0.2–1) + HFlip (GeNIe);
+#   dafusion = Resize + HFlip + Rot ±15° (DA-Fusion/DIAGen); pad_crop = RandomCrop with padding + HFlip (Diff-II;
+#   pad 8 px at 224, scaled to the image size); strong (GeNIe); randaugment (N 2, M 9)
+TRAIN_AUGS = ("none", "crop", "weak", "dafusion", "pad_crop", "strong", "randaugment")
 OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("onecycle", "cosine", "constant")
+SELECT_ON = ("val_acc", "val_loss")
+PRETRAINED_BACKBONE = "tiny-pretrained"
+PRETRAINED_BACKBONE_FILE = Path(__file__).resolve().parent.parent / "builtin_models" / "tiny-backbone.pt"
 
 
 class TinyCNN(nn.Module):
@@ -47,6 +57,7 @@ class TinyCNN(nn.Module):
         self.backbone = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Linear(c_in, num_classes)
         self.width = width
+        self.source = "tiny-cnn"
         self.freeze_backbone = bool(freeze_backbone)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
@@ -186,10 +197,28 @@ class HFBackboneClassifier(nn.Module):
         return self
 
 
+def load_pretrained_backbone(path: str | Path | None = None) -> tuple[dict, dict]:
+    """(backbone state_dict, meta) of the shipped ``tiny-pretrained`` TinyCNN backbone
+    (``builtin_models/tiny-backbone.pt``, trained by ``scripts/train_tiny_models.py --stages backbone``)."""
+    p = Path(path) if path is not None else PRETRAINED_BACKBONE_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} is missing: the '{PRETRAINED_BACKBONE}' classifier source "
+                                "(models.classifier.source) needs it; run `python scripts/train_tiny_models.py --stages backbone`")
+    obj = torch.load(p, map_location="cpu", weights_only=False)
+    return obj["state_dict"], obj["meta"]
+
+
 def build_classifier(backbone: str, num_classes: int, freeze_backbone: bool = False, cache_root=None) -> nn.Module:
-    """'tiny-cnn' -> :class:`TinyCNN`; anything else is a transformers checkpoint (hub id or local folder)."""
+    """'tiny-cnn' -> :class:`TinyCNN` (random init); 'tiny-pretrained' -> TinyCNN with the shipped backbone
+    pretrained on the built-in ``pretrain`` pool (new head); anything else is a transformers checkpoint."""
     if int(num_classes) < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if backbone == PRETRAINED_BACKBONE:
+        sd, meta = load_pretrained_backbone()
+        model = TinyCNN(num_classes, width=int(meta["width"]), freeze_backbone=freeze_backbone)
+        model.backbone.load_state_dict(sd)
+        model.source = PRETRAINED_BACKBONE
+        return model
     if backbone == "tiny-cnn" or backbone.startswith("tiny-cnn:"):
         # 'tiny-cnn' = width 16 (16/32/64 channels: trains in seconds on 2 CPU cores); 'tiny-cnn:<width>' for others
         width = int(backbone.split(":", 1)[1]) if ":" in backbone else 16
@@ -213,10 +242,17 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-2
     optimizer: str = "adamw"
+    momentum: float = 0.9  # sgd only
+    schedule: str = "onecycle"  # onecycle | cosine (linear warmup per step, then cosine to 0) | constant
+    warmup_frac: float = 0.1  # cosine: fraction of all steps spent in linear warmup
     label_smoothing: float = 0.0
-    train_aug: str = "weak"
+    train_aug: str = "crop"
     cutmix_prob: float = 0.0
     mixup_alpha: float = 0.0
+    class_balanced: bool = True  # real draws ∝ 1/class count (DIAGen) instead of uniform (DA-Fusion)
+    select_on: str = "val_acc"  # best epoch by val accuracy (ties: lower loss) or by val loss
+    patience: int | None = None  # early stopping: stop after this many epochs without a better val score
+    cache_features: bool = True  # frozen backbone + no random transform: encode once, train the head on features
     seed: int = 0
     device: str = "auto"
     cache_root: str | None = None  # transformers cache folder for hub-id backbones
@@ -226,6 +262,14 @@ class TrainConfig:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
         if self.train_aug not in TRAIN_AUGS:
             raise ValueError(f"unknown train_aug {self.train_aug!r}; valid: {', '.join(TRAIN_AUGS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
+        if self.select_on not in SELECT_ON:
+            raise ValueError(f"unknown select_on {self.select_on!r}; valid: {', '.join(SELECT_ON)}")
+        if not 0.0 <= self.warmup_frac < 1.0:
+            raise ValueError(f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be >= 1 (or None), got {self.patience}")
         if self.epochs < 1 or self.steps_per_epoch < 1 or self.batch_size < 1:
             raise ValueError("epochs, steps_per_epoch and batch_size must be >= 1")
         if not 0.0 <= self.cutmix_prob <= 1.0:
@@ -242,18 +286,32 @@ class TrainResult:
     best_val_acc: float = 0.0
     n_real_draws: int = 0
     n_syn_draws: int = 0
+    optimizer: str = ""  # class name of the optimizer used
+    lr_curve: list[float] = field(default_factory=list)  # LR of every optimisation step
+    stopped_early: bool = False
+    features_cached: bool = False
 
 
-def _train_aug(name: str, size: tuple[int, int]):
+def build_train_transform(name: str, size: tuple[int, int]):
+    """The online train transform ``name`` (see TRAIN_AUGS) as a kornia module, None for 'none'."""
+    if name not in TRAIN_AUGS:
+        raise ValueError(f"unknown train_aug {name!r}; valid: {', '.join(TRAIN_AUGS)}")
     if name == "none":
         return None
-    if name == "weak":
-        import kornia.augmentation as K
+    import kornia.augmentation as K
 
+    size = (int(size[0]), int(size[1]))
+    if name == "crop":
         return K.AugmentationSequential(K.RandomResizedCrop(size, scale=(0.6, 1.0)), K.RandomHorizontalFlip())
+    if name == "dafusion":  # images already arrive resized to training.image_size (the "Resize")
+        return K.AugmentationSequential(K.RandomHorizontalFlip(), K.RandomRotation(15.0))
+    if name == "pad_crop":
+        pad = max(1, round(8 * min(size) / 224))
+        return K.AugmentationSequential(K.RandomCrop(size, padding=pad), K.RandomHorizontalFlip())
     from ..methods.standard_aug import make_policy
 
     return make_policy(name, size)
+
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -308,18 +366,39 @@ def _mix(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: TrainConfig) -
 
 def _make_optimizer(params, cfg: TrainConfig):
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def make_scheduler(opt, cfg: TrainConfig, total: int):
+    """torch LR scheduler stepped once per optimisation step: OneCycleLR (pct_start 0.15), cosine =
+    LinearLR warmup over ``warmup_frac`` of the steps then CosineAnnealingLR to 0 (Diff-II), or constant."""
+    S = torch.optim.lr_scheduler
+    if cfg.schedule == "onecycle":
+        return S.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.15)
+    if cfg.schedule == "constant":
+        return S.ConstantLR(opt, factor=1.0, total_iters=0)
+    warm = int(round(cfg.warmup_frac * total))
+    if warm < 1:
+        return S.CosineAnnealingLR(opt, T_max=max(1, total))
+    return S.SequentialLR(opt, [S.LinearLR(opt, start_factor=1.0 / (warm + 1), end_factor=1.0, total_iters=warm),
+                                S.CosineAnnealingLR(opt, T_max=max(1, total - warm))], milestones=[warm])
+
+
 def train_classifier(real_x: torch.Tensor, real_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
                      num_classes: int, cfg: TrainConfig, synth_x: torch.Tensor | None = None,
                      synth_y: torch.Tensor | None = None, groups=None, syn_weights=None, alpha: float = 0.0,
-                     progress: bool = False, model: nn.Module | None = None) -> TrainResult:
+                     progress: bool = False, model: nn.Module | None = None,
+                     features: tuple | None = None) -> TrainResult:
     """Train for ``cfg.epochs`` × ``cfg.steps_per_epoch`` batches drawn by :class:`MixingSampler`
-    (class-balanced real draws; with probability ``alpha`` a synthetic of the drawn image's group).
+    (class-balanced or uniform real draws; with probability ``alpha`` a synthetic of the drawn image's group),
+    with ``cfg.optimizer``, the per-step LR schedule ``cfg.schedule`` and the online transform ``cfg.train_aug``.
+    A frozen backbone with no random transform and no CutMix/MixUp trains the head on features encoded once.
+    ``select_on``/``patience``: best epoch by val accuracy or val loss, optional early stopping.
+    ``features`` = (real [N, D], synthetic [S, D] or None, val [V, D]): precomputed backbone features of the
+    same images (e.g. from the store), used on that feature-cached path instead of encoding here.
 
     ``groups`` defaults to the class pool (every synthetic of the same class) when synthetics are given.
     The returned model holds the weights of the best validation epoch (accuracy, ties -> lower val loss),
@@ -345,7 +424,7 @@ def train_classifier(real_x: torch.Tensor, real_y: torch.Tensor, val_x: torch.Te
         if len(syn_weights) != len(synth_x):
             raise ValueError(f"{len(syn_weights)} synthetic weights for {len(synth_x)} synthetic images")
     sampler = MixingSampler(real_y.numpy(), groups if use_syn else None, syn_weights if use_syn else None,
-                            alpha if use_syn else 0.0, seed=cfg.seed)
+                            alpha if use_syn else 0.0, seed=cfg.seed, class_balanced=cfg.class_balanced)
 
     dev = torch.device(pick_device(cfg.device))
     fork_devices = [dev] if dev.type == "cuda" else []
@@ -358,18 +437,39 @@ def train_classifier(real_x: torch.Tensor, real_y: torch.Tensor, val_x: torch.Te
             raise ValueError("the model has no trainable parameters")
         opt = _make_optimizer(params, cfg)
         total = cfg.epochs * cfg.steps_per_epoch
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.15)
-        rx, ry = real_x.float().to(dev), real_y.to(dev)
-        sx = synth_x.float().to(dev) if use_syn else None
-        sy = synth_y.to(dev) if use_syn else None
-        vx, vy = val_x.float(), val_y
-        aug = _train_aug(cfg.train_aug, tuple(real_x.shape[-2:]))
+        sched = make_scheduler(opt, cfg, total)
+        aug = build_train_transform(cfg.train_aug, tuple(real_x.shape[-2:]))
         if aug is not None:
             aug = aug.to(dev)
+        # linear probe with a deterministic input pipeline: encode every image once, train the head on features
+        cached = bool(cfg.cache_features and getattr(model, "freeze_backbone", False) and aug is None
+                      and cfg.cutmix_prob == 0 and cfg.mixup_alpha == 0)
+        if cached and features is not None:
+            f_r, f_s, f_v = features
+            if len(f_r) != len(real_x) or len(f_v) != len(val_x) or (use_syn and len(f_s) != len(synth_x)):
+                raise ValueError("precomputed features must have one row per real / synthetic / val image")
+            rx = f_r.float().to(dev)
+            sx = f_s.float().to(dev) if use_syn else None
+            vf = f_v.float() if len(val_y) else None
+        elif cached:
+            rx = extract_features(model, real_x.float()).to(dev)
+            sx = extract_features(model, synth_x.float()).to(dev) if use_syn else None
+            vf = extract_features(model, val_x.float()) if len(val_y) else None
+        if cached:
+            step_model = model.head
+        else:
+            rx = real_x.float().to(dev)
+            sx = synth_x.float().to(dev) if use_syn else None
+            step_model = model
+        ry = real_y.to(dev)
+        sy = synth_y.to(dev) if use_syn else None
+        vx, vy = val_x.float(), val_y
 
         best_acc, best_loss, best_epoch, best_state = -1.0, float("inf"), 0, None
         history: list[dict] = []
+        lr_curve: list[float] = []
         n_real = n_syn = 0
+        since_best, stopped = 0, False
         for epoch in range(cfg.epochs):
             model.train()
             tot, syn_this = 0.0, 0
@@ -389,18 +489,26 @@ def train_classifier(real_x: torch.Tensor, real_y: torch.Tensor, val_x: torch.Te
                 if aug is not None:
                     with torch.no_grad():
                         xs = aug(xs).reshape(xs.shape).clamp(0.0, 1.0)
-                xs, y_soft = _mix(xs, ys, num_classes, cfg)
+                if cached:
+                    y_soft = F.one_hot(ys, num_classes).float()
+                else:
+                    xs, y_soft = _mix(xs, ys, num_classes, cfg)
                 if cfg.label_smoothing > 0:
                     y_soft = y_soft * (1 - cfg.label_smoothing) + cfg.label_smoothing / num_classes
-                logits = model(xs)
+                logits = step_model(xs)
                 loss = torch.sum(-y_soft * F.log_softmax(logits.float(), dim=1), dim=1).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                lr_curve.append(float(opt.param_groups[0]["lr"]))
                 opt.step()
                 sched.step()
                 tot += float(loss.detach())
             if len(vy):
-                vl = predict_logits(model, vx)
+                if cached:
+                    with torch.no_grad():
+                        vl = model.head(vf.to(dev)).float().cpu()
+                else:
+                    vl = predict_logits(model, vx)
                 val_acc = float((vl.argmax(1) == vy).float().mean())
                 val_loss = float(F.cross_entropy(vl, vy))
             else:
@@ -410,21 +518,30 @@ def train_classifier(real_x: torch.Tensor, real_y: torch.Tensor, val_x: torch.Te
             if progress:
                 log.info("epoch %d/%d train_loss %.4f val_acc %.4f val_loss %.4f synthetic %d", epoch + 1, cfg.epochs,
                          tot / cfg.steps_per_epoch, val_acc, val_loss, syn_this)
-            # best epoch on validation accuracy (ties: lower val loss); weights deep-copied (METHODS §8).
-            # Without a validation split, the last epoch is kept.
-            better = (not len(vy)) or val_acc > best_acc or (val_acc == best_acc and val_loss < best_loss)
+            # best epoch on validation accuracy (ties: lower val loss) or on val loss; weights deep-copied
+            # (METHODS §8). Without a validation split, the last epoch is kept.
+            if cfg.select_on == "val_loss":
+                better = (not len(vy)) or val_loss < best_loss
+            else:
+                better = (not len(vy)) or val_acc > best_acc or (val_acc == best_acc and val_loss < best_loss)
             if best_state is None or better:
                 best_acc, best_loss, best_epoch = val_acc, val_loss, epoch
                 best_state = copy.deepcopy(model.state_dict())
+                since_best = 0
+            else:
+                since_best += 1
+                if cfg.patience is not None and since_best >= cfg.patience:
+                    stopped = True
+                    break
         model.load_state_dict(best_state)
     model = model.cpu().eval()
-    return TrainResult(model, history, best_epoch, best_acc, n_real, n_syn)
+    return TrainResult(model, history, best_epoch, best_acc, n_real, n_syn, type(opt).__name__, lr_curve, stopped, cached)
 
 
 def classifier_meta(model: nn.Module) -> dict[str, Any]:
     """What :func:`load_classifier` needs to rebuild ``model``."""
     if isinstance(model, TinyCNN):
-        return {"arch": "tiny-cnn", "backbone": "tiny-cnn", "num_classes": model.head.out_features,
+        return {"arch": "tiny-cnn", "backbone": getattr(model, "source", "tiny-cnn"), "num_classes": model.head.out_features,
                 "width": model.width, "freeze_backbone": model.freeze_backbone}
     if isinstance(model, HFBackboneClassifier):
         return {"arch": "hf", "backbone": model.source, "source": model.source, "num_classes": model.head.out_features,
@@ -449,6 +566,7 @@ def load_classifier(data: bytes, cache_root: str | None = None) -> tuple[nn.Modu
     if meta["arch"] == "tiny-cnn":
         model: nn.Module = TinyCNN(meta["num_classes"], width=meta.get("width", 32),
                                    freeze_backbone=meta.get("freeze_backbone", False))
+        model.source = meta.get("backbone", "tiny-cnn")
     else:
         try:
             model = HFBackboneClassifier(meta["source"], meta["num_classes"], meta.get("freeze_backbone", False),

@@ -1,5 +1,5 @@
 """The classifier stages with the unit memo (no Dagster): train (or reuse) a classifier on a split plus an
-optional synthetic set, evaluate it, and DIAGen's confidence weights. Torch is imported inside functions."""
+optional synthetic set, evaluate it, and DIAGen's weight rule (the weights themselves: ``training/filter.py``). Torch is imported inside functions."""
 from __future__ import annotations
 
 import json
@@ -19,14 +19,26 @@ CLASSIFIER_VERSION = "clf-1"
 WEIGHTS_VERSION = "w-1"
 
 
+# TrainingConfig keys that do not change a trained classifier (kept out of its memo key)
+_NOT_CLASSIFIER_KEYS = {"headline", "evaluation", "episodes", "diagen_filter", "recipe"}
+
+
+def freeze_for(training, classifier_cfg) -> bool:
+    lp = getattr(training, "linear_probe", None)
+    return bool(classifier_cfg.freeze_backbone if lp is None else lp)
+
+
 def _train_cfg(training, classifier_cfg, seed: int, device: str):
+    """TrainConfig from a *resolved* TrainingConfig (recipe applied) + models.classifier."""
     from .classifier import TrainConfig
 
     return TrainConfig(
-        backbone=classifier_cfg.source, freeze_backbone=classifier_cfg.freeze_backbone, epochs=training.epochs,
+        backbone=classifier_cfg.source, freeze_backbone=freeze_for(training, classifier_cfg), epochs=training.epochs,
         steps_per_epoch=training.steps_per_epoch, batch_size=training.batch_size, lr=training.lr,
-        weight_decay=training.weight_decay, label_smoothing=training.label_smoothing, train_aug=training.train_aug,
-        cutmix_prob=training.cutmix_prob, mixup_alpha=training.mixup_alpha, seed=seed, device=device,
+        weight_decay=training.weight_decay, optimizer=training.optimizer, momentum=training.momentum,
+        schedule=training.schedule, warmup_frac=training.warmup_frac, label_smoothing=training.label_smoothing,
+        train_aug=training.train_aug, cutmix_prob=training.cutmix_prob, mixup_alpha=training.mixup_alpha,
+        class_balanced=training.class_balanced, seed=seed, device=device,
     )
 
 
@@ -66,8 +78,11 @@ def train_classifier_stage(
     fit_temperature: bool = False,
     name: str = "classifier",
 ) -> tuple[dict, StageStats]:
-    """Train (or reuse) one classifier; returns a record with the model blob, T and history."""
+    """Train (or reuse) one classifier; returns a record with the model blob, T and history.
+    ``training`` is a TrainingConfig; its recipe is applied here (``resolved()``; idempotent)."""
     t0 = time.perf_counter()
+    if hasattr(training, "resolved"):
+        training = training.resolved()
     stats = StageStats()
     train = split[split["role"] == "train"].sort_values(["label", "rank"]).reset_index(drop=True)
     val = split[split["role"] == "val"].sort_values(["label", "rank"]).reset_index(drop=True)
@@ -82,8 +97,11 @@ def train_classifier_stage(
             syn_w = np.array([float(wmap.get(s, 1.0)) for s in synth["synthetic_id"]])
         else:
             syn_w = np.ones(len(synth))
-    key = memo_key(name, CLASSIFIER_VERSION, model=classifier_cfg.source,
-                   params={"training": training.model_dump(mode="json"), "freeze": classifier_cfg.freeze_backbone,
+    from .episodes import encoder_fingerprint  # the shipped backbone's digest, so retrained weights retrain
+
+    key = memo_key(name, CLASSIFIER_VERSION, model=encoder_fingerprint(classifier_cfg.source),
+                   params={"training": training.model_dump(mode="json", exclude=_NOT_CLASSIFIER_KEYS),
+                           "freeze": freeze_for(training, classifier_cfg),
                            "alpha": alpha if use_synth else 0.0, "temperature": fit_temperature},
                    inputs={"train": list(zip(train["image_id"], train["label"])), "val": list(zip(val["image_id"], val["label"])),
                            "synth": list(zip(synth["synthetic_id"], synth["label"])) if use_synth else [],
@@ -108,6 +126,19 @@ def train_classifier_stage(
                       synth_y=torch.tensor([idx[l] for l in synth["label"]]),
                       groups=synthetic_groups(train, synth), syn_weights=syn_w, alpha=alpha)
         cfg = _train_cfg(training, classifier_cfg, seed, device)
+        if (cfg.freeze_backbone and cfg.train_aug == "none" and cfg.cutmix_prob == 0 and cfg.mixup_alpha == 0
+                and not cfg.backbone.startswith("tiny-cnn")):
+            # linear probe of a fixed pretrained backbone: features from the store, shared by every classifier
+            from .episodes import cached_features
+
+            fk = dict(encoder=cfg.backbone, image_size=size, blobs=blobs, memo=memo, normalize=False)
+            f_r, _ = cached_features(list(train["image_id"]), images.real, **fk)
+            f_v = cached_features(list(val["image_id"]), images.real, **fk)[0] if len(val) else f_r
+            f_s = None
+            if use_synth:
+                blob_of = dict(zip(synth["synthetic_id"], synth["blob"]))
+                f_s, _ = cached_features(list(synth["synthetic_id"]), lambda i: images.synthetic(blob_of[i]), **fk)
+            kw["features"] = (f_r, f_s, f_v)
         res = train_classifier(rx, ry, vx, vy, len(classes), cfg, **kw)
         T = 1.0
         nll_before = nll_after = None
@@ -125,6 +156,7 @@ def train_classifier_stage(
         rec = {"blob": blob, "temperature": T, "best_epoch": int(res.best_epoch), "best_val_acc": float(res.best_val_acc),
                "history": res.history, "n_real_draws": int(res.n_real_draws), "n_syn_draws": int(res.n_syn_draws),
                "val_nll_before_T": nll_before, "val_nll_after_T": nll_after, "val_confusion": val_confusion,
+               "optimizer": res.optimizer, "features_cached": bool(res.features_cached),
                "train_seconds": time.perf_counter() - t0}
         rec = memo.put(key, rec)
         stats.computed = 1
@@ -149,17 +181,19 @@ def load_classifier_blob(blobs: BlobStore, blob: str):
 
 
 def evaluate(model, meta, images: ImageSource, rows: pd.DataFrame, image_size: int) -> dict[str, Any]:
-    """Accuracy, per-class accuracy and confusion matrix of a classifier on rows (image_id, label)."""
+    """Top-1 accuracy, mean per-class accuracy (DA-Fusion/DIAGen's headline), per-class accuracy and confusion
+    matrix of a classifier on rows (image_id, label)."""
     import torch
 
-    from ..metrics import accuracy, confusion_matrix, per_class_accuracy
+    from ..metrics import accuracy, confusion_matrix, mean_per_class_accuracy, per_class_accuracy
     from .classifier import predict_logits
 
     classes = meta["classes"]
     idx = label_index(classes)
     rows = rows[rows["label"].isin(classes)]
     if len(rows) == 0:
-        return {"n": 0, "accuracy": float("nan"), "per_class": {}, "confusion": np.zeros((len(classes), len(classes)), int)}
+        return {"n": 0, "accuracy": float("nan"), "mean_per_class": float("nan"), "per_class": {},
+                "confusion": np.zeros((len(classes), len(classes)), int)}
     x = to_tensor([images.real(i) for i in rows["image_id"]], image_size)
     y = torch.tensor([idx[l] for l in rows["label"]])
     with torch.no_grad():
@@ -167,43 +201,9 @@ def evaluate(model, meta, images: ImageSource, rows: pd.DataFrame, image_size: i
     preds = logits.argmax(1)
     pc = per_class_accuracy(preds, y, len(classes))
     return {"n": int(len(rows)), "accuracy": float(accuracy(preds, y)),
+            "mean_per_class": float(mean_per_class_accuracy(preds, y, len(classes))),
             "per_class": {c: float(v) for c, v in zip(classes, pc)},
             "confusion": confusion_matrix(preds, y, len(classes))}
-
-
-def confidence_weights(
-    synth: pd.DataFrame, *, images: ImageSource, blobs: BlobStore, classifier_rec: dict, image_size: int,
-    views: int, rule: str, seed: int,
-) -> pd.DataFrame:
-    """DIAGen weighting: q = mean over ``views`` augmented views of softmax(z/T)[label];
-    w = q (rule 'paper') or 1 if q >= .5 else 2q (rule 'code'); rule 'none' gives uniform weights."""
-    out = pd.DataFrame({"synthetic_id": synth["synthetic_id"].values, "label": synth["label"].values})
-    if rule == "none" or len(synth) == 0:
-        out["q"] = np.nan
-        out["weight"] = 1.0
-        out["rule"] = "none"
-        return out
-    import torch
-
-    from ..methods.standard_aug import augment_images
-    from .classifier import predict_logits
-
-    model, meta = load_classifier_blob(blobs, classifier_rec["blob"])
-    T = float(meta.get("temperature", 1.0))
-    idx = label_index(meta["classes"])
-    x = to_tensor([images.synthetic(b) for b in synth["blob"]], image_size)
-    y = torch.tensor([idx[l] for l in synth["label"]])
-    qs = []
-    with torch.no_grad():
-        for v in range(views):
-            xv = augment_images(x, "weak", seed=seed * 1000 + v) if views > 1 else x
-            p = torch.softmax(predict_logits(model, xv) / T, dim=1)
-            qs.append(p[torch.arange(len(y)), y])
-    q = torch.stack(qs).mean(0).numpy()
-    out["q"] = q
-    out["weight"] = weight_rule(q, rule)
-    out["rule"] = rule
-    return out
 
 
 def weight_rule(q: np.ndarray, rule: str) -> np.ndarray:
