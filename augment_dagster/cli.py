@@ -113,10 +113,15 @@ def cmd_run(args) -> int:
     tags = {"augment/cli": "run", "augment/pid": str(os.getpid()), "augment/host": socket.gethostname()}
     level = "DEBUG" if args.verbose else "WARNING"
     print(f"augment run: experiment {exp}, data dir {cfg.resolved_data_dir()}, DAGSTER_HOME {os.environ['DAGSTER_HOME']}")
+    def plan(pk, n, total):
+        what = "report" if pk == "-" else f"partition {pk}"
+        print(f"  {what}: {'nothing missing or stale' if not n else f'{n}/{total} assets missing or stale'}"
+              + (" (--force: all)" if args.force and n else ""), flush=True)
+
     meta = materialize_experiment(
-        defs, cfg, instance, partitions=args.partition, methods=args.methods, tags=tags,
-        run_config={"loggers": {"console": {"config": {"log_level": level}}}},
-        on_partition=lambda pk, secs, rid: print(f"  partition {pk}: done in {secs:.1f}s (run {rid[:8]})"))
+        defs, cfg, instance, partitions=args.partition, methods=args.methods, tags=tags, force=args.force,
+        run_config={"loggers": {"console": {"config": {"log_level": level}}}}, on_plan=plan,
+        on_partition=lambda pk, secs, rid: print(f"  partition {pk}: done in {secs:.1f}s (run {rid[:8]})", flush=True))
     # ---- summary
     comp = {"diffusion": [0, 0], "concepts": [0, 0], "classifiers": [0, 0]}
     for key, md in meta.items():
@@ -154,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--partition", action="append", help="only these split keys (e.g. 4shot-s0); repeatable")
     sp.add_argument("--methods", nargs="*", help="only these method entries")
     sp.add_argument("--verbose", "-v", action="store_true", help="show Dagster's step logs")
+    sp.add_argument("--force", action="store_true",
+                    help="execute every asset, not only missing/stale ones (finished units are still reused)")
     sp.set_defaults(fn=cmd_run)
 
     sp = sub.add_parser("status", help="per asset and partition: missing / unsynced / fresh, and why")

@@ -1,19 +1,51 @@
-"""Materialize one experiment in-process: raw_images, then every partitioned asset per split, then the report.
+"""Materialize one experiment in-process: raw_images, then the partitioned assets per split, then the report.
 
-Shared by `augment run` and bench/incremental.py, so both follow the same plan. No torch at import time."""
+Shared by `augment run` and bench/incremental.py, so both follow the same plan. No torch at import time.
+
+By default only what is **missing or stale** is materialized, using the staleness Dagster reports (the UI's
+"Unsynced", `augment status`): an asset partition whose code version changed (code or its config block), whose
+upstream data version changed, or that was never materialized — plus everything downstream of those in the same
+partition (Dagster marks only the direct children of a changed asset stale; the grandchildren become stale once
+the children rematerialize, so the plan takes the closure at once). ``force=True`` executes every selected asset
+(the unit memo still reuses finished work). ``raw_images`` is always re-ingested: it is cheap and it is how a new
+file is noticed (its data version is the listing's hash, so an unchanged tree leaves its children fresh)."""
 from __future__ import annotations
 
 import time
 from typing import Callable
 
 
+def stale_keys(defs, instance, keys, partition: str | None) -> list:
+    """Of ``keys`` (asset keys of one partition, or unpartitioned with ``partition=None``), those missing or stale
+    in ``instance``, plus their descendants among ``keys``; in the order of ``keys``."""
+    from dagster._core.definitions.data_version import StaleStatus
+
+    from .commands import stale_resolver
+
+    graph = defs.resolve_asset_graph()
+    resolver = stale_resolver(instance, graph)
+    keyset = set(keys)
+    picked = {k for k in keys if resolver.get_status(k, partition) in (StaleStatus.MISSING, StaleStatus.STALE)}
+    todo = list(picked)
+    while todo:  # downstream closure within this partition's keys
+        for child in graph.get(todo.pop()).child_keys:
+            if child in keyset and child not in picked:
+                picked.add(child)
+                todo.append(child)
+    return [k for k in keys if k in picked]
+
+
 def materialize_experiment(defs, cfg, instance, *, partitions: list[str] | None = None, methods: list[str] | None = None,
                            tags: dict[str, str] | None = None, run_config: dict | None = None,
                            on_partition: Callable[[str, float, str], None] | None = None,
-                           data_versions: dict[str, str | None] | None = None) -> dict[str, dict]:
-    """Returns ``{asset key[partition]: materialization metadata}``. The report is materialized only for a full
-    run (no ``partitions``/``methods`` subset); ``methods`` keeps those entries plus ``real_only``.
-    ``data_versions``, if given, is filled with ``{asset key[partition]: Dagster data version}``."""
+                           data_versions: dict[str, str | None] | None = None, force: bool = False,
+                           on_plan: Callable[[str, int, int], None] | None = None) -> dict[str, dict]:
+    """Returns ``{asset key[partition]: materialization metadata}`` of what was materialized. The report is
+    considered only for a full run (no ``partitions``/``methods`` subset); ``methods`` keeps those entries plus
+    ``real_only``. ``data_versions``, if given, is filled with ``{asset key[partition]: Dagster data version}``.
+    ``force``: execute every asset instead of only missing/stale ones. ``on_plan(partition or "-", n selected,
+    n keys)`` is called per partition (and for the report) before it runs; ``on_partition(partition, seconds,
+    run id)`` after a partition ran (not for a partition with nothing to do)."""
     import dagster as dg
 
     assets = list(defs.assets)
@@ -39,10 +71,19 @@ def materialize_experiment(defs, cfg, instance, *, partitions: list[str] | None 
 
     run([head])
     for pk in partitions or cfg.splits.keys():
+        sel = part_keys if force else stale_keys(defs, instance, part_keys, pk)
+        if on_plan is not None:
+            on_plan(pk, len(sel), len(part_keys))
+        if not sel:
+            continue
         t1 = time.perf_counter()
-        r = run(part_keys, pk)
+        r = run(sel, pk)
         if on_partition is not None:
             on_partition(pk, time.perf_counter() - t1, r.run_id)
     if not partitions and not methods:
-        run([report])
+        sel = [report] if force else stale_keys(defs, instance, [report], None)
+        if on_plan is not None:
+            on_plan("-", len(sel), 1)
+        if sel:
+            run(sel)
     return meta
