@@ -121,7 +121,8 @@ def cmd_run(args) -> int:
     meta = materialize_experiment(
         defs, cfg, instance, partitions=args.partition, methods=args.methods, tags=tags, force=args.force,
         run_config={"loggers": {"console": {"config": {"log_level": level}}}}, on_plan=plan,
-        on_partition=lambda pk, secs, rid: print(f"  partition {pk}: done in {secs:.1f}s (run {rid[:8]})", flush=True))
+        on_partition=lambda pk, secs, rid: print(f"  partition {pk}: done in {secs:.1f}s (run {rid[:8]}; "
+                                                 f"{time.perf_counter() - t0:.0f}s since start)", flush=True))
     # ---- summary
     comp = {"diffusion": [0, 0], "concepts": [0, 0], "classifiers": [0, 0]}
     for key, md in meta.items():

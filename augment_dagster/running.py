@@ -14,6 +14,8 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from .progress import Heartbeat, fmt_secs
+
 
 def stale_keys(defs, instance, keys, partition: str | None) -> list:
     """Of ``keys`` (asset keys of one partition, or unpartitioned with ``partition=None``), those missing or stale
@@ -33,6 +35,26 @@ def stale_keys(defs, instance, keys, partition: str | None) -> list:
                 picked.add(child)
                 todo.append(child)
     return [k for k in keys if k in picked]
+
+
+def _heartbeat_line(instance, plan_tag: dict, pk: str, i: int, n_parts: int, n_sel: int, t1: float, spent: list[float]):
+    """The run-level progress line: partition i/n, assets materialized so far in its run, ETA of the whole run
+    (the mean time of the partitions finished so far; unknown during the first)."""
+
+    def line() -> str:
+        import dagster as dg
+
+        runs = instance.get_runs(filters=dg.RunsFilter(tags=plan_tag), limit=1)
+        done = 0
+        if runs:
+            done = len(instance.get_records_for_run(runs[0].run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION,
+                                                    limit=10_000).records)
+        el = time.perf_counter() - t1
+        left = (sum(spent) / len(spent) * (n_parts - i) - el) if spent else None
+        return (f"[progress] augment run: partition {pk} ({i + 1}/{n_parts}): {done}/{n_sel} assets, {fmt_secs(el)} in it, "
+                f"run ETA {fmt_secs(max(0.0, left) if left is not None else None)}")
+
+    return line
 
 
 def materialize_experiment(defs, cfg, instance, *, partitions: list[str] | None = None, methods: list[str] | None = None,
@@ -58,9 +80,9 @@ def materialize_experiment(defs, cfg, instance, *, partitions: list[str] | None 
         part_keys = [k for k in part_keys if len(k.path) < 3 or k.path[2] in keep]
     meta: dict[str, dict] = {}
 
-    def run(selection, partition=None):
+    def run(selection, partition=None, extra_tags=None):
         r = dg.materialize(assets, selection=selection, partition_key=partition, instance=instance, resources=resources,
-                           tags=tags, run_config=run_config)
+                           tags={**(tags or {}), **(extra_tags or {})}, run_config=run_config)
         for ev in r.get_asset_materialization_events():
             mat = ev.event_specific_data.materialization
             key = mat.asset_key.to_user_string() + (f"[{mat.partition}]" if mat.partition else "")
@@ -70,16 +92,22 @@ def materialize_experiment(defs, cfg, instance, *, partitions: list[str] | None 
         return r
 
     run([head])
-    for pk in partitions or cfg.splits.keys():
+    pks = list(partitions or cfg.splits.keys())
+    spent: list[float] = []
+    for i, pk in enumerate(pks):
         sel = part_keys if force else stale_keys(defs, instance, part_keys, pk)
         if on_plan is not None:
             on_plan(pk, len(sel), len(part_keys))
         if not sel:
             continue
         t1 = time.perf_counter()
-        r = run(sel, pk)
+        plan_tag = {"augment/plan": f"{pk}-{time.time_ns()}"}
+        line = _heartbeat_line(instance, plan_tag, pk, i, len(pks), len(sel), t1, spent)
+        with Heartbeat(line):  # a line at least every 30 s even while a step has no loop of its own
+            r = run(sel, pk, extra_tags=plan_tag)
+        spent.append(time.perf_counter() - t1)
         if on_partition is not None:
-            on_partition(pk, time.perf_counter() - t1, r.run_id)
+            on_partition(pk, spent[-1], r.run_id)
     if not partitions and not methods:
         sel = [report] if force else stale_keys(defs, instance, [report], None)
         if on_plan is not None:

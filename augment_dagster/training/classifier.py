@@ -370,6 +370,9 @@ def train_classifier(real_x: torch.Tensor, real_y: torch.Tensor, val_x: torch.Te
         best_acc, best_loss, best_epoch, best_state = -1.0, float("inf"), 0, None
         history: list[dict] = []
         n_real = n_syn = 0
+        from ..progress import progress_bar
+
+        bar = progress_bar(cfg.epochs * cfg.steps_per_epoch, "steps", desc="classifier training")
         for epoch in range(cfg.epochs):
             model.train()
             tot, syn_this = 0.0, 0
@@ -399,6 +402,7 @@ def train_classifier(real_x: torch.Tensor, real_y: torch.Tensor, val_x: torch.Te
                 opt.step()
                 sched.step()
                 tot += float(loss.detach())
+                bar.update(1)
             if len(vy):
                 vl = predict_logits(model, vx)
                 val_acc = float((vl.argmax(1) == vy).float().mean())
@@ -416,6 +420,7 @@ def train_classifier(real_x: torch.Tensor, real_y: torch.Tensor, val_x: torch.Te
             if best_state is None or better:
                 best_acc, best_loss, best_epoch = val_acc, val_loss, epoch
                 best_state = copy.deepcopy(model.state_dict())
+        bar.close()
         model.load_state_dict(best_state)
     model = model.cpu().eval()
     return TrainResult(model, history, best_epoch, best_acc, n_real, n_syn)
