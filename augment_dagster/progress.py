@@ -92,6 +92,7 @@ class Progress:
         self.emit = emit or stderr_line
         self.t0 = self.last = self.clock()
         self.closed = False
+        self._idle_lines = 0
         self._lock = threading.Lock()
         self._bar = None
         self._thread = None
@@ -122,16 +123,24 @@ class Progress:
     def update(self, n: int = 1) -> None:
         with self._lock:
             self.done = min(self.total, self.done + int(n)) if self.total else self.done + int(n)
+            self._idle_lines = 0
             if self._bar is not None:
                 self._bar.update(n)
             elif self.clock() - self.last >= self.every_s:
                 self._emit_now()
 
+    MAX_IDLE_LINES = 4  # a loop left without close() (an exception) must not keep talking; the run's heartbeat will
+
     def tick(self) -> None:
-        """Emit a line if ``every_s`` passed since the last one (called by the heartbeat thread)."""
+        """Emit a line if ``every_s`` passed since the last one (called by the heartbeat thread); after
+        ``MAX_IDLE_LINES`` lines without any ``update`` it stays quiet until the next one."""
         with self._lock:
-            if not self.closed and self._bar is None and self.clock() - self.last >= self.every_s:
-                self._emit_now()
+            if self.closed or self._bar is not None or self.clock() - self.last < self.every_s:
+                return
+            if self._idle_lines >= self.MAX_IDLE_LINES:
+                return
+            self._idle_lines += 1
+            self._emit_now()
 
     def _beat(self) -> None:
         while not self._stop.wait(min(self.every_s, 5.0)):

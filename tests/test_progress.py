@@ -81,3 +81,17 @@ def test_heartbeat_speaks_only_when_nothing_else_did():
     hb.tick()
     hb.tick()
     assert lines == ["[progress] augment run: partition p (1/2)"]
+
+
+def test_an_abandoned_loop_goes_quiet():
+    clock, lines = FakeClock(), []
+    bar = P.Progress(10, "steps", asset="x", tty=False, clock=clock, emit=lines.append)
+    bar.update()
+    for _ in range(20):  # never closed (its loop raised): at most MAX_IDLE_LINES more lines
+        clock.t += 30
+        bar.tick()
+    assert len(lines) == P.Progress.MAX_IDLE_LINES
+    bar.update()  # progress again: it speaks again
+    clock.t += 30
+    bar.tick()
+    assert len(lines) > P.Progress.MAX_IDLE_LINES and lines[-1].startswith("[progress] x: 2/10 steps")
