@@ -136,3 +136,16 @@ def test_staleness_index_agrees_with_dagsters_resolver(world):
     assert dg.materialize(list(defs.assets), selection=[dg.AssetKey(["plan", "few_shot_split"])], partition_key="2shot-s0",
                           instance=inst, resources=dict(defs.resources)).success
     compare(defs)
+
+
+def test_progress_lines_name_asset_and_partition_inside_dagster(world, monkeypatch, capfd):
+    from augment_dagster import progress
+
+    monkeypatch.setattr(progress, "EVERY_S", 0.0)  # a line on every update (stderr is not a tty under pytest)
+    data, inst = world
+    cfg = cfg_for(data, {"real_guidance": {}})
+    materialize_experiment(build_definitions([cfg]), cfg, inst)
+    err = capfd.readouterr().err
+    assert "[progress] plan/synthetic/real_guidance [2shot-s0]: 6/6 img (100%)" in err
+    assert "[progress] plan/real_classifier [2shot-s0] classifier training: 2/2 steps (100%)" in err
+    assert "ETA 0s" in err
