@@ -75,6 +75,14 @@ def test_cold_run_then_rerun_reuses_everything(env):
     rep = pd.read_csv(data / "report" / "mini" / "report.csv")
     assert set(rep["method"]) == {"real_only", "standard", "real_guidance", "txt2img", "dafusion"}
     assert (data / "report" / "mini" / "accuracy_vs_shots.png").stat().st_size > 1000
+    # the same plots as asset metadata and as artifacts of the report's MLflow run
+    rmd = first["mini/report"][0]
+    assert {"accuracy_plot", "difference_to_real_only", "fidelity_diversity", "ci_note"} <= set(rmd)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{data / 'mlflow' / 'mlflow.db'}")
+    arts = {a.path for a in client.list_artifacts(rmd["mlflow_run_id"])}
+    assert {"accuracy_vs_shots.png", "difference_to_real_only.png", "fidelity_diversity.png", "report.md"} <= arts
 
 
 def test_manifests_and_blobs_are_consistent(env):

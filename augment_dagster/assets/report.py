@@ -184,6 +184,9 @@ def build(exp: Experiment) -> list:
                                ("fidelity_diversity", scatter), ("samples", grid_png)):
                 if data:
                     md[name] = dg.MetadataValue.md(f"![{name}](data:image/png;base64,{base64.b64encode(data).decode()})")
+            for f in ("accuracy_vs_shots.png", "difference_to_real_only.png", "fidelity_diversity.png"):
+                if (out_dir / f).exists():
+                    md[f"file_{f[:-4]}"] = dg.MetadataValue.path(str(out_dir / f))
         summary = summary.copy()
         summary["created_by_run"] = context.run_id
         return output(summary, md)
