@@ -49,7 +49,7 @@ def styles(methods: list[str], algorithms: dict[str, str] | None = None) -> dict
 def _fig(w: float, h: float):
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(w, h))
+    return Figure(figsize=(w, h), layout="constrained")  # room for super-labels; legends outside via bbox tight
 
 
 def _png(fig) -> bytes:
