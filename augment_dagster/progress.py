@@ -75,7 +75,8 @@ class Progress:
     """``update(n)`` as units finish, ``close()`` at the end (or use it as a context manager).
 
     ``tty=None`` decides by ``sys.stderr.isatty()``. Lines (non-tty) are emitted on ``update``/``tick`` when
-    ``every_s`` passed since the last one, and at ``close`` when the loop ran at least ``every_s / 3``. ``clock``/``emit`` are injectable (tests);
+    ``every_s`` passed since the last one, and at ``close`` when the loop ran at least ``every_s / 3``.
+    ``clock``/``emit`` are injectable (tests);
     with the real clock a daemon thread calls ``tick`` so a line comes even when no unit finishes for a while."""
 
     def __init__(self, total: int, unit: str = "units", *, desc: str | None = None, asset: str | None = None,

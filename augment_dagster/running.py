@@ -62,7 +62,8 @@ class StalenessIndex:
 
     def _version_at(self, key, partition, cursor: int) -> str | None:
         r = self.instance.fetch_materializations(
-            self.dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition], before_storage_id=cursor + 1), limit=1).records
+            self.dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition], before_storage_id=cursor + 1),
+            limit=1).records
         return self._dv(dict(r[0].asset_materialization.tags or {}), r[0].storage_id) if r else None
 
     def status(self, key, partition) -> str:

@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     t_cold0 = time.time()
     cold, rss_cold, rc = timed_run(args.config, data, work / "cold.log")
     if rc:
-        print(f"cold run failed (exit {rc}); its output: {work / 'cold.log'}\n" + (work / "cold.log").read_text()[-3000:], file=sys.stderr)
+        print(f"cold run failed (exit {rc}); its output: {work / 'cold.log'}\n" + (work / "cold.log").read_text()[-3000:],
+              file=sys.stderr)
         return 1
     t_re0 = time.time()
     rerun, rss_re, rc = timed_run(args.config, data, work / "rerun.log")
@@ -92,13 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     stages = stage_seconds(data / "dagster_home", experiment, t_cold0, t_re0)
     res = {"config": str(args.config), "cold_s": round(cold, 1), "rerun_s": round(rerun, 2), "ratio": round(rerun / cold, 4),
            "max_rss_mb": round(max(rss_cold, rss_re), 1), "max_rss_cold_mb": round(rss_cold, 1),
-           "max_rss_rerun_mb": round(rss_re, 1), "cpus": os.cpu_count(), "stage_seconds_cold": {k: round(v, 1) for k, v in stages.items()}}
+           "max_rss_rerun_mb": round(rss_re, 1), "cpus": os.cpu_count(),
+           "stage_seconds_cold": {k: round(v, 1) for k, v in stages.items()}}
     ok = {k: res[k] <= v for k, v in TARGETS.items()}
     print(f"config          {args.config}  (cpus: {os.cpu_count()})")
     print(f"cold run        {cold:8.1f} s   (target <= {TARGETS['cold_s']:.0f} s)   {'ok' if ok['cold_s'] else 'MISSED'}")
     print(f"no-op rerun     {rerun:8.2f} s   (target <= {TARGETS['rerun_s']:.0f} s)    {'ok' if ok['rerun_s'] else 'MISSED'}")
     print(f"rerun / cold    {res['ratio']:8.3f}     (target <= {TARGETS['ratio']})   {'ok' if ok['ratio'] else 'MISSED'}")
-    print(f"max RSS         {res['max_rss_mb']:8.0f} MB  (cold {rss_cold:.0f}, rerun {rss_re:.0f}; target <= {TARGETS['max_rss_mb']:.0f})"
+    print(f"max RSS         {res['max_rss_mb']:8.0f} MB  (cold {rss_cold:.0f}, rerun {rss_re:.0f}; "
+          f"target <= {TARGETS['max_rss_mb']:.0f})"
           f"   {'ok' if ok['max_rss_mb'] else 'MISSED'}")
     total = sum(stages.values()) or 1.0
     print("cold seconds per stage (summed step time):")
