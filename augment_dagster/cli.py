@@ -115,8 +115,10 @@ def cmd_run(args) -> int:
     print(f"augment run: experiment {exp}, data dir {cfg.resolved_data_dir()}, DAGSTER_HOME {os.environ['DAGSTER_HOME']}")
     def plan(pk, n, total):
         what = "report" if pk == "-" else f"partition {pk}"
-        print(f"  {what}: {'nothing missing or stale' if not n else f'{n}/{total} assets missing or stale'}"
-              + (" (--force: all)" if args.force and n else ""), flush=True)
+        if args.force:
+            print(f"  {what}: {n} assets (--force: every asset executes, finished units are reused)", flush=True)
+        else:
+            print(f"  {what}: {'nothing missing or stale' if not n else f'{n}/{total} assets missing or stale'}", flush=True)
 
     meta = materialize_experiment(
         defs, cfg, instance, partitions=args.partition, methods=args.methods, tags=tags, force=args.force,
@@ -133,7 +135,8 @@ def cmd_run(args) -> int:
             comp[bucket][0] += int(md["computed"])
             comp[bucket][1] += int(md.get("reused", 0))
     passes = sum(int(md.get("unet_forward_passes", 0)) for md in meta.values())
-    print(f"\nfinished in {time.perf_counter() - t0:.1f}s")
+    print(f"\nfinished in {time.perf_counter() - t0:.1f}s; {len(meta)} asset materializations"
+          + ("" if args.force else " (missing or stale ones; raw_images is always re-ingested)"))
     print(f"diffusion units: {comp['diffusion'][0]} computed, {comp['diffusion'][1]} reused "
           f"({passes} UNet forward passes)")
     print(f"concept units (textual inversion): {comp['concepts'][0]} computed, {comp['concepts'][1]} reused")
