@@ -39,20 +39,19 @@ class StalenessIndex:
             wanted |= set(self.graph.get(k).parent_keys)
         self.tags: dict = {}
         self.sid: dict = {}
-        part_ids: dict = {}
         for k in wanted:
             if self.graph.get(k).partitions_def is None:  # unpartitioned: its latest record (storage id + tags)
                 r = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=k), limit=1).records
                 if r:
                     self.sid[(k, None)], self.tags[(k, None)] = r[0].storage_id, dict(r[0].asset_materialization.tags or {})
                 continue
-            for pk, sid in instance.event_log_storage.get_latest_storage_id_by_partition(k, self._mat).items():
-                part_ids[sid] = (k, pk)
-        if part_ids:
-            recs = instance.get_event_records(dg.EventRecordsFilter(event_type=self._mat, storage_ids=list(part_ids)),
-                                              limit=len(part_ids))
+            latest = instance.event_log_storage.get_latest_storage_id_by_partition(k, self._mat)  # {partition: id}
+            if not latest:
+                continue
+            recs = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=k, storage_ids=list(latest.values())),
+                                                   limit=len(latest)).records
             for r in recs:
-                kp = part_ids[r.storage_id]
+                kp = (k, r.asset_materialization.partition)
                 self.sid[kp], self.tags[kp] = r.storage_id, dict(r.asset_materialization.tags or {})
 
     def _dv(self, tags: dict | None, sid) -> str | None:
