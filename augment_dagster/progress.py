@@ -60,7 +60,12 @@ def eta(done: int, total: int, elapsed: float) -> float | None:
 
 
 def stderr_line(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    if _is_tty():  # above any open bar instead of through it
+        from tqdm.auto import tqdm
+
+        tqdm.write(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr, flush=True)
     log.info(line)
 
 
