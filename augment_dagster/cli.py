@@ -113,10 +113,18 @@ def cmd_run(args) -> int:
     tags = {"augment/cli": "run", "augment/pid": str(os.getpid()), "augment/host": socket.gethostname()}
     level = "DEBUG" if args.verbose else "WARNING"
     print(f"augment run: experiment {exp}, data dir {cfg.resolved_data_dir()}, DAGSTER_HOME {os.environ['DAGSTER_HOME']}")
+    def plan(pk, n, total):
+        what = "report" if pk == "-" else f"partition {pk}"
+        if args.force:
+            print(f"  {what}: {n} assets (--force: every asset executes, finished units are reused)", flush=True)
+        else:
+            print(f"  {what}: {'nothing missing or stale' if not n else f'{n}/{total} assets missing or stale'}", flush=True)
+
     meta = materialize_experiment(
-        defs, cfg, instance, partitions=args.partition, methods=args.methods, tags=tags,
-        run_config={"loggers": {"console": {"config": {"log_level": level}}}},
-        on_partition=lambda pk, secs, rid: print(f"  partition {pk}: done in {secs:.1f}s (run {rid[:8]})"))
+        defs, cfg, instance, partitions=args.partition, methods=args.methods, tags=tags, force=args.force,
+        run_config={"loggers": {"console": {"config": {"log_level": level}}}}, on_plan=plan,
+        on_partition=lambda pk, secs, rid: print(f"  partition {pk}: done in {secs:.1f}s (run {rid[:8]}; "
+                                                 f"{time.perf_counter() - t0:.0f}s since start)", flush=True))
     # ---- summary
     comp = {"diffusion": [0, 0], "concepts": [0, 0], "classifiers": [0, 0]}
     for key, md in meta.items():
@@ -127,7 +135,8 @@ def cmd_run(args) -> int:
             comp[bucket][0] += int(md["computed"])
             comp[bucket][1] += int(md.get("reused", 0))
     passes = sum(int(md.get("unet_forward_passes", 0)) for md in meta.values())
-    print(f"\nfinished in {time.perf_counter() - t0:.1f}s")
+    print(f"\nfinished in {time.perf_counter() - t0:.1f}s; {len(meta)} asset materializations"
+          + ("" if args.force else " (missing or stale ones; raw_images is always re-ingested)"))
     print(f"diffusion units: {comp['diffusion'][0]} computed, {comp['diffusion'][1]} reused "
           f"({passes} UNet forward passes)")
     print(f"concept units (textual inversion): {comp['concepts'][0]} computed, {comp['concepts'][1]} reused")
@@ -156,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--partition", action="append", help="only these split keys (e.g. 4shot-s0); repeatable")
     sp.add_argument("--methods", nargs="*", help="only these method entries")
     sp.add_argument("--verbose", "-v", action="store_true", help="show Dagster's step logs")
+    sp.add_argument("--force", action="store_true",
+                    help="execute every asset, not only missing/stale ones (finished units are still reused)")
     sp.set_defaults(fn=cmd_run)
 
     sp = sub.add_parser("status", help="per asset and partition: missing / unsynced / fresh, and why")

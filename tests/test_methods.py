@@ -152,6 +152,16 @@ def test_synthetic_groups_guide_and_class_pool():
     assert [list(x) for x in g] == [[0, 3], [1, 3], [2], [4, 2]]
 
 
+def test_synthetic_groups_interpolations_are_a_class_pool():
+    """Diff-II (METHODS §3): mixing draws a same-class synthetic uniformly, not grouped by its first endpoint."""
+    train = split()[lambda d: d.role == "train"].reset_index(drop=True)
+    syn = pd.DataFrame({"synthetic_id": list("abc"), "label": ["circle"] * 3,
+                        "guide_ids": [["circle-0", "circle-1"], ["circle-1", "circle-0"], ["circle-0", "circle-1"]]})
+    g = synthetic_groups(train, syn)
+    circle = [list(x) for x, lab in zip(g, train["label"]) if lab == "circle"]
+    assert circle == [[0, 1, 2]] * len(circle)
+
+
 # ---------------------------------------------------------------- GeNIe / GeNIe-Ada
 from augment_dagster.methods.genie import projection, select_ada, select_ratio  # noqa: E402
 from augment_dagster.methods.sgid import guidance_from_similarity, pick_caption  # noqa: E402

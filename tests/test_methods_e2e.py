@@ -43,13 +43,13 @@ def run(tmp_path_factory):
     defs = build_definitions([cfg])
     (root / "dh").mkdir()
     with dg.instance_for_test(temp_dir=str(root / "dh")) as inst:
-        def go():  # the `augment run` plan; metadata keyed by the asset path below the experiment
+        def go(force=False):  # the `augment run` plan; metadata keyed by the asset path below the experiment
             from augment_dagster.running import materialize_experiment
 
-            meta = materialize_experiment(defs, cfg, inst)
+            meta = materialize_experiment(defs, cfg, inst, force=force)
             return {k.split("[")[0].split("/", 1)[1]: md for k, md in meta.items()}
         first = go()
-        second = go()
+        second = go(force=True)  # `augment run --force`: every asset executes, units reused
         yield first, second, root / "data"
     if old is None:
         os.environ.pop("AUGMENT_DATA_DIR", None)

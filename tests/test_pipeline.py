@@ -48,12 +48,12 @@ def env(tmp_path_factory):
             os.environ[k] = v
 
 
-def run_all(cfg, defs, instance):
+def run_all(cfg, defs, instance, force=False):
     """The `augment run` plan; keys without the partition suffix (one split here), values (metadata, data version)."""
     from augment_dagster.running import materialize_experiment
 
     dvs: dict = {}
-    meta = materialize_experiment(defs, cfg, instance, data_versions=dvs)
+    meta = materialize_experiment(defs, cfg, instance, data_versions=dvs, force=force)
     return {k.split("[")[0]: (md, dvs[k]) for k, md in meta.items()}
 
 
@@ -64,7 +64,8 @@ def test_cold_run_then_rerun_reuses_everything(env):
     assert syn["computed"] == 3 * 2 * 2 and syn["reused"] == 0 and syn["unet_forward_passes"] > 0
     assert first["mini/concept_embeddings"][0]["computed"] == 3
     assert "sample_grid" in syn
-    second = run_all(cfg, defs, instance)
+    assert list(run_all(cfg, defs, instance)) == ["mini/raw_images"]  # nothing stale: only the ingest re-runs
+    second = run_all(cfg, defs, instance, force=True)  # `augment run --force`
     for key, (md, dv) in second.items():
         if "computed" in md:
             assert md["computed"] == 0, key
@@ -74,6 +75,14 @@ def test_cold_run_then_rerun_reuses_everything(env):
     rep = pd.read_csv(data / "report" / "mini" / "report.csv")
     assert set(rep["method"]) == {"real_only", "standard", "real_guidance", "txt2img", "dafusion"}
     assert (data / "report" / "mini" / "accuracy_vs_shots.png").stat().st_size > 1000
+    # the same plots as asset metadata and as artifacts of the report's MLflow run
+    rmd = first["mini/report"][0]
+    assert {"accuracy_plot", "difference_to_real_only", "fidelity_diversity", "ci_note"} <= set(rmd)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{data / 'mlflow' / 'mlflow.db'}")
+    arts = {a.path for a in client.list_artifacts(rmd["mlflow_run_id"])}
+    assert {"accuracy_vs_shots.png", "difference_to_real_only.png", "fidelity_diversity.png", "report.md"} <= arts
 
 
 def test_manifests_and_blobs_are_consistent(env):

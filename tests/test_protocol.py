@@ -64,8 +64,30 @@ def test_paper_preset_resolves_to_the_papers_protocol(paper):
         assert "diff_ii_no_concepts" in cfg.methods
     if paper == "sgid":
         assert cfg.models.clip.source == "openai/clip-vit-base-patch32"
-    # a classifier recipe goes in the marked place (added once classifier recipes exist)
-    assert "training:" in (PAPERS / f"{paper}.yaml").read_text()
+    # the classifier / evaluation protocol (METHODS §1–§5), resolved from the preset's recipe
+    opt, lr, sched, probe, aug, headline = CLASSIFIER[paper]
+    t = cfg.training.resolved()
+    assert (t.optimizer, t.lr, t.schedule, bool(t.linear_probe), t.train_aug, t.headline) == \
+        (opt, lr, sched, probe, aug, headline), paper
+    if paper == "diff_ii":
+        assert (t.momentum, t.weight_decay, t.label_smoothing, t.warmup_frac) == (0.9, 5e-4, 0.1, 0.1)
+    if paper in ("dafusion", "diagen"):
+        assert (t.epochs, t.steps_per_epoch) == (50, 200)
+    if paper == "genie":  # GeNIe's episodic protocol: 600 episodes, 16 queries per class, logistic regression
+        for entry in ("genie", "genie_ada"):
+            te = cfg.training.resolved(cfg.methods[entry].training, algorithm=entry)
+            assert "few_shot_episodes" in te.evaluation
+            assert (te.episodes.episodes, te.episodes.queries_per_class) == (600, 16)
+
+
+# METHODS §1–§5 classifier protocols: optimizer, lr, schedule, linear probe, online train aug, headline metric
+CLASSIFIER = {
+    "dafusion": ("adam", 1e-4, "constant", True, "dafusion", "mean_per_class"),
+    "diagen": ("adam", 1e-4, "constant", True, "dafusion", "mean_per_class"),
+    "diff_ii": ("sgd", 0.05, "cosine", False, "pad_crop", "top1"),
+    "genie": ("adam", 1e-4, "constant", True, "dafusion", "mean_per_class"),
+    "sgid": ("adamw", 1e-3, "cosine", True, "randaugment", "top1"),
+}
 
 
 def test_presets_are_not_discovered_or_scheduled():

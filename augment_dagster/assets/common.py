@@ -13,6 +13,7 @@ import dagster as dg
 import pandas as pd
 
 from ..config import ExperimentConfig
+from ..progress import register_scope_provider as _register_progress_scope
 from ..store import BlobStore, Memo
 from ..store.manifests import manifest_version
 
@@ -29,6 +30,19 @@ CONTENT_AUTOMATION = (
         "any_deps_updated", dg.AutomationCondition.any_deps_match(dg.AutomationCondition.data_version_changed()))
     | dg.AutomationCondition.code_version_changed()
 )
+
+
+
+def _progress_scope() -> tuple[str | None, str | None]:
+    """(asset key, partition) of the running step, for the progress lines of the long loops."""
+    try:
+        ctx = dg.AssetExecutionContext.get()
+    except dg.DagsterInvariantViolationError:
+        return None, None
+    return ctx.asset_key.to_user_string(), (ctx.partition_key if ctx.has_partition_key else None)
+
+
+_register_progress_scope(_progress_scope)
 
 
 @dataclass

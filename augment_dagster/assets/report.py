@@ -32,7 +32,12 @@ def summarize(metrics: pd.DataFrame, setm: pd.DataFrame | None = None) -> pd.Dat
         for c in SET_COLS:
             row[c] = float(pd.to_numeric(g[c], errors="coerce").mean()) if c in g else float("nan")
         rows.append(row)
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    if len(out):  # 95% t-intervals over seeds, paired t-tests vs real_only (metrics/stats.py)
+        from ..metrics.stats import compare_to_reference
+
+        out = out.merge(compare_to_reference(metrics, reference=REAL_ONLY), on=["method", "shots"], how="left")
+    return out
 
 
 def episodic_table(metrics: pd.DataFrame) -> pd.DataFrame:
@@ -58,43 +63,22 @@ def episodic_table(metrics: pd.DataFrame) -> pd.DataFrame:
 def pretty(summary: pd.DataFrame) -> pd.DataFrame:
     if summary.empty:
         return summary
+    from ..metrics.stats import fmt_p, fmt_pm
+
     out = summary[["method", "shots", "seeds"]].copy()
-    out["acc_id"] = [f"{m:.3f} ± {s:.3f}" for m, s in zip(summary.acc_id_mean, summary.acc_id_std)]
-    out["acc_ood"] = [f"{m:.3f} ± {s:.3f}" for m, s in zip(summary.acc_ood_mean, summary.acc_ood_std)]
+    for c in ("acc_id", "acc_ood"):  # mean ± 95% CI half-width over seeds; vs real_only: paired diff, Holm p
+        ci = summary[f"{c}_ci95"] if f"{c}_ci95" in summary else [float("nan")] * len(summary)
+        out[f"{c} (95% CI)"] = [fmt_pm(m, h) for m, h in zip(summary[f"{c}_mean"], ci)]
+        if f"{c}_diff" in summary:
+            out[f"Δ{c[3:]} vs real_only"] = [
+                "-" if d != d else fmt_pm(d, h).replace(f"{d:.3f}", f"{d:+.3f}", 1) + (" *" if sg else "")
+                for d, h, sg in zip(summary[f"{c}_diff"], summary[f"{c}_diff_ci95"], summary[f"{c}_sig"])]
+            out[f"p{c[3:]} (Holm)"] = [fmt_p(p) for p in summary[f"{c}_p_holm"]]
     out["n_synthetic"] = summary["n_synthetic"]
     for c in SET_COLS:
         if c in summary:
             out[c] = [("-" if v != v else f"{v:.3f}") for v in summary[c]]
     return out
-
-
-def scatter_png(summary: pd.DataFrame) -> bytes:
-    """Fidelity (precision) vs diversity (recall) per method and shots."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4))
-    d = summary.dropna(subset=["precision", "recall"]) if "precision" in summary else summary.iloc[0:0]
-    for method, g in d.groupby("method"):
-        ax.scatter(g["recall"], g["precision"], label=method)
-        for r in g.itertuples():
-            ax.annotate(f"{r.shots}", (r.recall, r.precision), fontsize=7)
-    ax.set_xlabel("recall (diversity)")
-    ax.set_ylabel("precision (fidelity)")
-    ax.set_xlim(-0.05, 1.05)
-    ax.set_ylim(-0.05, 1.05)
-    ax.grid(alpha=0.3)
-    if len(d):
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def comparison_grid(synth: dict[str, pd.DataFrame], split: pd.DataFrame, images, max_guides: int = 6):
@@ -125,30 +109,19 @@ def comparison_grid(synth: dict[str, pd.DataFrame], split: pd.DataFrame, images,
     return grid
 
 
-def accuracy_plot_png(summary: pd.DataFrame) -> bytes:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, col, title in ((axes[0], "acc_id", "in-distribution test"), (axes[1], "acc_ood", "OOD (uncommon settings)")):
-        for method, g in summary.groupby("method"):
-            g = g.sort_values("shots")
-            ax.errorbar(g["shots"], g[f"{col}_mean"], yerr=g[f"{col}_std"], marker="o", capsize=3, label=method)
-        ax.set_xlabel("shots per class (K)")
-        ax.set_xticks(sorted(int(k) for k in summary["shots"].unique()))
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("top-1 accuracy")
-    axes[1].legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+def ci_note(summary: pd.DataFrame) -> str:
+    """The widest 95% CI half-width per accuracy column (the statistical-power target is <= 0.03)."""
+    parts = []
+    for c in ("acc_id", "acc_ood"):
+        col = f"{c}_ci95"
+        if col in summary and summary[col].notna().any():
+            r = summary.loc[summary[col].idxmax()]
+            parts.append(f"{c}: {r[col]:.3f} ({r['method']}, K={int(r['shots'])})")
+    if not parts:
+        return "95% CIs need at least 2 seeds per (method, K)."
+    return ("Accuracy: mean ± 95% t-interval half-width over seeds. Widest half-width — " + "; ".join(parts)
+            + ". Δ: method − real_only paired over seeds (95% CI); * = significant after Holm correction "
+              "(paired t-test, α = 0.05, over all methods × K).")
 
 
 def build(exp: Experiment) -> list:
@@ -181,8 +154,12 @@ def build(exp: Experiment) -> list:
         ep_md = (f"\n\n## Episodic few-shot evaluation (GeNIe protocol, mean ± 95 % CI)\n\n"
                  f"{md_table(episodic[['method', 'shots', 'seeds', 'episodes', 'episodic']])}" if len(episodic) else "")
         out_dir = exp.data_dir / "report" / exp.name
-        png = accuracy_plot_png(summary) if len(summary) else b""
-        scatter = scatter_png(summary) if len(summary) else b""
+        from ..report_plots import accuracy_plot_png, difference_plot_png, scatter_png
+
+        algos = {REAL_ONLY: REAL_ONLY} | {m: cfg.method_algorithm(m) for m in cfg.enabled_methods()}
+        png = accuracy_plot_png(summary, algos) if len(summary) else b""
+        scatter = scatter_png(summary, algos) if len(summary) else b""
+        diff_png = difference_plot_png(summary, algos) if len(summary) and "acc_id_diff" in summary else b""
         grid_png = b""
         sp = split[split["partition"] == first_split] if "partition" in split else split
         if len(sp):
@@ -194,12 +171,16 @@ def build(exp: Experiment) -> list:
             atomic_write_text(out_dir / "metrics_all.csv", allm.drop(columns=[c for c in allm.columns if c.startswith("confusion")]).to_csv(index=False))
             atomic_write_bytes(out_dir / "accuracy_vs_shots.png", png)
             atomic_write_bytes(out_dir / "fidelity_diversity.png", scatter)
+            if diff_png:
+                atomic_write_bytes(out_dir / "difference_to_real_only.png", diff_png)
         if grid_png:
             atomic_write_bytes(out_dir / "samples.png", grid_png)
         if len(episodic):
             atomic_write_text(out_dir / "episodic.csv", episodic.to_csv(index=False))
-        atomic_write_text(out_dir / "report.md", f"# {exp.name}: methods × shots\n\n{table}{ep_md}\n\n"
-                          "![accuracy](accuracy_vs_shots.png)\n![fidelity vs diversity](fidelity_diversity.png)\n"
+        note = ci_note(summary) if len(summary) else ""
+        atomic_write_text(out_dir / "report.md", f"# {exp.name}: methods × shots\n\n{table}\n\n{note}{ep_md}\n\n"
+                          "![accuracy](accuracy_vs_shots.png)\n![difference to real_only](difference_to_real_only.png)\n"
+                          "![fidelity vs diversity](fidelity_diversity.png)\n"
                           f"![samples ({first_split})](samples.png)\n")
         missing = [m for m in methods if m not in set(allm.get("method", pd.Series(dtype=str)))]
         run_id, err = (None, None)
@@ -210,11 +191,15 @@ def build(exp: Experiment) -> list:
                 metrics={f"{r.method}.{r.shots}shot.acc_id": r.acc_id_mean for r in summary.itertuples()}
                 | {f"{r.method}.{r.shots}shot.acc_ood": r.acc_ood_mean for r in summary.itertuples()}
                 | {f"{r.method}.{r.shots}shot.episodic_acc": r.episodic_acc for r in episodic.itertuples()}
-                | {f"{r.method}.{r.shots}shot.episodic_ci95": r.ci95 for r in episodic.itertuples()},
+                | {f"{r.method}.{r.shots}shot.episodic_ci95": r.ci95 for r in episodic.itertuples()}
+                | {f"{r['method']}.{r['shots']}shot.{c}": r[c] for _, r in summary.iterrows()
+                   for c in ("acc_id_ci95", "acc_ood_ci95", "acc_id_diff", "acc_ood_diff", "acc_id_p_holm", "acc_ood_p_holm")
+                   if c in summary},
                 tags={"dagster.run_id": context.run_id, "dagster.asset_key": context.asset_key.to_user_string(),
                       "augment.experiment": exp.name, "augment.kind": "report"},
                 artifacts={"report.md": (out_dir / "report.md").read_bytes(), "report.csv": (out_dir / "report.csv").read_bytes(),
-                           "accuracy_vs_shots.png": png, "fidelity_diversity.png": scatter, "samples.png": grid_png},
+                           "accuracy_vs_shots.png": png, "fidelity_diversity.png": scatter, "samples.png": grid_png,
+                           "difference_to_real_only.png": diff_png},
             )
         md = {"report": dg.MetadataValue.md(table + ep_md), "report_dir": dg.MetadataValue.path(str(out_dir)),
               "missing_methods": dg.MetadataValue.json(missing), "mlflow_run_id": dg.MetadataValue.text(run_id or f"(none: {err})")}
@@ -224,9 +209,14 @@ def build(exp: Experiment) -> list:
         if png:
             import base64
 
-            for name, data in (("accuracy_plot", png), ("fidelity_diversity", scatter), ("samples", grid_png)):
+            md["ci_note"] = dg.MetadataValue.text(note)
+            for name, data in (("accuracy_plot", png), ("difference_to_real_only", diff_png),
+                               ("fidelity_diversity", scatter), ("samples", grid_png)):
                 if data:
                     md[name] = dg.MetadataValue.md(f"![{name}](data:image/png;base64,{base64.b64encode(data).decode()})")
+            for f in ("accuracy_vs_shots.png", "difference_to_real_only.png", "fidelity_diversity.png"):
+                if (out_dir / f).exists():
+                    md[f"file_{f[:-4]}"] = dg.MetadataValue.path(str(out_dir / f))
         summary = summary.copy()
         summary["created_by_run"] = context.run_id
         return output(summary, md)

@@ -208,9 +208,9 @@ def train_concepts(bundle, images_by_label: dict[str, list], tokens: dict[str, s
         fixed = draw() if fixed_batch else None
         bar = None
         if progress and steps > start:
-            from tqdm.auto import tqdm
+            from ..progress import progress_bar
 
-            bar = tqdm(total=steps, initial=start, desc=desc, leave=False, disable=None)  # disable=None: no bar when not a terminal
+            bar = progress_bar(steps, "steps", desc=desc, initial=start)  # tty: a bar; else a line every 30 s
         for step in range(start, steps):
             z0, prompts, noise, t = fixed if fixed is not None else draw()
             zt = noise_sched.add_noise(z0, noise, t)

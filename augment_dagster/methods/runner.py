@@ -119,9 +119,9 @@ def run_units(
     if todo:
         bar = None
         if progress:
-            from tqdm.auto import tqdm
+            from ..progress import progress_bar
 
-            bar = tqdm(total=len(todo), desc=f"{method_name}", unit="img", leave=False, disable=None)  # disable=None: no bar when not a terminal
+            bar = progress_bar(len(todo), "img", desc=f"synthetic/{method_name}")  # tty: a bar; else a line every 30 s
         t0 = time.perf_counter()
         # units that need another UNet (a LoRA) are generated with their own core
         by_lora: dict[str | None, list[int]] = {}

@@ -470,6 +470,9 @@ def train_classifier(real_x: torch.Tensor, real_y: torch.Tensor, val_x: torch.Te
         lr_curve: list[float] = []
         n_real = n_syn = 0
         since_best, stopped = 0, False
+        from ..progress import progress_bar
+
+        bar = progress_bar(cfg.epochs * cfg.steps_per_epoch, "steps", desc="classifier training")
         for epoch in range(cfg.epochs):
             model.train()
             tot, syn_this = 0.0, 0
@@ -503,6 +506,7 @@ def train_classifier(real_x: torch.Tensor, real_y: torch.Tensor, val_x: torch.Te
                 opt.step()
                 sched.step()
                 tot += float(loss.detach())
+                bar.update(1)
             if len(vy):
                 if cached:
                     with torch.no_grad():
@@ -533,6 +537,7 @@ def train_classifier(real_x: torch.Tensor, real_y: torch.Tensor, val_x: torch.Te
                 if cfg.patience is not None and since_best >= cfg.patience:
                     stopped = True
                     break
+        bar.close()
         model.load_state_dict(best_state)
     model = model.cpu().eval()
     return TrainResult(model, history, best_epoch, best_acc, n_real, n_syn, type(opt).__name__, lr_curve, stopped, cached)

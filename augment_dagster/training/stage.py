@@ -15,7 +15,7 @@ from ..data.images import ImageSource, label_index, to_tensor
 from ..methods.base import StageStats
 from ..store import BlobStore, Memo, memo_key
 
-CLASSIFIER_VERSION = "clf-1"
+CLASSIFIER_VERSION = "clf-2"
 WEIGHTS_VERSION = "w-1"
 
 
@@ -45,15 +45,16 @@ def _train_cfg(training, classifier_cfg, seed: int, device: str):
 def synthetic_groups(train: pd.DataFrame, synth: pd.DataFrame) -> list[np.ndarray]:
     """For each real train image n: the synthetic rows that belong to it (Eq. 2's m index).
 
-    A synthetic image belongs to real image n when n is its guide and they share the label
+    A synthetic image belongs to real image n when n is its only guide and they share the label
     (DA-Fusion/DIAGen/real-guidance). Synthetics with no same-class guide (txt2img, GeNIe's hard
-    negatives) form a per-class pool shared by every real image of that class."""
+    negatives) or with several guides (Diff-II's interpolation of two inverted images: its mixing draws a
+    same-class synthetic uniformly, METHODS §3) form a per-class pool shared by every real image of that class."""
     by_guide: dict[str, list[int]] = {}
     pool: dict[str, list[int]] = {}
     train_label = dict(zip(train["image_id"], train["label"]))
     for j, r in enumerate(synth.itertuples()):
         guides = list(r.guide_ids) if r.guide_ids is not None else []
-        g = guides[0] if guides else None
+        g = guides[0] if len(guides) == 1 else None
         if g is not None and train_label.get(g) == r.label:
             by_guide.setdefault(g, []).append(j)
         else:
