@@ -103,6 +103,21 @@ def test_token_ids_match_the_tokenizer(core):
     assert ids[:7] == tok("a photo of a circle")["input_ids"][:7] and ws[:7] == [1.0, 1.5, 1.5, 1.5, 1.5, 0.9, 1.0]
 
 
+def test_mean_restore_is_skipped_for_centred_states():
+    """SGID's output weighting on LayerNorm-centred states (mean ~0): no inf/zero states, factor 1."""
+    from augment_dagster.models.generation import mean_restore_factor
+
+    o = torch.randn(2, 77, 32)
+    o = o - o.mean(dim=(1, 2), keepdim=True)  # mean exactly ~0
+    w = torch.ones(2, 77, 1)
+    w[:, 1:5] = 1.5
+    f = mean_restore_factor(o, o * w)
+    assert torch.isfinite(f).all() and torch.equal(f, torch.ones_like(f))
+    shifted = o + 1.0  # a real mean: the restore applies and matches the unweighted mean
+    f2 = mean_restore_factor(shifted, shifted * w)
+    torch.testing.assert_close((shifted * w * f2).mean(dim=(1, 2)), shifted.mean(dim=(1, 2)))
+
+
 def test_weighted_prompt_scales_only_weighted_tokens(core):
     plain = core.encode_prompts(["a photo of a circle"])
     wp = Prompt([("a photo of a", 1.0), (" circle", 1.5)])

@@ -132,6 +132,22 @@ class _SubBatch:
     idx: list[int] = field(default_factory=list)
 
 
+def mean_restore_factor(states: torch.Tensor, weighted: torch.Tensor, rel_eps: float = 1e-3,
+                        max_ratio: float = 10.0) -> torch.Tensor:
+    """Per prompt, mean(states) / mean(weighted) (the lpw / A1111 mean restore), shape [B, 1, 1].
+
+    Text encoders whose final LayerNorm centres every state (bias ≈ 0: the mean over tokens × dims is ~1e-9, as in
+    the tiny text encoder) make that ratio 0/0: it explodes to inf or collapses the states to 0, and the image
+    decodes black. Where |mean(weighted)| < ``rel_eps``·mean|weighted| or the ratio is outside
+    [1/max_ratio, max_ratio], the factor is 1 (weighted states kept as they are)."""
+    num = states.mean(dim=(1, 2), keepdim=True)
+    den = weighted.mean(dim=(1, 2), keepdim=True)
+    scale = weighted.abs().mean(dim=(1, 2), keepdim=True)
+    ratio = num / torch.where(den == 0, torch.ones_like(den), den)
+    ok = (den.abs() >= rel_eps * scale) & torch.isfinite(ratio) & (ratio >= 1.0 / max_ratio) & (ratio <= max_ratio)
+    return torch.where(ok, ratio, torch.ones_like(ratio))
+
+
 def _same_vector(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a is b or (a.shape == b.shape and torch.equal(a.detach().cpu(), b.detach().cpu()))
 
@@ -224,8 +240,7 @@ class GenerationCore:
             # lpw / A1111 convention: weight the output states per token, then restore the overall mean
             o = out.float()
             scaled = o * w[..., None]
-            restore = o.mean(dim=(1, 2), keepdim=True) / scaled.mean(dim=(1, 2), keepdim=True)
-            return _Encoded((scaled * restore).to(self.dtype), unrestored=scaled)
+            return _Encoded((scaled * mean_restore_factor(o, scaled)).to(self.dtype), unrestored=scaled)
 
     def encode_prompts(self, prompts: list["str | Prompt"], concepts: dict[str, torch.Tensor] | None = None,
                        weighting: str = "output", restore_mean: bool = True) -> torch.Tensor:
