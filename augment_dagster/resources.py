@@ -173,8 +173,13 @@ class DatasetRef:
 
         # list-valued lineage columns (guide ids, concepts) have no MLflow column type: log them as JSON text
         df = self.df.map(lambda v: v if isinstance(v, (str, int, float, bool, type(None))) else _json(v))
-        ds = mlflow.data.from_pandas(df, source=self.source, name=self.name, digest=self.digest)
-        return DatasetInput(dataset=ds._to_mlflow_entity(), tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=self.context)])
+        import warnings
+
+        with warnings.catch_warnings():  # mlflow's source-type ambiguity and integer-schema hints: noise for a user
+            warnings.simplefilter("ignore", UserWarning)
+            ds = mlflow.data.from_pandas(df, source=self.source, name=self.name, digest=self.digest)
+            entity = ds._to_mlflow_entity()
+        return DatasetInput(dataset=entity, tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=self.context)])
 
 
 def _json(v) -> str:
