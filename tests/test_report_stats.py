@@ -235,7 +235,7 @@ def test_episodic_report_table_note_and_order():
     per_seed = line("dafusion", 2).split(" | ")[8]
     assert per_seed.count(",") == 2 and per_seed.count("+") == 3  # three per-seed differences
     note = episodic_note(ep)
-    assert "do NOT cover" in note and "seed" in note and "Holm" in note and "Protocol:" in note
+    assert "do NOT cover" in note and "seed" in note and "Holm" in note
     assert "Widest 95% CI half-width" in note and f"≤ 0.03 for {len(ep)} of {len(ep)}" in note
     assert episodic_table(df.drop(columns=["episodic_accs"])).empty
 
@@ -252,3 +252,48 @@ def test_episodic_plots(tmp_path):
         im = _png_ok(data, min_w=450)
         (tmp_path / f"{name}.png").write_bytes(data)
         assert im.size[0] > im.size[1]  # legend right of the axes
+
+
+def test_report_asset_puts_the_episodic_section_first(tmp_path, monkeypatch):
+    """The report asset on synthetic metrics frames (no diffusion): report.md opens with the episodic section
+    and its protocol line, the episodic plots are files, asset metadata and MLflow artifacts."""
+    import dagster as dg
+
+    from augment_dagster.assets import report as R
+    from augment_dagster.assets.common import Experiment
+    from augment_dagster.config import parse_config
+    from augment_dagster.resources import MlflowTracker
+
+    monkeypatch.setenv("AUGMENT_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = parse_config({"experiment": "eprep", "dataset": {"source": "builtin"},
+                        "splits": {"shots": [2, 4], "seeds": [0, 1, 2]},
+                        "methods": {"dafusion": {}, "txt2img": {}, "diff_ii": {}, "genie": {}}})
+    (asset,) = R.build(Experiment(cfg))
+    df = episodic_frame()
+    df = df[df.method != "standard"]
+    inputs = {f"m_{m}": g.reset_index(drop=True) for m, g in df.groupby("method")}
+    inputs |= {f"{p}_{m}": pd.DataFrame() for m in cfg.enabled_methods() for p in ("s", "y")}
+    tracker = MlflowTracker(default_root=str(tmp_path / "mlflow"))
+    ctx = dg.build_asset_context(resources={"mlflow": tracker})
+    out = asset(ctx, split=pd.DataFrame(), **inputs)
+    md = out.metadata
+    rep = (tmp_path / "data" / "report" / "eprep" / "report.md").read_text()
+    assert rep.index("## Episodic few-shot evaluation") < rep.index("## Classifier accuracy") < rep.index("| acc_id")
+    assert "Protocol:" in rep.split("## Classifier accuracy")[0] and "do NOT cover" in rep
+    assert "nan" not in rep.split("## Classifier accuracy")[0].lower()
+    head = rep.split("## Classifier accuracy")[0]
+    assert [x for x in head.splitlines() if x.startswith("| dafusion | 2 |")][0].count(" *") == 2  # episodes + seeds
+    assert md["report"].value.startswith("## Episodic few-shot evaluation") and "episodic_note" in md
+    for name in ("episodic_accuracy", "episodic_difference"):
+        assert md[name].value.startswith(f"![{name}](data:image/png;base64,")
+        assert (tmp_path / "data" / "report" / "eprep" / f"{name}.png").stat().st_size > 10_000
+    ep = pd.read_csv(tmp_path / "data" / "report" / "eprep" / "episodic.csv")
+    assert ep["method"].iloc[0] == "real_only" and (ep["episodic_ci95"] <= 0.03).all()
+    rid = md["mlflow_run_id"].value
+    client = tracker.client()
+    arts = {a.path for a in client.list_artifacts(rid)}
+    assert {"episodic_accuracy.png", "episodic_difference.png", "episodic.csv", "report.md"} <= arts
+    run = client.get_run(rid)
+    assert run.data.metrics["dafusion.2shot.episodic_diff"] == pytest.approx(0.06, abs=0.01)
+    assert run.data.metrics["dafusion.2shot.episodic_p_holm"] < 0.05

@@ -83,27 +83,37 @@ def episodic_pretty(ep: pd.DataFrame) -> pd.DataFrame:
 
 
 def episodic_note(ep: pd.DataFrame) -> str:
-    """What the episodic CI covers and what it does not, with the widest half-width (target <= 0.03)."""
+    """What the episodic numbers are, what their CI covers and what it does not, and the widest half-width
+    (target <= 0.03): a markdown bullet list."""
     if ep.empty:
         return ""
-    parts = [EPISODIC_PROTOCOL]
+    parts = []
     h = ep["episodic_ci95"]
     if h.notna().any():
         r = ep.loc[h.idxmax()]
         parts.append(f"Widest 95% CI half-width: {r['episodic_ci95']:.3f} ({r['method']}, K={int(r['shots'])}); "
                      f"≤ 0.03 for {int((h <= 0.03).sum())} of {len(ep)} (method, K).")
+    parts.append("Accuracy: mean ± 95% t-interval over all (seed, episode) accuracies pooled. Δ (episodes): method − "
+                 "real_only paired episode by episode within each seed, paired t-test over the (seed, episode) "
+                 "differences; * = significant after Holm correction over all methods × K (α = 0.05).")
+    parts.append("These intervals cover the sampling of episode classes and queries given each split's synthetic "
+                 "set; they do NOT cover the randomness of generation (or of the split) across seeds. Only the "
+                 "seed-level columns do (per-seed mean Δ, paired t-test over seeds, Holm): with few seeds that test "
+                 "has little power, and a difference significant over episodes but not over seeds may not survive "
+                 "another generation run.")
     unpaired = int(ep["unpaired_seeds"].sum()) if "unpaired_seeds" in ep else 0
-    parts.append(
-        "Accuracy: mean ± 95% t-interval over all (seed, episode) accuracies pooled. Δ (episodes): method − real_only "
-        "paired episode by episode within each seed, paired t-test over the (seed, episode) differences, "
-        "* = significant after Holm correction over all methods × K (α = 0.05). These intervals cover the "
-        "sampling of episode classes and queries given each split's synthetic set; they do NOT cover the "
-        "randomness of generation (or of the split) across seeds. Only the seed-level columns do: per-seed mean "
-        "Δ and a paired t-test over seeds (Holm) — with few seeds that test has little power, so a difference "
-        "significant over episodes but not over seeds may not survive another generation run."
-        + (f" {unpaired} (method, K, seed) cell(s) had other episodes than real_only and are left unpaired."
-           if unpaired else ""))
-    return " ".join(parts)
+    if unpaired:
+        parts.append(f"{unpaired} (method, K, seed) cell(s) ran other episodes than real_only (a per-method episode "
+                     "config) or lack real_only's, and are left out of the paired tests.")
+    return "\n".join(f"- {p}" for p in parts)
+
+
+def episodic_markdown(ep: pd.DataFrame) -> str:
+    """The report's episodic section: heading, the protocol in one line, the table, the notes ('' when empty)."""
+    if ep.empty:
+        return ""
+    return (f"## Episodic few-shot evaluation (GeNIe protocol, mean ± 95 % CI)\n\n{EPISODIC_PROTOCOL}\n\n"
+            f"{md_table(episodic_pretty(ep))}\n\n{episodic_note(ep)}\n\n")
 
 
 def pretty(summary: pd.DataFrame) -> pd.DataFrame:
@@ -197,9 +207,7 @@ def build(exp: Experiment) -> list:
         summary = summarize(allm, setm) if len(allm) else pd.DataFrame()
         table = md_table(pretty(summary))
         episodic = episodic_table(allm)
-        ep_note = episodic_note(episodic)
-        ep_md = (f"## Episodic few-shot evaluation (GeNIe protocol, mean ± 95 % CI)\n\n{md_table(episodic_pretty(episodic))}"
-                 f"\n\n{ep_note}\n\n" if len(episodic) else "")
+        ep_note, ep_md = episodic_note(episodic), episodic_markdown(episodic)
         out_dir = exp.data_dir / "report" / exp.name
         from ..report_plots import (accuracy_plot_png, difference_plot_png, episodic_difference_plot_png,
                                     episodic_plot_png, scatter_png)
