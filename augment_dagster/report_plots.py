@@ -161,7 +161,7 @@ def difference_plot_png(cmp: pd.DataFrame, algorithms: dict[str, str] | None = N
     ordered = sorted(methods, key=lambda m: st[m]["order"])
     shots = sorted(int(k) for k in d["shots"].unique()) if len(d) else []
     fig = _fig(5.5 * len(panels) + (1.5 if len(panels) == 1 else 0.0),
-               0.9 + 0.28 * max(1, len(ordered)) * max(1, len(shots)))
+               1.6 + 0.28 * max(1, len(ordered)) * max(1, len(shots)))
     axes = _axes(fig, len(panels))
     ticks, labels = [], []
     for ax, (dcol, ccol, title, scol) in zip(axes, panels):
@@ -187,13 +187,13 @@ def difference_plot_png(cmp: pd.DataFrame, algorithms: dict[str, str] | None = N
                 y += 1
             y += 0.6
         ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.set_ylim(y - 0.9, -0.7)  # rows run downwards, 0.7 of padding above the first and below the last
         ax.set_title(title)
         ax.grid(alpha=0.3, axis="x")
         ax.xaxis.set_major_locator(MaxNLocator(6))
     fig.supxlabel(xlabel, fontsize=9)
     axes[0].set_yticks(ticks)
     axes[0].set_yticklabels(labels, fontsize=7)
-    axes[0].invert_yaxis()
     for ax in axes[1:]:
         for lab in ax.get_yticklabels():
             lab.set_visible(False)
@@ -205,7 +205,8 @@ def difference_plot_png(cmp: pd.DataFrame, algorithms: dict[str, str] | None = N
 def episodic_plot_png(ep: pd.DataFrame, algorithms: dict[str, str] | None = None) -> bytes:
     """GeNIe's episodic accuracy vs K (``metrics.stats.episodic_compare`` rows): 95% CI over the pooled episodes;
     ``*`` = the episode-paired difference to real_only survives Holm."""
-    return accuracy_plot_png(ep, algorithms, panels=(("episodic_acc", "episodic_ci95", "episodic accuracy (GeNIe protocol)", "sig"),),
+    return accuracy_plot_png(ep, algorithms, panels=(("episodic_acc", "episodic_ci95", "episodic accuracy (GeNIe protocol); * = differs from "
+                                                                       "real_only (episode-paired t-test, Holm p < 0.05)", "sig"),),
                              ylabel="episodic accuracy (mean, 95% CI over episodes)")
 
 
