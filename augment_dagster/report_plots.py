@@ -202,11 +202,13 @@ def difference_plot_png(cmp: pd.DataFrame, algorithms: dict[str, str] | None = N
     return _png(fig)
 
 
+_EP_TITLE = "episodic accuracy (GeNIe protocol); * = differs from real_only (episode-paired t-test, Holm p < 0.05)"
+
+
 def episodic_plot_png(ep: pd.DataFrame, algorithms: dict[str, str] | None = None) -> bytes:
     """GeNIe's episodic accuracy vs K (``metrics.stats.episodic_compare`` rows): 95% CI over the pooled episodes;
     ``*`` = the episode-paired difference to real_only survives Holm."""
-    return accuracy_plot_png(ep, algorithms, panels=(("episodic_acc", "episodic_ci95", "episodic accuracy (GeNIe protocol); * = differs from "
-                                                                       "real_only (episode-paired t-test, Holm p < 0.05)", "sig"),),
+    return accuracy_plot_png(ep, algorithms, panels=(("episodic_acc", "episodic_ci95", _EP_TITLE, "sig"),),
                              ylabel="episodic accuracy (mean, 95% CI over episodes)")
 
 

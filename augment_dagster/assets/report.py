@@ -209,8 +209,13 @@ def build(exp: Experiment) -> list:
         episodic = episodic_table(allm)
         ep_note, ep_md = episodic_note(episodic), episodic_markdown(episodic)
         out_dir = exp.data_dir / "report" / exp.name
-        from ..report_plots import (accuracy_plot_png, difference_plot_png, episodic_difference_plot_png,
-                                    episodic_plot_png, scatter_png)
+        from ..report_plots import (
+            accuracy_plot_png,
+            difference_plot_png,
+            episodic_difference_plot_png,
+            episodic_plot_png,
+            scatter_png,
+        )
 
         algos = {REAL_ONLY: REAL_ONLY} | {m: cfg.method_algorithm(m) for m in cfg.enabled_methods()}
         png = accuracy_plot_png(summary, algos) if len(summary) else b""
