@@ -11,6 +11,7 @@ from .common import CONTENT_AUTOMATION, Experiment, md_table, output
 from .evaluation import REAL_ONLY
 
 
+REPORT_VERSION = "rep-2"  # the report's layout: episodic section first, episode-paired tests (bump on change)
 SET_COLS = ["precision", "recall", "diversity", "clip_score", "label_consistency", "gpu_seconds"]
 
 
@@ -191,7 +192,7 @@ def build(exp: Experiment) -> list:
 
     @dg.asset(
         key=exp.key("report"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key, ins=ins,
-        code_version=f"{exp.code_version('splits')}-{hash_obj(methods)[:8]}", kinds={"pandas", "mlflow"},
+        code_version=f"{exp.code_version('splits')}-{hash_obj(methods)[:8]}-{REPORT_VERSION}", kinds={"pandas", "mlflow"},
         automation_condition=CONTENT_AUTOMATION,
         description="Comparison of all methods × splits: accuracy (ID, OOD) mean ± std over seeds; table, CSV, plot, MLflow run.",
     )
