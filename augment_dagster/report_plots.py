@@ -4,6 +4,8 @@ its own (colour, marker); legends sit outside the axes; error bars are 95% t-int
 * ``accuracy_plot_png``: accuracy vs shots (ID, OOD), methods dodged around each K so the bars stay apart.
 * ``difference_plot_png``: each method minus real_only, paired over seeds, with its 95% CI; filled markers
   where the difference is significant (Holm-adjusted paired t-test), hollow where not.
+* ``episodic_plot_png`` / ``episodic_difference_plot_png``: the same two plots for GeNIe's episodic accuracy
+  (CI over the pooled episodes; differences paired over episodes within seeds, and over seeds).
 * ``scatter_png``: fidelity (precision) vs diversity (recall).
 """
 from __future__ import annotations
@@ -82,79 +84,144 @@ def _legend(fig, ax, st: dict[str, dict], methods: list[str]) -> None:
             text.set_fontweight("bold")
 
 
-def accuracy_plot_png(summary: pd.DataFrame, algorithms: dict[str, str] | None = None) -> bytes:
-    """Accuracy vs K, ID and OOD panels; error bars = ``acc_*_ci95`` (or none for a single seed)."""
+_ACC_PANELS = (("acc_id_mean", "acc_id_ci95", "in-distribution test", None),
+               ("acc_ood_mean", "acc_ood_ci95", "OOD (uncommon settings)", None))
+_DIFF_PANELS = (("acc_id_diff", "acc_id_diff_ci95", "ID accuracy − real_only", "acc_id_sig"),
+                ("acc_ood_diff", "acc_ood_diff_ci95", "OOD accuracy − real_only", "acc_ood_sig"))
+
+
+def _num(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _is_sig(r: pd.DataFrame, col: str | None) -> bool:
+    if not col or col not in r or not len(r):
+        return False
+    v = r[col].iloc[0]
+    return isinstance(v, str) and bool(v.strip())
+
+
+def _axes(fig, n: int):
+    axes = [fig.add_subplot(1, n, 1)]
+    for i in range(2, n + 1):
+        axes.append(fig.add_subplot(1, n, i, sharey=axes[0]))
+    return axes
+
+
+def accuracy_plot_png(summary: pd.DataFrame, algorithms: dict[str, str] | None = None, panels=_ACC_PANELS,
+                      ylabel: str = "top-1 accuracy (mean, 95% CI over seeds)") -> bytes:
+    """Accuracy vs K, one panel per ``(mean column, CI column, title, significance column or None)`` (default:
+    ID and OOD); error bars = the CI column (none where NaN); a ``*`` above a point whose significance column is
+    set (a difference to real_only that survives Holm)."""
     methods = sorted(summary["method"].unique())
     st = styles(methods, algorithms)
     shots = sorted(int(k) for k in summary["shots"].unique())
-    fig = _fig(11, 4.6)
-    axes = [fig.add_subplot(1, 2, 1)]
-    axes.append(fig.add_subplot(1, 2, 2, sharey=axes[0]))
+    fig = _fig(5.5 * len(panels) + (1.5 if len(panels) == 1 else 0.0), 4.6)
+    axes = _axes(fig, len(panels))
     width = 0.45 * (min(b - a for a, b in zip(shots, shots[1:])) if len(shots) > 1 else 1.0)
     n = len(methods)
-    for ax, col, title in ((axes[0], "acc_id", "in-distribution test"), (axes[1], "acc_ood", "OOD (uncommon settings)")):
+    for ax, (mcol, ccol, title, scol) in zip(axes, panels):
         for m in methods:
             g = summary[summary["method"] == m].sort_values("shots")
-            if g[f"{col}_mean"].isna().all():
+            if mcol not in g or pd.to_numeric(g[mcol], errors="coerce").isna().all():
                 continue
             off = ((st[m]["order"] - (n - 1) / 2) / max(1, n - 1)) * width if n > 1 else 0.0
-            err = g[f"{col}_ci95"] if f"{col}_ci95" in g else None
-            ax.errorbar(g["shots"] + off, g[f"{col}_mean"], yerr=None if err is None else err.fillna(0.0),
-                        color=st[m]["color"], marker=st[m]["marker"], markersize=5, capsize=2, linewidth=1.0,
-                        elinewidth=0.8, alpha=0.95)
+            y = pd.to_numeric(g[mcol], errors="coerce")
+            err = pd.to_numeric(g[ccol], errors="coerce").fillna(0.0) if ccol in g else None
+            ax.errorbar(g["shots"] + off, y, yerr=err, color=st[m]["color"], marker=st[m]["marker"], markersize=5,
+                        capsize=2, linewidth=1.0, elinewidth=0.8, alpha=0.95)
+            if scol and scol in g:
+                for k, v, e, sg in zip(g["shots"], y, err if err is not None else [0.0] * len(g), g[scol]):
+                    if isinstance(sg, str) and sg.strip() and v == v:
+                        ax.annotate("*", (k + off, v + e), xytext=(0, 1), textcoords="offset points", ha="center",
+                                    va="bottom", fontsize=10, fontweight="bold", color=st[m]["color"])
         ax.set_xlabel("shots per class (K)")
         ax.set_xticks(shots)
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("top-1 accuracy (mean, 95% CI over seeds)")
-    _legend(fig, axes[1], st, methods)
+    axes[0].set_ylabel(ylabel)
+    _legend(fig, axes[-1], st, methods)
     return _png(fig)
 
 
-def difference_plot_png(cmp: pd.DataFrame, algorithms: dict[str, str] | None = None, reference: str = "real_only") -> bytes:
-    """Forest plot of method - real_only per K (rows) for ID and OOD (panels)."""
+def difference_plot_png(cmp: pd.DataFrame, algorithms: dict[str, str] | None = None, reference: str = "real_only",
+                        panels=_DIFF_PANELS,
+                        xlabel: str = "accuracy difference to real_only, paired over seeds (95% CI); filled marker "
+                                      "and * = significant (paired t-test, Holm-adjusted p < 0.05)") -> bytes:
+    """Forest plot of method - real_only per K (rows), one panel per ``(diff column, CI column, title,
+    significance column)`` (default: ID and OOD); filled marker and ``*`` where significant, hollow where not."""
+    from matplotlib.ticker import MaxNLocator
+
     d = cmp[cmp["method"] != reference]
     methods = sorted(d["method"].unique())
     st = styles(methods + [reference], algorithms)
     ordered = sorted(methods, key=lambda m: st[m]["order"])
     shots = sorted(int(k) for k in d["shots"].unique()) if len(d) else []
-    fig = _fig(11, 0.9 + 0.28 * max(1, len(ordered)) * max(1, len(shots)))
-    axes = [fig.add_subplot(1, 2, 1)]
-    axes.append(fig.add_subplot(1, 2, 2, sharey=axes[0]))
+    fig = _fig(5.5 * len(panels) + (1.5 if len(panels) == 1 else 0.0),
+               1.6 + 0.28 * max(1, len(ordered)) * max(1, len(shots)))
+    axes = _axes(fig, len(panels))
     ticks, labels = [], []
-    for ax, col, title in ((axes[0], "acc_id", "ID accuracy − real_only"), (axes[1], "acc_ood", "OOD accuracy − real_only")):
+    for ax, (dcol, ccol, title, scol) in zip(axes, panels):
         y = 0
         for k in shots:
             for m in ordered:
                 r = d[(d["method"] == m) & (d["shots"] == k)]
-                if len(r) and r[f"{col}_diff"].iloc[0] == r[f"{col}_diff"].iloc[0]:
-                    diff, half = float(r[f"{col}_diff"].iloc[0]), float(r[f"{col}_diff_ci95"].iloc[0])
-                    sig = bool(r.get(f"{col}_sig", pd.Series([""])).iloc[0])
+                diff = _num(r[dcol].iloc[0]) if len(r) and dcol in r else float("nan")
+                if diff == diff:
+                    half = _num(r[ccol].iloc[0]) if ccol in r else float("nan")
+                    sig = _is_sig(r, scol)
                     c = st[m]["color"]
                     ax.errorbar([diff], [y], xerr=None if half != half else [half], color=c, marker=st[m]["marker"],
                                 markersize=6, capsize=2, linewidth=0, elinewidth=1.0,
                                 markerfacecolor=c if sig else "white", markeredgecolor=c)
+                    if sig:
+                        ax.annotate("*", (diff + (0.0 if half != half else half), y), xytext=(3, 0),
+                                    textcoords="offset points", ha="left", va="center", fontsize=10,
+                                    fontweight="bold", color=c)
                 if ax is axes[0]:
                     ticks.append(y)
                     labels.append(f"{m}  K={k}")
                 y += 1
             y += 0.6
-        from matplotlib.ticker import MaxNLocator
-
         ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.set_ylim(y - 0.9, -0.7)  # rows run downwards, 0.7 of padding above the first and below the last
         ax.set_title(title)
         ax.grid(alpha=0.3, axis="x")
         ax.xaxis.set_major_locator(MaxNLocator(6))
-    fig.supxlabel("accuracy difference to real_only, paired over seeds (95% CI); filled marker = significant "
-                  "(paired t-test, Holm-adjusted p < 0.05)", fontsize=9)
+    fig.supxlabel(xlabel, fontsize=9)
     axes[0].set_yticks(ticks)
     axes[0].set_yticklabels(labels, fontsize=7)
-    axes[0].invert_yaxis()
-    for lab in axes[1].get_yticklabels():
-        lab.set_visible(False)
+    for ax in axes[1:]:
+        for lab in ax.get_yticklabels():
+            lab.set_visible(False)
     if ordered:
-        _legend(fig, axes[1], st, ordered)
+        _legend(fig, axes[-1], st, ordered)
     return _png(fig)
+
+
+_EP_TITLE = "episodic accuracy (GeNIe protocol); * = differs from real_only (episode-paired t-test, Holm p < 0.05)"
+
+
+def episodic_plot_png(ep: pd.DataFrame, algorithms: dict[str, str] | None = None) -> bytes:
+    """GeNIe's episodic accuracy vs K (``metrics.stats.episodic_compare`` rows): 95% CI over the pooled episodes;
+    ``*`` = the episode-paired difference to real_only survives Holm."""
+    return accuracy_plot_png(ep, algorithms, panels=(("episodic_acc", "episodic_ci95", _EP_TITLE, "sig"),),
+                             ylabel="episodic accuracy (mean, 95% CI over episodes)")
+
+
+def episodic_difference_plot_png(ep: pd.DataFrame, algorithms: dict[str, str] | None = None,
+                                 reference: str = "real_only") -> bytes:
+    """Episodic accuracy − real_only: left paired episode by episode within seeds, right paired over seeds (the
+    per-seed means; the only view that covers the generation randomness across seeds)."""
+    return difference_plot_png(
+        ep, algorithms, reference,
+        panels=(("diff", "diff_ci95", "paired over episodes (within seeds)", "sig"),
+                ("seed_diff", "seed_diff_ci95", "paired over seeds (per-seed means)", "seed_sig")),
+        xlabel="episodic accuracy difference to real_only (95% CI); filled marker and * = significant "
+               "(paired t-test, Holm-adjusted p < 0.05)")
 
 
 def scatter_png(summary: pd.DataFrame, algorithms: dict[str, str] | None = None) -> bytes:

@@ -255,6 +255,48 @@ def test_episodes_sampling_fit_and_ci():
     assert m == pytest.approx(noisy.mean()) and ci == pytest.approx(1.96 * noisy.std() / np.sqrt(30))
 
 
+def test_two_methods_of_a_split_meet_identical_episodes(tmp_path, monkeypatch):
+    """The episodes (classes, query rows) depend on the split and the episode config only: two methods of one
+    split — one without synthetic images, one with — are evaluated on the very same list (what the report's
+    episode-by-episode pairing relies on); their digests agree, and another split seed gives other episodes."""
+    from augment_dagster.config import EpisodesConfig
+    from augment_dagster.store import BlobStore, Memo
+    from augment_dagster.training import episodes as E
+
+    ims = {f"{c}{p}{i}": im for c in CLASSES for p in ("train", "test")
+           for i, (im, _) in enumerate(generate_pool(p, c, 2 if p == "train" else 5, 0, 32))}
+    split = pd.DataFrame([{"image_id": k, "label": c, "rank": i, "role": p}
+                          for c in CLASSES for p in ("train", "test") for i in range(2 if p == "train" else 5)
+                          for k in [f"{c}{p}{i}"]])
+    syn_ims = {f"syn-{c}-{i}": im for c in CLASSES for i, (im, _) in enumerate(generate_pool("ood", c, 3, 1, 32))}
+    synth = pd.DataFrame([{"synthetic_id": k, "label": k.split("-")[1], "blob": k} for k in syn_ims])
+
+    class Images:
+        def real(self, i):
+            return ims[i]
+
+        def synthetic(self, b):
+            return syn_ims[b]
+
+    seen = []
+    real_run = E.run_episodes
+    monkeypatch.setattr(E, "run_episodes", lambda sf, sy, tf, ty, eps: seen.append((len(sf), eps)) or real_run(sf, sy, tf, ty, eps))
+    ecfg = EpisodesConfig(episodes=12, n_way=2, queries_per_class=3, caching_epochs=1)
+    kw = dict(images=Images(), blobs=BlobStore(tmp_path), memo=Memo(tmp_path), ecfg=ecfg, image_size=32)
+    a = E.episodic_eval(split, None, split_seed=0, **kw)  # real_only
+    b = E.episodic_eval(split, synth, split_seed=0, **kw)  # a method with 9 synthetic images
+    (n_a, eps_a), (n_b, eps_b) = seen
+    assert n_b == n_a + len(synth)  # the support differs ...
+    assert len(eps_a) == len(eps_b) == 12  # ... the episodes do not
+    assert all(np.array_equal(ca, cb) and np.array_equal(qa, qb) for (ca, qa), (cb, qb) in zip(eps_a, eps_b))
+    assert a["episodes_digest"] == b["episodes_digest"] == E.episodes_digest(eps_a)
+    assert len({tuple(c) for c, _ in eps_a}) > 1
+    c = E.episodic_eval(split, synth, split_seed=0, **kw)  # reused from the store: same digest, no new episodes
+    assert c["reused"] and c["episodes_digest"] == a["episodes_digest"] and len(seen) == 2
+    other = E.episodic_eval(split, None, split_seed=1, **kw)
+    assert other["episodes_digest"] != a["episodes_digest"]
+
+
 # ---------------------------------------------------------------- in the pipeline
 PIPE = {
     "experiment": "proto",

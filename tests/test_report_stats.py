@@ -120,3 +120,180 @@ def test_plots_distinct_styles_and_legend_outside(tmp_path):
         (tmp_path / f"{name}.png").write_bytes(data)
         # legend outside the axes: the right part of the figure holds the legend, not plot area
         assert im.size[0] > im.size[1] * (0.6 if name == "diff" else 1.2)
+
+
+# ---------------------------------------------------------------- episodic evaluation (GeNIe protocol)
+EP_EFFECTS = {"real_only": 0.0, "dafusion": 0.06, "txt2img": 0.0, "diff_ii": -0.06, "genie": 0.004}
+
+
+def episodic_frame(seeds=3, episodes=200, effects=EP_EFFECTS, noise=0.03):
+    """Per (seed, episode) a difficulty shared by every method (the same episodes), plus the method's effect and
+    a little noise; a classifier-only method ("standard") has no episodes."""
+    import json
+
+    rng = np.random.default_rng(7)
+    rows = []
+    for k in (2, 4):
+        for s in range(seeds):
+            base = np.clip(rng.normal(0.5 + 0.03 * k, 0.15, episodes), 0.05, 0.95)
+            for m, eff in effects.items():
+                accs = np.clip(base + eff + (0 if m == "real_only" else rng.normal(0, noise, episodes)), 0, 1)
+                rows.append({"method": m, "split": f"{k}shot-s{s}", "shots": k, "seed": s, "acc_id": accs.mean(),
+                             "acc_ood": accs.mean() - 0.1, "n_synthetic": 0 if m == "real_only" else 24,
+                             "episodic_accs": json.dumps(accs.round(6).tolist()), "episodic_digest": f"d{k}-{s}"})
+            rows.append({"method": "standard", "split": f"{k}shot-s{s}", "shots": k, "seed": s, "acc_id": 0.5,
+                         "acc_ood": 0.4, "n_synthetic": 24, "episodic_accs": "[]", "episodic_digest": ""})
+    return pd.DataFrame(rows)
+
+
+def _accs(df, m, k):
+    import json
+
+    g = df[(df.method == m) & (df.shots == k)].sort_values("seed")
+    return {int(s): np.array(json.loads(a)) for s, a in zip(g.seed, g.episodic_accs)}
+
+
+def test_episodic_compare_matches_scipy_and_pairs_episodes():
+    sps = pytest.importorskip("scipy.stats")
+    df = episodic_frame()
+    ep = S.episodic_compare(df)
+    assert set(ep.method) == set(EP_EFFECTS)  # the classifier-only method has no episodic row
+    row = lambda m, k: ep[(ep.method == m) & (ep.shots == k)].iloc[0]  # noqa: E731
+    for k in (2, 4):
+        ref = _accs(df, "real_only", k)
+        for m in EP_EFFECTS:
+            a = _accs(df, m, k)
+            pooled = np.concatenate([a[s] for s in sorted(a)])
+            r = row(m, k)
+            lo, hi = sps.t.interval(0.95, len(pooled) - 1, loc=pooled.mean(), scale=sps.sem(pooled))
+            assert r["episodes"] == 600 and r["seeds"] == 3
+            assert r["episodic_acc"] == pytest.approx(pooled.mean()) and r["episodic_ci95"] == pytest.approx((hi - lo) / 2)
+            assert r["episodic_ci95"] <= 0.03  # 600 pooled episodes: the power target holds for every method
+            if m == "real_only":
+                assert np.isnan(r["p"]) and r["sig"] == "" and r["n_pairs"] == 0
+                continue
+            b = np.concatenate([ref[s] for s in sorted(ref)])
+            d = pooled - b  # episode e of seed s vs episode e of seed s
+            tt = sps.ttest_rel(pooled, b)
+            assert r["n_pairs"] == 600 and r["diff"] == pytest.approx(d.mean()) and r["p"] == pytest.approx(tt.pvalue, rel=1e-6)
+            lo, hi = sps.t.interval(0.95, 599, loc=d.mean(), scale=sps.sem(d))
+            assert r["diff_ci95"] == pytest.approx((hi - lo) / 2)
+            # seed level: per-seed mean differences and a paired t over seeds
+            sd = [a[s].mean() - ref[s].mean() for s in sorted(a)]
+            assert r["seed_diffs"] == pytest.approx(sd) and r["seed_n"] == 3
+            assert r["seed_p"] == pytest.approx(sps.ttest_rel([a[s].mean() for s in sorted(a)],
+                                                              [ref[s].mean() for s in sorted(a)]).pvalue, rel=1e-6)
+        assert row("dafusion", k)["sig"] == "+" and row("diff_ii", k)["sig"] == "-"
+        assert row("txt2img", k)["sig"] == "" and row("dafusion", k)["diff"] == pytest.approx(0.06, abs=0.01)
+    # Holm over every method × K of the table, separately for the episode- and the seed-level test
+    assert ep["p_holm"].tolist() == pytest.approx(S.holm(ep["p"].tolist()), nan_ok=True)
+    assert ep["seed_p_holm"].tolist() == pytest.approx(S.holm(ep["seed_p"].tolist()), nan_ok=True)
+    # pairing is what gives the power: the same accuracies with episode order scrambled pair wrongly -> wider CI
+    import json
+
+    shuffled = df.copy()
+    rng = np.random.default_rng(0)
+    mask = shuffled.method == "dafusion"
+    shuffled.loc[mask, "episodic_accs"] = [json.dumps(rng.permutation(json.loads(a)).tolist())
+                                           for a in shuffled.loc[mask, "episodic_accs"]]
+    sh = S.episodic_compare(shuffled)
+    r0, r1 = row("dafusion", 2), sh[(sh.method == "dafusion") & (sh.shots == 2)].iloc[0]
+    assert r1["episodic_acc"] == pytest.approx(r0["episodic_acc"]) and r1["diff"] == pytest.approx(r0["diff"])
+    assert r1["diff_ci95"] > 3 * r0["diff_ci95"]
+
+
+def test_episodic_compare_pairs_only_matching_episodes():
+    df = episodic_frame()
+    # seed 1 of txt2img at K=2 ran other episodes (a per-method episode config): that seed is not paired
+    df.loc[(df.method == "txt2img") & (df.shots == 2) & (df.seed == 1), "episodic_digest"] = "other"
+    df = df[~((df.method == "genie") & (df.shots == 4) & (df.seed == 2))]  # genie lacks a seed at K=4
+    ep = S.episodic_compare(df)
+    t = ep[(ep.method == "txt2img") & (ep.shots == 2)].iloc[0]
+    assert t["n_pairs"] == 400 and t["unpaired_seeds"] == 1 and t["seed_n"] == 2 and t["episodes"] == 600
+    g = ep[(ep.method == "genie") & (ep.shots == 4)].iloc[0]
+    assert g["n_pairs"] == 400 and g["seeds"] == 2 and g["unpaired_seeds"] == 0 and len(g["seed_diffs"]) == 2
+    one = S.episodic_compare(episodic_frame(seeds=1))  # one seed: the episode-level test still runs, seeds cannot
+    d = one[(one.method == "dafusion") & (one.shots == 2)].iloc[0]
+    assert d["sig"] == "+" and np.isnan(d["seed_p"]) and d["seed_sig"] == "" and len(d["seed_diffs"]) == 1
+    assert S.episodic_compare(df.drop(columns=["episodic_accs"])).empty
+
+
+def test_episodic_report_table_note_and_order():
+    from augment_dagster.assets.report import episodic_note, episodic_pretty, episodic_table, md_table
+
+    df = episodic_frame()
+    ep = episodic_table(df)
+    assert (ep["ci95"] == ep["episodic_ci95"]).all()
+    table = md_table(episodic_pretty(ep))
+    assert "nan" not in table.lower()
+    line = lambda m, k: [x for x in table.splitlines() if x.startswith(f"| {m} | {k} |")][0]  # noqa: E731
+    assert " ± " in line("dafusion", 2) and "+0.06" in line("dafusion", 2) and " *" in line("dafusion", 2)
+    assert " *" in line("diff_ii", 4) and "-0.06" in line("diff_ii", 4)
+    assert " *" not in line("txt2img", 2)
+    ro = line("real_only", 2).split(" | ")
+    assert ro[-4:-1] == ["-", "-", "-"] and ro[-1].strip(" |") == "-"  # no difference to itself: dashes, not nan
+    per_seed = line("dafusion", 2).split(" | ")[8]
+    assert per_seed.count(",") == 2 and per_seed.count("+") == 3  # three per-seed differences
+    note = episodic_note(ep)
+    assert "do NOT cover" in note and "seed" in note and "Holm" in note
+    assert "Widest 95% CI half-width" in note and f"≤ 0.03 for {len(ep)} of {len(ep)}" in note
+    assert episodic_table(df.drop(columns=["episodic_accs"])).empty
+
+
+def test_episodic_plots(tmp_path):
+    from augment_dagster.assets.report import episodic_table
+    from augment_dagster.report_plots import episodic_difference_plot_png, episodic_plot_png
+
+    ep = episodic_table(episodic_frame())
+    ep.loc[(ep.method == "genie") & (ep.shots == 4), ["episodic_acc", "diff", "seed_diff"]] = float("nan")  # a gap
+    algos = {m: m for m in EP_EFFECTS}
+    for name, data in (("episodic_accuracy", episodic_plot_png(ep, algos)),
+                       ("episodic_difference", episodic_difference_plot_png(ep, algos))):
+        im = _png_ok(data, min_w=450)
+        (tmp_path / f"{name}.png").write_bytes(data)
+        assert im.size[0] > im.size[1]  # legend right of the axes
+
+
+def test_report_asset_puts_the_episodic_section_first(tmp_path, monkeypatch):
+    """The report asset on synthetic metrics frames (no diffusion): report.md opens with the episodic section
+    and its protocol line, the episodic plots are files, asset metadata and MLflow artifacts."""
+    import dagster as dg
+
+    from augment_dagster.assets import report as R
+    from augment_dagster.assets.common import Experiment
+    from augment_dagster.config import parse_config
+    from augment_dagster.resources import MlflowTracker
+
+    monkeypatch.setenv("AUGMENT_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = parse_config({"experiment": "eprep", "dataset": {"source": "builtin"},
+                        "splits": {"shots": [2, 4], "seeds": [0, 1, 2]},
+                        "methods": {"dafusion": {}, "txt2img": {}, "diff_ii": {}, "genie": {}}})
+    (asset,) = R.build(Experiment(cfg))
+    df = episodic_frame()
+    df = df[df.method != "standard"]
+    inputs = {f"m_{m}": g.reset_index(drop=True) for m, g in df.groupby("method")}
+    inputs |= {f"{p}_{m}": pd.DataFrame() for m in cfg.enabled_methods() for p in ("s", "y")}
+    tracker = MlflowTracker(default_root=str(tmp_path / "mlflow"))
+    ctx = dg.build_asset_context(resources={"mlflow": tracker})
+    out = asset(ctx, split=pd.DataFrame(), **inputs)
+    md = out.metadata
+    rep = (tmp_path / "data" / "report" / "eprep" / "report.md").read_text()
+    assert rep.index("## Episodic few-shot evaluation") < rep.index("## Classifier accuracy") < rep.index("| acc_id")
+    assert "Protocol:" in rep.split("## Classifier accuracy")[0] and "do NOT cover" in rep
+    assert "nan" not in rep.split("## Classifier accuracy")[0].lower()
+    head = rep.split("## Classifier accuracy")[0]
+    assert [x for x in head.splitlines() if x.startswith("| dafusion | 2 |")][0].count(" *") == 2  # episodes + seeds
+    assert md["report"].value.startswith("## Episodic few-shot evaluation") and "episodic_note" in md
+    for name in ("episodic_accuracy", "episodic_difference"):
+        assert md[name].value.startswith(f"![{name}](data:image/png;base64,")
+        assert (tmp_path / "data" / "report" / "eprep" / f"{name}.png").stat().st_size > 10_000
+    ep = pd.read_csv(tmp_path / "data" / "report" / "eprep" / "episodic.csv")
+    assert ep["method"].iloc[0] == "real_only" and (ep["episodic_ci95"] <= 0.03).all()
+    rid = md["mlflow_run_id"].value
+    client = tracker.client()
+    arts = {a.path for a in client.list_artifacts(rid)}
+    assert {"episodic_accuracy.png", "episodic_difference.png", "episodic.csv", "report.md"} <= arts
+    run = client.get_run(rid)
+    assert run.data.metrics["dafusion.2shot.episodic_diff"] == pytest.approx(0.06, abs=0.01)
+    assert run.data.metrics["dafusion.2shot.episodic_p_holm"] < 0.05

@@ -287,7 +287,8 @@ def build_metrics(exp: Experiment, name: str, clf_key: dg.AssetKey, synth_key: d
                                image_size=cfg.training.image_size, split_seed=seed)
         row.update({"episodic_acc": ep["mean"] if ep else float("nan"), "episodic_ci95": ep["ci95"] if ep else float("nan"),
                     "episodic_episodes": int(ep["episodes"]) if ep else 0,
-                    "episodic_accs": json.dumps(ep["accs"]) if ep else "[]"})
+                    "episodic_accs": json.dumps(ep["accs"]) if ep else "[]",
+                    "episodic_digest": str(ep.get("episodes_digest", "")) if ep else ""})
         cm_png = confusion_plot_png(np.asarray(res["test"]["confusion"]), classes)
         artifacts = {"confusion_matrix_id.png": cm_png}
         if synthetic is not None and len(synthetic):

@@ -11,6 +11,7 @@ from .common import CONTENT_AUTOMATION, Experiment, md_table, output
 from .evaluation import REAL_ONLY
 
 
+REPORT_VERSION = "rep-2"  # the report's layout: episodic section first, episode-paired tests (bump on change)
 SET_COLS = ["precision", "recall", "diversity", "clip_score", "label_consistency", "gpu_seconds"]
 
 
@@ -41,23 +42,79 @@ def summarize(metrics: pd.DataFrame, setm: pd.DataFrame | None = None) -> pd.Dat
 
 
 def episodic_table(metrics: pd.DataFrame) -> pd.DataFrame:
-    """GeNIe's episodic accuracy per (method, shots): mean ± 1.96·std/√n over the episodes of all seeds pooled
-    (each seed's split has its own episodes). Empty when no method ran few_shot_episodes."""
-    import json
-
-    from ..metrics import episode_ci
+    """GeNIe's episodic accuracy per (method, shots) with its 95% CI, the episode-paired difference to real_only
+    (Holm) and the seed-level test (``metrics.stats.episodic_compare``); ``ci95`` = ``episodic_ci95``. Empty when
+    no method ran few_shot_episodes."""
+    from ..metrics.stats import episodic_compare
 
     if "episodic_accs" not in metrics or not len(metrics):
         return pd.DataFrame()
-    rows = []
-    for (method, shots), g in metrics.groupby(["method", "shots"], sort=True):
-        accs = [a for s in g["episodic_accs"] if isinstance(s, str) for a in json.loads(s)]
-        if not accs:
-            continue
-        m, ci = episode_ci(accs)
-        rows.append({"method": method, "shots": int(shots), "seeds": int(g["seed"].nunique()), "episodes": len(accs),
-                     "episodic_acc": m, "ci95": ci, "episodic": f"{m:.3f} ± {ci:.3f}"})
-    return pd.DataFrame(rows)
+    out = episodic_compare(metrics, reference=REAL_ONLY)
+    if not len(out):
+        return pd.DataFrame()
+    out["shots"] = out["shots"].astype(int)
+    out["ci95"] = out["episodic_ci95"]
+    order = sorted(range(len(out)), key=lambda i: (out["method"].iat[i] != REAL_ONLY, out["method"].iat[i], out["shots"].iat[i]))
+    return out.iloc[order].reset_index(drop=True)
+
+
+EPISODIC_PROTOCOL = (
+    "Protocol: per split, N-way episodes (classes, then queries from the test pool) drawn with a fixed seed — the same "
+    "episodes for every method of the split — and a logistic-regression probe on frozen features of the split's real "
+    "shots (+ the method's synthetic images of those classes) per episode.")
+
+
+def episodic_pretty(ep: pd.DataFrame) -> pd.DataFrame:
+    """The episodic table as printed: mean ± 95% CI, Δ vs real_only paired over episodes (* = Holm-significant),
+    its Holm p, and the seed-level view (per-seed Δ, Δ over seeds ± CI, Holm p)."""
+    from ..metrics.stats import fmt_diff, fmt_p, fmt_pm
+
+    if ep.empty:
+        return ep
+    out = ep[["method", "shots", "seeds", "episodes"]].copy()
+    out["episodic acc (95% CI)"] = [fmt_pm(m, h) for m, h in zip(ep["episodic_acc"], ep["episodic_ci95"])]
+    out["CI half-width"] = ["-" if h != h else f"{h:.3f}" for h in ep["episodic_ci95"]]
+    out["Δ vs real_only (episodes)"] = [fmt_diff(d, h, sg) for d, h, sg in zip(ep["diff"], ep["diff_ci95"], ep["sig"])]
+    out["p (Holm)"] = [fmt_p(p) for p in ep["p_holm"]]
+    out["per-seed Δ"] = [", ".join(f"{x:+.3f}" for x in v) if len(v) else "-" for v in ep["seed_diffs"]]
+    out["Δ over seeds (95% CI)"] = [fmt_diff(d, h, sg) for d, h, sg in
+                                    zip(ep["seed_diff"], ep["seed_diff_ci95"], ep["seed_sig"])]
+    out["p seeds (Holm)"] = [fmt_p(p) for p in ep["seed_p_holm"]]
+    return out
+
+
+def episodic_note(ep: pd.DataFrame) -> str:
+    """What the episodic numbers are, what their CI covers and what it does not, and the widest half-width
+    (target <= 0.03): a markdown bullet list."""
+    if ep.empty:
+        return ""
+    parts = []
+    h = ep["episodic_ci95"]
+    if h.notna().any():
+        r = ep.loc[h.idxmax()]
+        parts.append(f"Widest 95% CI half-width: {r['episodic_ci95']:.3f} ({r['method']}, K={int(r['shots'])}); "
+                     f"≤ 0.03 for {int((h <= 0.03).sum())} of {len(ep)} (method, K).")
+    parts.append("Accuracy: mean ± 95% t-interval over all (seed, episode) accuracies pooled. Δ (episodes): method − "
+                 "real_only paired episode by episode within each seed, paired t-test over the (seed, episode) "
+                 "differences; * = significant after Holm correction over all methods × K (α = 0.05).")
+    parts.append("These intervals cover the sampling of episode classes and queries given each split's synthetic "
+                 "set; they do NOT cover the randomness of generation (or of the split) across seeds. Only the "
+                 "seed-level columns do (per-seed mean Δ, paired t-test over seeds, Holm): with few seeds that test "
+                 "has little power, and a difference significant over episodes but not over seeds may not survive "
+                 "another generation run.")
+    unpaired = int(ep["unpaired_seeds"].sum()) if "unpaired_seeds" in ep else 0
+    if unpaired:
+        parts.append(f"{unpaired} (method, K, seed) cell(s) ran other episodes than real_only (a per-method episode "
+                     "config) or lack real_only's, and are left out of the paired tests.")
+    return "\n".join(f"- {p}" for p in parts)
+
+
+def episodic_markdown(ep: pd.DataFrame) -> str:
+    """The report's episodic section: heading, the protocol in one line, the table, the notes ('' when empty)."""
+    if ep.empty:
+        return ""
+    return (f"## Episodic few-shot evaluation (GeNIe protocol, mean ± 95 % CI)\n\n{EPISODIC_PROTOCOL}\n\n"
+            f"{md_table(episodic_pretty(ep))}\n\n{episodic_note(ep)}\n\n")
 
 
 def pretty(summary: pd.DataFrame) -> pd.DataFrame:
@@ -135,7 +192,7 @@ def build(exp: Experiment) -> list:
 
     @dg.asset(
         key=exp.key("report"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key, ins=ins,
-        code_version=f"{exp.code_version('splits')}-{hash_obj(methods)[:8]}", kinds={"pandas", "mlflow"},
+        code_version=f"{exp.code_version('splits')}-{hash_obj(methods)[:8]}-{REPORT_VERSION}", kinds={"pandas", "mlflow"},
         automation_condition=CONTENT_AUTOMATION,
         description="Comparison of all methods × splits: accuracy (ID, OOD) mean ± std over seeds; table, CSV, plot, MLflow run.",
     )
@@ -151,15 +208,22 @@ def build(exp: Experiment) -> list:
         summary = summarize(allm, setm) if len(allm) else pd.DataFrame()
         table = md_table(pretty(summary))
         episodic = episodic_table(allm)
-        ep_md = (f"\n\n## Episodic few-shot evaluation (GeNIe protocol, mean ± 95 % CI)\n\n"
-                 f"{md_table(episodic[['method', 'shots', 'seeds', 'episodes', 'episodic']])}" if len(episodic) else "")
+        ep_note, ep_md = episodic_note(episodic), episodic_markdown(episodic)
         out_dir = exp.data_dir / "report" / exp.name
-        from ..report_plots import accuracy_plot_png, difference_plot_png, scatter_png
+        from ..report_plots import (
+            accuracy_plot_png,
+            difference_plot_png,
+            episodic_difference_plot_png,
+            episodic_plot_png,
+            scatter_png,
+        )
 
         algos = {REAL_ONLY: REAL_ONLY} | {m: cfg.method_algorithm(m) for m in cfg.enabled_methods()}
         png = accuracy_plot_png(summary, algos) if len(summary) else b""
         scatter = scatter_png(summary, algos) if len(summary) else b""
         diff_png = difference_plot_png(summary, algos) if len(summary) and "acc_id_diff" in summary else b""
+        ep_png = episodic_plot_png(episodic, algos) if len(episodic) else b""
+        ep_diff_png = episodic_difference_plot_png(episodic, algos) if len(episodic) else b""
         grid_png = b""
         sp = split[split["partition"] == first_split] if "partition" in split else split
         if len(sp):
@@ -175,10 +239,20 @@ def build(exp: Experiment) -> list:
                 atomic_write_bytes(out_dir / "difference_to_real_only.png", diff_png)
         if grid_png:
             atomic_write_bytes(out_dir / "samples.png", grid_png)
+        ep_files = ("episodic.csv", "episodic_accuracy.png", "episodic_difference.png")
         if len(episodic):
             atomic_write_text(out_dir / "episodic.csv", episodic.to_csv(index=False))
+            atomic_write_bytes(out_dir / "episodic_accuracy.png", ep_png)
+            atomic_write_bytes(out_dir / "episodic_difference.png", ep_diff_png)
+        else:  # no episodes this time: an older run's episodic files would be stale
+            for f in ep_files:
+                (out_dir / f).unlink(missing_ok=True)
         note = ci_note(summary) if len(summary) else ""
-        atomic_write_text(out_dir / "report.md", f"# {exp.name}: methods × shots\n\n{table}\n\n{note}{ep_md}\n\n"
+        # the episodic section first when present: it is the statistically powered comparison
+        head = (f"{ep_md}![episodic accuracy](episodic_accuracy.png)\n"
+                "![episodic difference to real_only](episodic_difference.png)\n\n"
+                "## Classifier accuracy (over seeds)\n\n") if len(episodic) else ""
+        atomic_write_text(out_dir / "report.md", f"# {exp.name}: methods × shots\n\n{head}{table}\n\n{note}\n\n"
                           "![accuracy](accuracy_vs_shots.png)\n![difference to real_only](difference_to_real_only.png)\n"
                           "![fidelity vs diversity](fidelity_diversity.png)\n"
                           f"![samples ({first_split})](samples.png)\n")
@@ -192,6 +266,8 @@ def build(exp: Experiment) -> list:
                 | {f"{r.method}.{r.shots}shot.acc_ood": r.acc_ood_mean for r in summary.itertuples()}
                 | {f"{r.method}.{r.shots}shot.episodic_acc": r.episodic_acc for r in episodic.itertuples()}
                 | {f"{r.method}.{r.shots}shot.episodic_ci95": r.ci95 for r in episodic.itertuples()}
+                | {f"{r.method}.{r.shots}shot.episodic_{c}": getattr(r, c) for r in episodic.itertuples()
+                   for c in ("diff", "p_holm", "seed_diff", "seed_p_holm") if getattr(r, c) == getattr(r, c)}
                 | {f"{r['method']}.{r['shots']}shot.{c}": r[c] for _, r in summary.iterrows()
                    for c in ("acc_id_ci95", "acc_ood_ci95", "acc_id_diff", "acc_ood_diff", "acc_id_p_holm", "acc_ood_p_holm")
                    if c in summary},
@@ -199,9 +275,11 @@ def build(exp: Experiment) -> list:
                       "augment.experiment": exp.name, "augment.kind": "report"},
                 artifacts={"report.md": (out_dir / "report.md").read_bytes(), "report.csv": (out_dir / "report.csv").read_bytes(),
                            "accuracy_vs_shots.png": png, "fidelity_diversity.png": scatter, "samples.png": grid_png,
-                           "difference_to_real_only.png": diff_png},
+                           "difference_to_real_only.png": diff_png, "episodic_accuracy.png": ep_png,
+                           "episodic_difference.png": ep_diff_png}
+                | ({"episodic.csv": (out_dir / "episodic.csv").read_bytes()} if len(episodic) else {}),
             )
-        md = {"report": dg.MetadataValue.md(table + ep_md), "report_dir": dg.MetadataValue.path(str(out_dir)),
+        md = {"report": dg.MetadataValue.md(ep_md + table), "report_dir": dg.MetadataValue.path(str(out_dir)),
               "missing_methods": dg.MetadataValue.json(missing), "mlflow_run_id": dg.MetadataValue.text(run_id or f"(none: {err})")}
         from .common import mlflow_links  # each method × split row -> its MLflow run
 
@@ -210,11 +288,15 @@ def build(exp: Experiment) -> list:
             import base64
 
             md["ci_note"] = dg.MetadataValue.text(note)
-            for name, data in (("accuracy_plot", png), ("difference_to_real_only", diff_png),
+            if ep_note:
+                md["episodic_note"] = dg.MetadataValue.text(ep_note)
+            for name, data in (("episodic_accuracy", ep_png), ("episodic_difference", ep_diff_png),
+                               ("accuracy_plot", png), ("difference_to_real_only", diff_png),
                                ("fidelity_diversity", scatter), ("samples", grid_png)):
                 if data:
                     md[name] = dg.MetadataValue.md(f"![{name}](data:image/png;base64,{base64.b64encode(data).decode()})")
-            for f in ("accuracy_vs_shots.png", "difference_to_real_only.png", "fidelity_diversity.png"):
+            for f in ("episodic_accuracy.png", "episodic_difference.png", "accuracy_vs_shots.png",
+                      "difference_to_real_only.png", "fidelity_diversity.png"):
                 if (out_dir / f).exists():
                     md[f"file_{f[:-4]}"] = dg.MetadataValue.path(str(out_dir / f))
         summary = summary.copy()

@@ -4,6 +4,8 @@
 * ``paired_t``: a method vs the reference (real_only) paired by seed (same split, same test set): mean
   difference, its 95% half-width and the two-sided p-value of the paired t-test.
 * ``holm``: Holm-Bonferroni adjusted p-values, so "significant" holds for the whole table, not per cell.
+* ``episodic_compare``: GeNIe's episodic accuracy per (method, K) with its t-interval over the pooled episodes,
+  the difference to real_only paired episode by episode within each seed, and the seed-level paired test.
 
 scipy's t distribution is used when scipy is importable (it comes with scikit-learn); otherwise the same
 quantities come from the regularized incomplete beta function below (same numbers to ~1e-10).
@@ -172,3 +174,90 @@ def fmt_p(p: float) -> str:
     if p is None or p != p:
         return "-"
     return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+# ---------------------------------------------------------------- episodic evaluation (GeNIe protocol)
+def _episode_accs(cell) -> list[float]:
+    """Per-episode accuracies of one metrics row: a JSON list (the manifest's ``episodic_accs``) or a sequence."""
+    import json
+
+    if isinstance(cell, str):
+        cell = json.loads(cell) if cell.strip() else []
+    if cell is None or (isinstance(cell, float) and cell != cell):
+        return []
+    return [float(x) for x in cell]
+
+
+def episodic_compare(metrics: pd.DataFrame, reference: str = "real_only", by: str = "shots", pair: str = "seed",
+                     accs_col: str = "episodic_accs", digest_col: str = "episodic_digest", conf: float = 0.95,
+                     alpha: float = 0.05, use_scipy: bool = True) -> pd.DataFrame:
+    """Episodic accuracy per (method, ``by``), one row each (methods without episodes are left out):
+
+    * ``episodic_acc``, ``episodic_ci95``: mean and ``conf`` t-interval half-width over every (seed, episode)
+      accuracy pooled, ``episodes`` = their number, ``seeds`` = the seeds with episodes;
+    * vs ``reference`` at the same ``by``, paired episode by episode within each seed (episode e of seed s of the
+      method vs episode e of seed s of the reference; a seed is paired only when both rows have the same episode
+      count and, where recorded, the same episode digest): ``diff``, ``diff_ci95``, ``p`` (paired t-test over
+      the (seed, episode) differences), ``n_pairs``, ``p_holm`` (Holm over every method × ``by``) and ``sig``
+      ("+"/"-" where Holm p < ``alpha``);
+    * the seed-level view: ``seed_diffs`` (per-seed mean differences, seed order), ``seed_diff``,
+      ``seed_diff_ci95``, ``seed_p`` (paired t-test over seeds of the per-seed means), ``seed_p_holm``,
+      ``seed_sig`` — the only test here that covers the generation randomness across seeds.
+    """
+    cols = ["method", by, "seeds", "episodes", "episodic_acc", "episodic_ci95", "diff", "diff_ci95", "p", "n_pairs",
+            "unpaired_seeds", "seed_diffs", "seed_diff", "seed_diff_ci95", "seed_p", "seed_n"]
+    if accs_col not in metrics or not len(metrics):
+        return pd.DataFrame(columns=cols + ["p_holm", "sig", "seed_p_holm", "seed_sig"])
+
+    def cells(g: pd.DataFrame) -> dict:
+        """{seed: (accs, digest)} of the rows with episodes (a duplicate seed keeps its last row)."""
+        out = {}
+        for _, r in g.iterrows():
+            a = _episode_accs(r[accs_col])
+            if a:
+                dg = r[digest_col] if digest_col in g else ""
+                out[r[pair]] = (a, dg if isinstance(dg, str) else "")
+        return out
+
+    rows = []
+    for (method, level), g in metrics.groupby(["method", by], sort=True):
+        mine = cells(g)
+        if not mine:
+            continue
+        pooled = [a for s in sorted(mine) for a in mine[s][0]]
+        mean, half, n = t_interval(pooled, conf, use_scipy)
+        row = {"method": method, by: level, "seeds": len(mine), "episodes": n, "episodic_acc": mean,
+               "episodic_ci95": half, "diff": float("nan"), "diff_ci95": float("nan"), "p": float("nan"), "n_pairs": 0,
+               "unpaired_seeds": 0, "seed_diffs": [], "seed_diff": float("nan"), "seed_diff_ci95": float("nan"),
+               "seed_p": float("nan"), "seed_n": 0}
+        if method != reference:
+            ref = cells(metrics[(metrics["method"] == reference) & (metrics[by] == level)])
+            a_ep, b_ep, a_seed, b_seed = {}, {}, {}, {}
+            for s in sorted(set(mine) & set(ref)):
+                (a, da), (b, db) = mine[s], ref[s]
+                if len(a) != len(b) or (da and db and da != db):
+                    continue  # other episodes (a per-method episode config): not pairable
+                a_ep.update({(s, e): x for e, x in enumerate(a)})
+                b_ep.update({(s, e): x for e, x in enumerate(b)})
+                a_seed[s], b_seed[s] = float(np.mean(a)), float(np.mean(b))
+            row["unpaired_seeds"] = len(mine) - len(a_seed)
+            t = paired_t(a_ep, b_ep, conf, use_scipy)
+            row.update(diff=t["diff"], diff_ci95=t["diff_ci95"], p=t["p"], n_pairs=t["n"])
+            ts = paired_t(a_seed, b_seed, conf, use_scipy)
+            row.update(seed_diffs=[a_seed[s] - b_seed[s] for s in sorted(a_seed)], seed_diff=ts["diff"],
+                       seed_diff_ci95=ts["diff_ci95"], seed_p=ts["p"], seed_n=ts["n"])
+        rows.append(row)
+    out = pd.DataFrame(rows, columns=cols)
+    for p_col, sig_col, d_col in (("p", "sig", "diff"), ("seed_p", "seed_sig", "seed_diff")):
+        out[f"{p_col}_holm"] = holm(out[p_col].tolist()) if len(out) else []
+        out[sig_col] = ["" if not (ph == ph and ph < alpha) else ("+" if d > 0 else "-")
+                        for ph, d in zip(out[f"{p_col}_holm"], out[d_col])]
+    return out
+
+
+def fmt_diff(diff: float, half: float, sig: str = "", digits: int = 3) -> str:
+    """``+0.021 ± 0.010 *`` (signed; ``*`` when ``sig``); ``-`` when there is no difference."""
+    if diff is None or diff != diff:
+        return "-"
+    s = f"{diff:+.{digits}f}" if half is None or half != half else f"{diff:+.{digits}f} ± {half:.{digits}f}"
+    return s + (" *" if sig else "")

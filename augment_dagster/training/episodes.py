@@ -9,7 +9,8 @@ episodes for every method of a split, so methods are compared on paired episodes
   (RRC(0.2–1) + HFlip) ``caching_epochs`` times, plus every augmented image whose label is in the episode once;
 * scikit-learn ``LogisticRegression(C=1, lbfgs, max_iter=1000)`` (multinomial), accuracy on the queries.
 
-Reported as mean ± 1.96·std/√episodes. Features are cached in the store (memo + tensor blobs) per
+Reported as mean ± 1.96·std/√episodes; ``episodes_digest`` identifies the episode list, so the report pairs
+methods episode by episode only where the digests agree (a per-method episode config would break pairing). Features are cached in the store (memo + tensor blobs) per
 (encoder, image set, views), so the test pool and the real support are encoded once per split and shared by
 every method; the per-episode fits are the only per-method cost (a few ms each).
 
@@ -102,6 +103,30 @@ def sample_episodes(test_labels: np.ndarray, num_classes: int, n_way: int, queri
     return out
 
 
+def episodes_digest(episodes) -> str:
+    """A short digest of an episode list (classes and query rows, in order): equal digests = the same episodes,
+    which is what makes two methods' per-episode accuracies pairable."""
+    h = hashlib.sha256()
+    for cls, q in episodes:
+        h.update(np.asarray(cls, np.int64).tobytes() + b"|" + np.asarray(q, np.int64).tobytes() + b";")
+    return h.hexdigest()[:16]
+
+
+def split_episodes(split: pd.DataFrame, ecfg, split_seed: int):
+    """(classes, train rows, test rows, test label indices, episodes) of one split: the episodes depend only on
+    the split's train classes and test pool and on the episode config (n_way, queries_per_class, episodes, seed) —
+    never on the method or its synthetic set, so every method of a split meets the same episodes."""
+    train = split[split["role"] == "train"].sort_values(["label", "rank"]).reset_index(drop=True)
+    test = split[split["role"] == "test"].sort_values(["label", "image_id"]).reset_index(drop=True)
+    classes = sorted(train["label"].unique())
+    idx = label_index(classes)
+    test = test[test["label"].isin(classes)].reset_index(drop=True)
+    ty = np.array([idx[l] for l in test["label"]])
+    seed = int(ecfg.seed) * 1000 + int(split_seed)
+    eps = sample_episodes(ty, len(classes), ecfg.n_way, ecfg.queries_per_class, ecfg.episodes, seed)
+    return classes, train, test, ty, eps
+
+
 def run_episodes(support_f, support_y, test_f, test_y, episodes) -> np.ndarray:
     """Accuracy per episode of LogisticRegression(C=1, lbfgs, max_iter=1000) fit on the episode's support."""
     import warnings
@@ -130,11 +155,9 @@ def episodic_eval(split: pd.DataFrame, synth: pd.DataFrame | None, *, images: Im
     from ..metrics import episode_ci
 
     t0 = time.perf_counter()
-    train = split[split["role"] == "train"].sort_values(["label", "rank"]).reset_index(drop=True)
-    test = split[split["role"] == "test"].sort_values(["label", "image_id"]).reset_index(drop=True)
-    classes = sorted(train["label"].unique())
+    classes, train, test, ty, eps = split_episodes(split, ecfg, split_seed)
+    digest = episodes_digest(eps)
     idx = label_index(classes)
-    test = test[test["label"].isin(classes)].reset_index(drop=True)
     syn = synth[synth["label"].isin(classes)].reset_index(drop=True) if synth is not None and len(synth) else None
     seed = int(ecfg.seed) * 1000 + int(split_seed)
     key = memo_key("episodes", EPISODES_VERSION, model=encoder_fingerprint(ecfg.encoder),
@@ -144,7 +167,7 @@ def episodic_eval(split: pd.DataFrame, synth: pd.DataFrame | None, *, images: Im
                            "synth": sorted(syn["synthetic_id"]) if syn is not None else []}, seed=seed)
     rec = memo.get(key)
     if rec is not None:
-        return {**rec, "reused": True}
+        return {**rec, "episodes_digest": digest, "reused": True}
     kw = dict(encoder=ecfg.encoder, image_size=image_size, blobs=blobs, memo=memo)
     tf, _ = cached_features(list(test["image_id"]), images.real, **kw)
     rf, _ = cached_features(list(train["image_id"]), images.real, views=ecfg.caching_epochs, seed=seed, **kw)
@@ -157,8 +180,6 @@ def episodic_eval(split: pd.DataFrame, synth: pd.DataFrame | None, *, images: Im
         lab = dict(zip(syn["synthetic_id"], syn["label"]))
         sf_list.append(sfe.numpy())
         sy_list.append(np.array([idx[lab[i]] for i in ids]))
-    ty = np.array([idx[l] for l in test["label"]])
-    eps = sample_episodes(ty, len(classes), ecfg.n_way, ecfg.queries_per_class, ecfg.episodes, seed)
     accs = run_episodes(np.concatenate(sf_list), np.concatenate(sy_list), tf.numpy(), ty, eps)
     mean, ci = episode_ci(accs)
     rec = {"mean": mean, "ci95": ci, "std": float(np.std(accs)), "episodes": len(accs),
@@ -166,4 +187,4 @@ def episodic_eval(split: pd.DataFrame, synth: pd.DataFrame | None, *, images: Im
            "n_augmented": int(len(syn)) if syn is not None else 0, "accs": [round(float(a), 6) for a in accs],
            "encoder": ecfg.encoder, "seconds": time.perf_counter() - t0}
     rec = memo.put(key, rec)
-    return {**rec, "reused": False}
+    return {**rec, "episodes_digest": digest, "reused": False}
