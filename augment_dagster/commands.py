@@ -168,7 +168,10 @@ def export(cfg: ExperimentConfig, args) -> int:
               f"{os.environ.get('DAGSTER_HOME')}; the export's version is the manifest's content hash", file=sys.stderr)
     data_version = (syn_rec or {}).get("data_version") or manifest_version(df)
     code_version = (syn_rec or {}).get("code_version") or code_version
-    sampler = cfg.models.diffusion.scheduler if spec.uses_diffusion else None
+    # the sampler is resolved per method (methods/protocol.py) and recorded per unit in the lineage row
+    unit_samplers = df["scheduler"] if "scheduler" in df else pd.Series([cfg.models.diffusion.scheduler] * len(df))
+    samplers = sorted({str(x) for x in unit_samplers.dropna()}) if spec.uses_diffusion else []
+    sampler = ",".join(samplers) or None
     blobs = BlobStore(root)
     out = Path(args.out)
     (out / "train").mkdir(parents=True, exist_ok=True)
@@ -183,7 +186,7 @@ def export(cfg: ExperimentConfig, args) -> int:
                              prompt=r.prompt, prompt_source=r.prompt_source, seed=int(r.seed),
                              strength=None if pd.isna(r.strength) else float(r.strength),
                              guidance_scale=float(r.guidance_scale), steps=None if pd.isna(r.steps) else int(r.steps),
-                             sampler=sampler, embedding_id=r.embedding_id, model_fingerprint=r.model_fingerprint,
+                             sampler=(None if not spec.uses_diffusion or pd.isna(getattr(r, 'scheduler', None)) else str(r.scheduler)) if 'scheduler' in df else sampler, embedding_id=r.embedding_id, model_fingerprint=r.model_fingerprint,
                              params_json=r.params_json, weight=float(weights.get(r.synthetic_id, 1.0)),
                              dagster_run_id=r.created_by_run, code_version=code_version))
     if args.with_real:
@@ -259,7 +262,7 @@ def _write_croissant(cfg, args, out: Path, df, sp, spec, code_version, sampler, 
     real_id = f"urn:augment:{exp}:few_shot_split:{split}"
     fps = sorted(set(df["model_fingerprint"].astype(str)) - {""})
     model = {"@type": "prov:Entity", "@id": f"urn:augment:model:{fps[0]}", "name": f"diffusion model {d.source}",
-             "description": f"fingerprint {fps[0]}, revision {d.revision or '-'}, scheduler {d.scheduler}"} if fps else None
+             "description": f"fingerprint {fps[0]}, revision {d.revision or '-'}, scheduler {sampler}"} if fps else None
     real = {"@type": "prov:Entity", "@id": real_id, "name": f"{exp}/few_shot_split[{split}]",
             "description": f"the real few-shot split {split} of dataset {cfg.dataset.source!r} (content ids = sha256 of the files)",
             "version": f"1.0.0+{split_version}"}

@@ -20,6 +20,7 @@ _FAMILY_OF_ALGORITHM = {
     "genie_ada": "GeNIe", "sgid": "SGID",
 }
 _CMAPS = {"baselines": "Greys", "DA-Fusion/DIAGen": "Blues", "Diff-II": "Greens", "GeNIe": "Oranges", "SGID": "Purples"}
+_UNFILLED = {"x", "+", "1", "2", "3", "4", "|", "_"}
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p", "d", "H", "8", "x", "+", "1", "2", "3", "4"]
 
 
@@ -233,8 +234,9 @@ def scatter_png(summary: pd.DataFrame, algorithms: dict[str, str] | None = None)
     st = styles(methods, algorithms) if methods else {}
     for m in methods:
         g = d[d["method"] == m]
-        ax.scatter(g["recall"], g["precision"], color=st[m]["color"], marker=st[m]["marker"], s=36, edgecolors="black",
-                   linewidths=0.4)
+        unfilled = st[m]["marker"] in _UNFILLED  # line markers take no edge colour (matplotlib warns)
+        ax.scatter(g["recall"], g["precision"], color=st[m]["color"], marker=st[m]["marker"], s=36,
+                   **({} if unfilled else {"edgecolors": "black", "linewidths": 0.4}))
         for r in g.itertuples():
             ax.annotate(f"{r.shots}", (r.recall, r.precision), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("recall (diversity)")
