@@ -346,6 +346,31 @@ def stage_rows(home: Path, cfg: dict, mon: Monitor) -> list[dict]:
     return rows
 
 
+def group_rows(rows: list[dict]) -> list[dict]:
+    """One row per stage family (``classifier/*`` etc.; single stages stay): summed seconds and passes,
+    the largest peak."""
+    fam: dict[str, dict] = {}
+    for r in rows:
+        parts = r["stage"].split("/")
+        name = r["stage"] if parts[0] == "synthetic" or len(parts) == 1 else f"{parts[0]}/* ({{n}})"
+        g = fam.setdefault(name, {"stage": name, "status": "ok", "seconds": 0.0, "passes": None, "rss": None,
+                                  "gpu": None, "n": 0})
+        g["n"] += 1
+        g["seconds"] += r["seconds"] or 0.0
+        if r["passes"] is not None:
+            g["passes"] = (g["passes"] or 0) + r["passes"]
+        if r["status"] != "ok":
+            g["status"] = r["status"]
+        for k in ("rss", "gpu"):
+            if r[k] is not None:
+                g[k] = max(g[k] or 0, r[k])
+    out = []
+    for g in fam.values():
+        g["stage"] = g["stage"].format(n=g["n"])
+        out.append(g)
+    return out
+
+
 def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
@@ -418,7 +443,7 @@ def main(argv=None) -> int:
     cfg_path = work / "realsize.yaml"
     cfg = write_config(cfg_path, models, data, a.steps, a)
     env = dict(os.environ, AUGMENT_DATA_DIR=str(out), DAGSTER_HOME=str(out / "dagster_home"), HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", DAGSTER_DISABLE_TELEMETRY="1", OMP_WAIT_POLICY="PASSIVE",
+               TRANSFORMERS_OFFLINE="1", DAGSTER_DISABLE_TELEMETRY="1", OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
                MLFLOW_TRACKING_URI=f"sqlite:///{out / 'mlflow.db'}")
     if a.threads:
@@ -445,6 +470,11 @@ def main(argv=None) -> int:
     print(f"\nper stage ({a.resolution}px; every method entry {a.steps} steps; TI/LoRA {a.train_steps} steps at batch 2; "
           f"inversion {a.steps} steps + reconstruction check):")
     table = print_table(rows, cuda)
+    print("\nper stage family:")
+    grouped = print_table(group_rows(rows), cuda)
+    report = out / "report" / "realsize" / "report.md"
+    if report.exists() and "nan" in report.read_text():
+        print(f"warning: the report prints 'nan' for some cell ({report})")
     total_passes = sum(r["passes"] or 0 for r in rows)
     gb = (peak_rss or 0) / 2 ** 30
     print(f"\nmodel build/reuse {t_build:.0f}s; augment run {t_run:.0f}s (rc {rc}); UNet image-passes {total_passes} "
@@ -454,6 +484,7 @@ def main(argv=None) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps({"rows": rows, "run_seconds": t_run, "build_seconds": t_build, "rc": rc,
                                             "peak_rss_bytes": peak_rss, "peak_gpu_bytes": peak_gpu, "table": table,
+                                            "grouped": grouped,
                                             "resolution": a.resolution, "steps": a.steps, "train_steps": a.train_steps,
                                             "cuda": cuda}, indent=2, default=str))
     ok = True
