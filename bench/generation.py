@@ -59,6 +59,8 @@ def main(argv=None) -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA)")
     ap.add_argument("--no-channels-last", action="store_true")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="accelerator peak, for the FLOP-limit ratio")
+    ap.add_argument("--gflop-per-pass", type=float, default=None,
+                    help="UNet GFLOP per image-pass (default: 803·(px/512)² for an SD-1.5-size UNet, else not shown)")
     ap.add_argument("--skip-single", action="store_true", help="only the batched run")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch default)")
     ap.add_argument("--device", default="auto")
@@ -111,13 +113,15 @@ def main(argv=None) -> None:
     out_b = batched.generate(reqs)
     sync()
     tb = time.perf_counter() - t
-    gflop = 803.0 * (res / 512) ** 2  # SD-1.5 UNet per image-pass (see the module doc)
+    gflop = a.gflop_per_pass
+    if gflop is None and sum(p.numel() for p in bundle.pipe.unet.parameters()) > 800e6:
+        gflop = 803.0 * (res / 512) ** 2  # SD-1.5 UNet per image-pass (see the module doc)
     passes = batched.stats["unet_forward_passes"]
     print(f"batch_size={batched.batch_size:<3d}: {a.n / tb:8.2f} images/s  ({tb:.2f}s, {batched.stats['unet_calls']} UNet "
-          f"calls, {passes} image-passes, {passes * gflop / tb / 1e3:.1f} TFLOP/s in the UNet"
+          f"calls, {passes} image-passes" + (f", {passes * gflop / tb / 1e3:.1f} TFLOP/s in the UNet" if gflop else "")
           + (f", peak GPU memory {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB" if bundle.device.startswith("cuda") else "")
           + (f", {batched.stats['oom_backoffs']} OOM back-offs" if batched.stats["oom_backoffs"] else "") + ")")
-    if a.peak_tflops:
+    if a.peak_tflops and gflop:
         limit = a.peak_tflops * 1e3 / (gflop * passes / a.n)
         print(f"FLOP limit at {a.peak_tflops:g} TFLOP/s: {limit:.2f} images/s; batched reaches {a.n / tb / limit:.1%}")
     if a.skip_single:

@@ -246,7 +246,7 @@ def _apply_gpu_options(pipe, opts: dict[str, bool]) -> None:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
     if opts["compile"]:
-        pipe.unet.compile(mode="max-autotune-no-cudagraphs", dynamic=False)
+        pipe.unet.compile(dynamic=False)  # in place: the module object (and its peft adapters) stays the same
 
 
 def load_diffusion(source: str, cache_root: str | os.PathLike, device: str = "auto", dtype: str = "auto",
