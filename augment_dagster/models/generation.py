@@ -139,6 +139,10 @@ class _SubBatch:
     idx: list[int] = field(default_factory=list)
 
 
+def _same_vector(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.shape == b.shape and torch.equal(a.detach().cpu(), b.detach().cpu()))
+
+
 def is_oom(e: BaseException) -> bool:
     """An out-of-memory error of the accelerator (or the allocator's RuntimeError saying so)."""
     oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
@@ -150,9 +154,6 @@ def auto_batch_size(device, max_batch_size: int = 64) -> int:
     (larger batches buy nothing there and cost memory)."""
     return max(1, int(max_batch_size)) if str(device).startswith("cuda") else min(8, max(1, int(max_batch_size)))
 
-
-def _same_vector(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a is b or (a.shape == b.shape and torch.equal(a.detach().cpu(), b.detach().cpu()))
 
 
 class GenerationCore:
