@@ -155,7 +155,6 @@ def auto_batch_size(device, max_batch_size: int = 64) -> int:
     return max(1, int(max_batch_size)) if str(device).startswith("cuda") else min(8, max(1, int(max_batch_size)))
 
 
-
 class GenerationCore:
     """Batched, seeded generation on a :class:`~augment_dagster.models.loading.DiffusionBundle`."""
 
