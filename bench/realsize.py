@@ -100,7 +100,12 @@ def _quiet():
 
 def build_sd15(out: Path, resolution: int) -> int:
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from augment_dagster.models.hub_layout import save_sd_pipeline
@@ -164,7 +169,11 @@ def build_clip(out: Path) -> int:
 
 def build_resnet50(out: Path) -> int:
     import torch
-    from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
+    from transformers import (
+        ConvNextImageProcessor,
+        ResNetConfig,
+        ResNetForImageClassification,
+    )
 
     torch.manual_seed(0)
     model = ResNetForImageClassification(ResNetConfig(**RESNET50)).eval()
@@ -261,7 +270,7 @@ class Monitor(threading.Thread):
     def _gpu_bytes(self, pids: set[int]) -> int | None:
         try:
             out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True, timeout=5).stdout
+                                 capture_output=True, text=True, timeout=5, check=False).stdout
         except (OSError, subprocess.SubprocessError):
             return None
         tot = 0

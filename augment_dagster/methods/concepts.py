@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from ..models.adapters import LORA_TARGETS, add_lora, adapter_names, remove as remove_adapter
+from ..models.adapters import LORA_TARGETS, adapter_names, add_lora
+from ..models.adapters import remove as remove_adapter
 from ..store import memo_key
 from ..store.tensors import tensor_bytes
 from .base import StageStats, concept_token
