@@ -231,3 +231,37 @@ def test_realsize_bench_smoke(tmp_path):
     assert stages["synthetic/dafusion"]["passes"] > 0 and stages["concept_lora"]["passes"] == 4
     assert all(row["seconds"] is not None and row["rss"] for row in res["rows"])
     assert "| stage | status | seconds |" in r.stdout and "PASS" in r.stdout and "nan ±" not in res["table"]
+
+
+def test_runner_records_the_batch_size_used_and_keys_ignore_it(tiny_bundle, tmp_path, monkeypatch):
+    from augment_dagster.methods.base import SynthUnit
+    from augment_dagster.methods.registry import get_method
+    from augment_dagster.methods.runner import run_units
+    from augment_dagster.store import BlobStore, Memo
+
+    spec = get_method("txt2img")
+    units = [SynthUnit(label="circle", seed=s, mode="txt2img", prompt="a photo of a circle", steps=2, guidance_scale=2.0)
+             for s in range(5)]
+
+    def factory(lora=None):
+        core = GenerationCore(tiny_bundle, batch_size=8)
+        real = core._run_batch
+
+        def run(reqs, key):
+            if len(reqs) > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return real(reqs, key)
+
+        monkeypatch.setattr(core, "_run_batch", run)
+        return core
+
+    kw = dict(blobs=BlobStore(tmp_path), memo=Memo(tmp_path), model_fp="fp", load_image=None, load_tensor=None,
+              batch_size=8)
+    rows, stats = run_units(spec, "txt2img", units, core_factory=factory, **kw)
+    assert stats.computed == 5 and stats.unet_batch_size == 2 and stats.oom_backoffs == 2
+    recs = [Memo(tmp_path).get(r["memo_key"]) for r in rows]
+    assert [r["unet_batch"] for r in recs] == [2, 2, 2, 2, 1]
+    # the same units with a core that never backs off: same keys, all reused
+    rows2, stats2 = run_units(spec, "txt2img", units, core_factory=lambda lora=None: GenerationCore(tiny_bundle, 8), **kw)
+    assert stats2.reused == 5 and [r["memo_key"] for r in rows2] == [r["memo_key"] for r in rows]
+    assert "unet_batch" not in rows[0]  # not in the manifest: its data version does not depend on the machine
