@@ -185,9 +185,7 @@ class GenerationCore:
         self.last_batch_sizes: list[int] = []
 
     # ------------------------------------------------------------------ batching with OOM back-off
-    def _back_off(self, e: BaseException) -> None:
-        if self.batch_size <= 1:
-            raise e
+    def _back_off(self) -> None:
         self.batch_size = max(1, self.batch_size // 2)
         self.stats["batch_size"] = self.batch_size
         self.stats["oom_backoffs"] += 1
@@ -204,12 +202,15 @@ class GenerationCore:
         s = 0
         while s < n:
             e_ = min(n, s + self.batch_size)
+            oom = False
             try:
                 res = run(s, e_)
             except Exception as e:  # noqa: BLE001 - only OOM is handled, the rest re-raised
-                if not is_oom(e):
+                if not is_oom(e) or self.batch_size <= 1:
                     raise
-                self._back_off(e)
+                oom = True
+            if oom:  # outside the except block: the traceback (and the tensors its frames hold) is gone
+                self._back_off()
                 continue
             out.extend(res)
             s = e_
