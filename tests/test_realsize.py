@@ -265,3 +265,13 @@ def test_runner_records_the_batch_size_used_and_keys_ignore_it(tiny_bundle, tmp_
     rows2, stats2 = run_units(spec, "txt2img", units, core_factory=lambda lora=None: GenerationCore(tiny_bundle, 8), **kw)
     assert stats2.reused == 5 and [r["memo_key"] for r in rows2] == [r["memo_key"] for r in rows]
     assert "unet_batch" not in rows[0]  # not in the manifest: its data version does not depend on the machine
+
+
+def test_lora_adapter_weights_are_frozen_for_inference(tiny_bundle):
+    from augment_dagster.methods.concept_lora import bundle_with_lora
+    from augment_dagster.models.adapters import remove
+
+    lb = bundle_with_lora(tiny_bundle, _trained_lora(tiny_bundle), key="e" * 64)
+    unet = tiny_bundle.pipe.unet
+    assert not any(p.requires_grad for n, p in unet.named_parameters() if lb.lora_adapter in n)
+    remove(unet, lb.lora_adapter)

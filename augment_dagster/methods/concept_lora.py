@@ -51,6 +51,9 @@ def bundle_with_lora(bundle, state: dict[str, Any], key: str):
     unet = bundle.pipe.unet
     if name not in adapter_names(unet):
         add_lora(unet, name, lora_rank(state), state)
+        for n, p in unet.named_parameters():  # an inference adapter: no grads
+            if f".{name}." in n:
+                p.requires_grad_(False)
     return dataclasses.replace(bundle, fingerprint=f"{bundle.fingerprint}+lora:{key[:12]}", lora_adapter=name)
 
 

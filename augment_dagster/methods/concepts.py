@@ -47,8 +47,6 @@ if TYPE_CHECKING:
 TRAIN_ADAPTER = "concept_lora_training"  # the adapter name of a LoRA while it is trained on the bundle's UNet
 CHECKPOINT_VERSION = 2
 
-
-
 # DA-Fusion's imagenet_templates_small (textual-inversion templates), 27 entries
 IMAGENET_TEMPLATES_SMALL = [
     "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}", "a photo of a clean {}",
