@@ -104,6 +104,8 @@ class DiffusionModelConfig(ModelSource):
         None, description="legacy experiment-wide sampler, same level as generation.scheduler (which wins); "
                           "None: each method's paper sampler (see methods/protocol.py)")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    channels_last: bool = Field(True, description="CUDA: UNet/VAE in channels_last memory format (SDPA attention is always on)")
+    compile: bool = Field(False, description="torch.compile the UNet in place (CUDA; the first batch of each shape compiles)")
 
 
 class ClassifierModelConfig(_Strict):
@@ -143,8 +145,18 @@ class GenerationConfig(_Strict):
     scheduler: SchedulerName | None = Field(None, description="sampler for every method (None: each method's paper sampler)")
     steps: int | None = Field(None, ge=1, le=1000)
     guidance_scale: float | None = Field(None, ge=0)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int | Literal["auto"] = Field(
+        32, description="requests per UNet call; 'auto': start at max_batch_size on CUDA (8 on CPU) and halve on "
+                        "out-of-memory (the size used is recorded in the synthetic asset's metadata)")
+    max_batch_size: int = Field(64, ge=1, description="starting size of batch_size: auto")
     negative_prompt: str = ""
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("batch_size must be a positive integer or 'auto'")
+        return v
 
 
 class ConceptsConfig(_Strict):

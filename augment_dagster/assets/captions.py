@@ -4,7 +4,8 @@ import pandas as pd
 
 from ..config import parse_split_key
 from ..scaleout import gpu_op_tags
-from .common import CONTENT_AUTOMATION, Experiment, captioner_bundle, clip_bundle, image_source, md_table, output
+from .common import (CONTENT_AUTOMATION, Experiment, captioner_bundle, clip_bundle, image_source, md_table, output,
+                     release_models)
 
 
 def build(exp: Experiment) -> list:
@@ -24,9 +25,14 @@ def build(exp: Experiment) -> list:
         _, seed = parse_split_key(context.partition_key)
         cap, clip = captioner_bundle(exp), clip_bundle(exp)
         train = split[split["role"] == "train"]
-        rows, stats = caption_images(train, images=image_source(exp, split), memo=exp.memo(), captioner_fp=cap.fingerprint,
-                                     clip_fp=clip.fingerprint, captioner_factory=lambda: cap, clip_factory=lambda: clip,
-                                     seed=cfg.seed * 1000 + seed)
+        try:
+            rows, stats = caption_images(train, images=image_source(exp, split), memo=exp.memo(),
+                                         captioner_fp=cap.fingerprint, clip_fp=clip.fingerprint,
+                                         captioner_factory=lambda: cap, clip_factory=lambda: clip,
+                                         seed=cfg.seed * 1000 + seed)
+        finally:
+            del cap
+            release_models("blip")  # only this stage uses the captioner: one model less in memory from here on
         df = pd.DataFrame(rows)
         best = df.sort_values("clip_score", ascending=False).groupby("image_id").head(1)
         return output(df, {"computed": dg.MetadataValue.int(stats.computed), "reused": dg.MetadataValue.int(stats.reused),

@@ -148,7 +148,8 @@ def diffusion_bundle(exp: Experiment):
     from ..models.loading import load_diffusion
 
     d = exp.cfg.models.diffusion
-    return load_diffusion(d.source, exp.data_dir, device=exp.device, dtype=d.dtype, revision=d.revision)
+    return load_diffusion(d.source, exp.data_dir, device=exp.device, dtype=d.dtype, revision=d.revision,
+                          channels_last=d.channels_last, compile=d.compile)
 
 
 def diffusion_fingerprint(exp: Experiment) -> str:
@@ -160,8 +161,8 @@ def diffusion_fingerprint(exp: Experiment) -> str:
 
 
 def generation_core(exp: Experiment, lora_blob: str | None = None):
-    """The generation core on the experiment's model; with ``lora_blob``, on a copy of the pipeline whose UNet
-    carries that LoRA (the cached base pipeline is never mutated)."""
+    """The generation core on the experiment's model; with ``lora_blob``, that LoRA as a peft adapter on the same
+    UNet, switched on only around this core's UNet calls (no copy of the UNet; models/adapters.py)."""
     from ..models.generation import GenerationCore
 
     g = exp.cfg.generation
@@ -172,8 +173,16 @@ def generation_core(exp: Experiment, lora_blob: str | None = None):
 
         bundle = bundle_with_lora(bundle, tensor_dict_from_bytes(exp.blobs.get(lora_blob)), key=lora_blob)
     # every unit names its own scheduler (methods/protocol.py); this default serves requests that do not
-    return GenerationCore(bundle, batch_size=g.batch_size,
+    return GenerationCore(bundle, batch_size=g.batch_size, max_batch_size=g.max_batch_size,
                           scheduler=g.scheduler or exp.cfg.models.diffusion.scheduler or "ddim")
+
+
+def release_models(*kinds: str) -> None:
+    """Drop the process-cached models of these kinds ('sd', 'blip', 'clip') once the stage that alone needs
+    them has ended (models/loading.py ``release``); the next stage that asks loads them again."""
+    from ..models.loading import release
+
+    release(*kinds)
 
 
 def clip_bundle(exp: Experiment):

@@ -62,7 +62,7 @@ def compute_synthetic(exp: Experiment, name: str, partition_key: str, split: pd.
     rows, stats = run_units(
         spec, name, units, blobs=exp.blobs, memo=exp.memo(), model_fp=model_fp, load_image=images.real,
         load_tensor=images.tensor, core_factory=lambda lora=None: generation_core(exp, lora), render_params=params,
-        batch_size=g.batch_size, run_id=run_id, progress=True,
+        batch_size=g.batch_size if isinstance(g.batch_size, int) else g.max_batch_size, run_id=run_id, progress=True,
         on_batch_done=(lambda done, total: log(f"{name}: {done}/{total} computed")) if log else None,
     )
     filter_md = {}
@@ -75,6 +75,8 @@ def compute_synthetic(exp: Experiment, name: str, partition_key: str, split: pd.
     md = {
         "computed": dg.MetadataValue.int(stats.computed), "reused": dg.MetadataValue.int(stats.reused),
         "unet_forward_passes": dg.MetadataValue.int(stats.unet_forward_passes),
+        **({"unet_batch_size": dg.MetadataValue.int(stats.unet_batch_size),
+            "oom_backoffs": dg.MetadataValue.int(stats.oom_backoffs)} if stats.unet_batch_size else {}),
         "gpu_seconds": dg.MetadataValue.float(round(stats.compute_seconds, 3)),
         "images": dg.MetadataValue.int(len(df)),
         "diffusion": dg.MetadataValue.bool(spec.uses_diffusion),

@@ -2,18 +2,20 @@
 AND one LoRA shared by all classes on the UNet attention projections (peft), trained jointly on all train
 images with the LDM loss on "a photo of a <cls_i> <metaclass>".
 
-The cached base pipeline is never mutated: training works on copies of the text encoder, tokenizer and UNet,
-and ``bundle_with_lora`` builds a new pipeline around a LoRA'd copy of the UNet (cached per LoRA blob).
+No model is copied (one copy of each model per process): training adds a LoRA adapter to the bundle's own UNet
+and deletes it afterwards (methods/concepts.py), and ``bundle_with_lora`` attaches the trained LoRA as a named
+peft adapter on that same UNet (once per LoRA blob) and returns a bundle that names it; the generation core
+switches the adapter on only around its own UNet calls (models/adapters.py), so the base pipeline generates
+exactly as before.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from pathlib import Path
 from typing import Any
 
-from .concepts import LORA_TARGETS, ConceptResult, train_concepts
+from .concepts import ConceptResult, train_concepts
 
 
 def learn_concepts_lora(bundle, images_by_label: dict[str, list], tokens: dict[str, str], *, metaclass: str = "",
@@ -35,30 +37,24 @@ def lora_rank(state: dict[str, Any]) -> int:
     raise ValueError("not a LoRA state dict: no lora_A weights")
 
 
-_LORA_BUNDLES: dict[tuple[int, str], Any] = {}
+def adapter_name(key: str) -> str:
+    """The peft adapter name of the LoRA stored under blob ``key``."""
+    return f"lora_{key[:16]}"
 
 
 def bundle_with_lora(bundle, state: dict[str, Any], key: str):
-    """A DiffusionBundle whose pipeline uses a copy of the UNet with this LoRA; the base stays untouched."""
-    ck = (id(bundle.pipe), key)
-    if ck in _LORA_BUNDLES:
-        return _LORA_BUNDLES[ck]
-    from diffusers import StableDiffusionPipeline
-    from peft import LoraConfig
-    from peft.utils import set_peft_model_state_dict
+    """A DiffusionBundle on the SAME pipeline whose ``lora_adapter`` names this LoRA, attached (once) as an
+    adapter to the bundle's UNet; the base bundle keeps generating with the base model."""
+    from ..models.adapters import add_lora, adapter_names
 
-    r = lora_rank(state)
-    unet = copy.deepcopy(bundle.pipe.unet)
-    unet.add_adapter(LoraConfig(r=r, lora_alpha=r, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
-    set_peft_model_state_dict(unet, {k: v.to(unet.device, unet.dtype) for k, v in state.items()})
-    unet.eval()
-    comps = dict(bundle.pipe.components)
-    comps["unet"] = unet
-    comps.setdefault("requires_safety_checker", False)
-    pipe = StableDiffusionPipeline(**comps)
-    out = dataclasses.replace(bundle, pipe=pipe, fingerprint=f"{bundle.fingerprint}+lora:{key[:12]}")
-    _LORA_BUNDLES[ck] = out
-    return out
+    name = adapter_name(key)
+    unet = bundle.pipe.unet
+    if name not in adapter_names(unet):
+        add_lora(unet, name, lora_rank(state), state)
+        for n, p in unet.named_parameters():  # an inference adapter: no grads
+            if f".{name}." in n:
+                p.requires_grad_(False)
+    return dataclasses.replace(bundle, fingerprint=f"{bundle.fingerprint}+lora:{key[:12]}", lora_adapter=name)
 
 
 def concept_lora_stage(train, *, images, blobs, memo, model_fp: str, bundle_factory, metaclass: str, init_word: str,

@@ -9,10 +9,14 @@
   ``torch.Generator``; image indices and templates come from a seeded ``random.Random``. ``hflip`` adds the
   mirrored latents to the pool (so a draw is flipped with p = 0.5). The noise schedule is
   ``DDPMScheduler.from_config(pipe.scheduler.config)`` (the inference scheduler may be PNDM/Euler).
-* The bundle is left exactly as it was: training runs on deep copies of the tokenizer and text encoder (the
-  copy is resized for the new tokens before any grad forward — ENVIRONMENT.md pitfall), the UNet/VAE are frozen
-  (their ``requires_grad`` flags are restored afterwards); with ``lora_rank`` a copy of the UNet gets a peft LoRA
-  on the attention projections, trained jointly (Diff-II).
+* The bundle is left exactly as it was, and no model is copied (one copy of each model per process): training
+  uses a copy of the (small) tokenizer only; the bundle's frozen text encoder is used as is — a forward
+  pre-hook maps placeholder ids the embedding table does not have to row 0 before the lookup, and the splice
+  hook writes the trained vectors there, so the table is never resized or written (ENVIRONMENT.md pitfall). The
+  UNet/VAE are frozen (their ``requires_grad`` flags are restored afterwards); with ``lora_rank`` a peft LoRA
+  adapter (:data:`TRAIN_ADAPTER`) is added to the bundle's own UNet on the attention projections, trained
+  jointly (Diff-II), read out and deleted again. Only a half-precision (GPU) model is copied to fp32 for
+  training, where a copy costs GPU memory rather than host RAM.
 * Checkpoint: every ``checkpoint_every`` steps {step, vectors, optimizer state, losses, RNG states[, LoRA]} is
   written atomically to ``checkpoint_path``; if that file exists at start (same tokens, step ≤ steps) training
   resumes from it, and the result equals that of an uninterrupted run.
@@ -28,6 +32,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from ..models.adapters import LORA_TARGETS, adapter_names, add_lora
+from ..models.adapters import remove as remove_adapter
 from ..store import memo_key
 from ..store.tensors import tensor_bytes
 from .base import StageStats, concept_token
@@ -38,7 +44,7 @@ if TYPE_CHECKING:
     from ..data.images import ImageSource
     from ..store import BlobStore, Memo
 
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TRAIN_ADAPTER = "concept_lora_training"  # the adapter name of a LoRA while it is trained on the bundle's UNet
 CHECKPOINT_VERSION = 2
 
 # DA-Fusion's imagenet_templates_small (textual-inversion templates), 27 entries
@@ -122,43 +128,53 @@ def train_concepts(bundle, images_by_label: dict[str, list], tokens: dict[str, s
     if len(set(new_tokens)) != len(new_tokens):
         raise ValueError(f"concept tokens must be distinct: {new_tokens}")
 
-    # --- copies of tokenizer + text encoder, resized before any grad forward
+    # --- a copy of the tokenizer; the bundle's text encoder, never resized (see the module doc)
     tok = copy.deepcopy(pipe.tokenizer)
-    te = copy.deepcopy(pipe.text_encoder).float().to(dev).eval().requires_grad_(False)
+    te = pipe.text_encoder
+    if te.dtype != torch.float32:  # half precision (GPU): train through an fp32 copy
+        te = copy.deepcopy(te).float()
+    te_flags = [(p, p.requires_grad) for p in te.parameters()]
+    te_mode = te.training
+    te.eval().requires_grad_(False)
     missing = [t for t in new_tokens if t not in tok.get_vocab()]
     if missing:
         tok.add_tokens(missing)
-    if te.get_input_embeddings().weight.shape[0] < len(tok):
-        te.resize_token_embeddings(len(tok), mean_resizing=False)
     emb = te.get_input_embeddings()
-    emb.requires_grad_(False)
+    n_rows = int(emb.weight.shape[0])
     new_ids = tok.convert_tokens_to_ids(new_tokens)
     init_ids = tok(init_word, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]  # first piece if several
     init = emb.weight[init_ids[0]].detach().float().clone()
     vec = torch.nn.Parameter(init.repeat(len(new_tokens), 1))  # [n_tokens, D], the only trained text weights
     init_vectors = {t: init.cpu().clone() for t in new_tokens}
-    row_of = torch.full((emb.weight.shape[0],), -1, dtype=torch.long, device=dev)
+    row_of = torch.full((max(n_rows, len(tok)),), -1, dtype=torch.long, device=dev)
     row_of[torch.tensor(new_ids, device=dev)] = torch.arange(len(new_ids), device=dev)
+    seen: dict[str, Any] = {}
+
+    def valid_ids(module, inputs):  # ids past the table (tokens the table has no row for) look up row 0
+        seen["ids"] = inputs[0]
+        return (torch.where(inputs[0] < n_rows, inputs[0], torch.zeros_like(inputs[0])),)
 
     def splice(module, inputs, out):
-        rows = row_of[inputs[0]]
+        rows = row_of[seen["ids"]]
         m = rows >= 0
         return torch.where(m[..., None], vec[rows.clamp(min=0)].to(out.dtype), out)
 
-    hook = emb.register_forward_hook(splice)
+    hooks = [emb.register_forward_pre_hook(valid_ids), emb.register_forward_hook(splice)]
 
-    # --- frozen UNet (or a LoRA'd copy); VAE only used under no_grad
-    frozen_flags: list[tuple[Any, bool]] = []
+    # --- frozen UNet (+ a LoRA adapter on it); VAE only used under no_grad
+    base_unet = pipe.unet
+    unet = base_unet if base_unet.dtype == torch.float32 else copy.deepcopy(base_unet).float()
+    frozen_flags: list[tuple[Any, bool]] = [(p, p.requires_grad) for p in unet.parameters()]
+    unet_mode = unet.training
+    unet.requires_grad_(False)
     if lora_rank:
-        from peft import LoraConfig
-
-        unet = copy.deepcopy(pipe.unet).float().requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
-                                    target_modules=LORA_TARGETS))
-    else:
-        unet = pipe.unet
-        frozen_flags = [(p, p.requires_grad) for p in unet.parameters()]
-        unet.requires_grad_(False)
+        add_lora(unet, TRAIN_ADAPTER, lora_rank)
+        unet.enable_adapters()
+        unet.set_adapters(TRAIN_ADAPTER)
+        for n_, p_ in unet.named_parameters():  # only this adapter's weights train
+            p_.requires_grad_(f"lora_A.{TRAIN_ADAPTER}." in n_ or f"lora_B.{TRAIN_ADAPTER}." in n_)
+    elif adapter_names(unet):
+        unet.disable_adapters()  # TI trains on the base UNet
     groups = [{"params": [vec], "weight_decay": weight_decay}]
     if lora_rank:
         groups.append({"params": [p for p in unet.parameters() if p.requires_grad], "weight_decay": 1e-2})
@@ -189,7 +205,7 @@ def train_concepts(bundle, images_by_label: dict[str, list], tokens: dict[str, s
                 if lora_rank:
                     from peft.utils import set_peft_model_state_dict
 
-                    set_peft_model_state_dict(unet, ck["lora"])
+                    set_peft_model_state_dict(unet, ck["lora"], adapter_name=TRAIN_ADAPTER)
                 opt.load_state_dict(ck["opt"])
                 losses, start = list(ck["losses"]), int(ck["step"])
                 g.set_state(ck["gen"])
@@ -233,7 +249,8 @@ def train_concepts(bundle, images_by_label: dict[str, list], tokens: dict[str, s
                 if lora_rank:
                     from peft.utils import get_peft_model_state_dict
 
-                    state["lora"] = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(unet).items()}
+                    state["lora"] = {k: v.detach().cpu()
+                                     for k, v in get_peft_model_state_dict(unet, adapter_name=TRAIN_ADAPTER).items()}
                 with atomic_path(checkpoint_path) as tmp:
                     torch.save(state, tmp)
         if bar is not None:
@@ -242,12 +259,18 @@ def train_concepts(bundle, images_by_label: dict[str, list], tokens: dict[str, s
         if lora_rank:
             from peft.utils import get_peft_model_state_dict
 
-            lora_state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+            lora_state = {k: v.detach().cpu().contiguous()
+                          for k, v in get_peft_model_state_dict(unet, adapter_name=TRAIN_ADAPTER).items()}
         vectors = {t: vec[i].detach().cpu().float().clone() for i, t in enumerate(new_tokens)}
     finally:
-        hook.remove()
-        for p, flag in frozen_flags:
+        for h in hooks:
+            h.remove()
+        for p, flag in frozen_flags + te_flags:
             p.requires_grad_(flag)
+        if lora_rank:
+            remove_adapter(unet, TRAIN_ADAPTER)  # the bundle's UNet is the base model again
+        unet.train(unet_mode)
+        te.train(te_mode)
     return ConceptResult(vectors, init_vectors, lora_state, losses, steps, start, time.perf_counter() - t_start)
 
 

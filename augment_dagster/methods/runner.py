@@ -23,6 +23,8 @@ class RunStats:
     computed: int = 0
     reused: int = 0
     unet_forward_passes: int = 0
+    unet_batch_size: int = 0  # the UNet batch size the cores ended with (after any OOM back-off); 0 = no UNet
+    oom_backoffs: int = 0
     seconds: float = 0.0
     compute_seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -138,6 +140,8 @@ def run_units(
                 reqs = [to_request(u, load_image, load_tensor) for u in cu]
                 images = cores[lb].generate(reqs)
                 info = [cores[lb].schedule_info(r) for r in reqs]
+                for inf, bs in zip(info, getattr(cores[lb], "last_batch_sizes", None) or []):
+                    inf["unet_batch"] = bs
             else:
                 images = spec.render(cu, {u.init_image_id: load_image(u.init_image_id) for u in cu}, render_params)
             per_unit = (time.perf_counter() - tb) / max(1, len(chunk))
@@ -145,7 +149,8 @@ def run_units(
                 digest = blobs.put(png_bytes(im), "png")
                 rec = {"blob": digest, "fn": f"synthetic/{spec.name}", "method": method_name, "created_by_run": run_id,
                        "created_at": time.time(), "seconds": per_unit,
-                       **{k: inf.get(k) for k in ("start_timestep", "first_timestep", "denoise_steps")}}
+                       **{k: inf.get(k) for k in ("start_timestep", "first_timestep", "denoise_steps")},
+                       **({"unet_batch": inf["unet_batch"]} if inf.get("unet_batch") else {})}
                 rec = memo.put(keys[i], rec)
                 records[i] = rec
             stats.computed += len(chunk)
@@ -157,6 +162,9 @@ def run_units(
             bar.close()
         stats.compute_seconds = time.perf_counter() - t0
         stats.unet_forward_passes = sum(c.stats["unet_forward_passes"] for c in cores.values()) - passes0
+        sizes = [int(c.stats["batch_size"]) for c in cores.values() if "batch_size" in c.stats]
+        stats.unet_batch_size = min(sizes) if sizes else 0
+        stats.oom_backoffs = sum(int(c.stats.get("oom_backoffs", 0)) for c in cores.values())
 
     rows = []
     for u, k, rec in zip(units, keys, records):

@@ -38,6 +38,13 @@ bundle's tokenizer/text encoder (new rows only; pre-existing rows are never writ
 vectors written, and a later call with other vectors for the same token overwrites them. Requests of one batch
 that give different vectors for the same token are encoded in separate sub-batches, so each gets its own.
 
+Batch size and OOM back-off: ``batch_size`` is an int or ``"auto"`` (start at ``max_batch_size`` on CUDA, 8 on
+CPU). Every chunked loop (denoising, VAE decode, inversion) that hits an out-of-memory error halves the core's
+batch size, frees the CUDA cache and retries the same chunk; the size it ends up with stays for later calls.
+Outputs do not depend on the batch size (per-request noise), so it is never part of a memo key; the size used
+is recorded: ``stats["batch_size"]`` (the current size), ``stats["oom_backoffs"]`` and, per request of the last
+:meth:`generate` call, ``last_batch_sizes`` (the UNet batch it was denoised in).
+
 Counters in ``stats``: ``unet_forward_passes`` counts image-passes (a CFG call on 2B latents counts 2B, a
 call without CFG counts B; inversion steps included), ``unet_calls`` counts UNet invocations, ``images`` counts
 generated latents/images, ``inverted_images`` counts images passed through :meth:`invert`.
@@ -152,17 +159,28 @@ def _same_vector(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a is b or (a.shape == b.shape and torch.equal(a.detach().cpu(), b.detach().cpu()))
 
 
+def is_oom(e: BaseException) -> bool:
+    """An out-of-memory error of the accelerator (or the allocator's RuntimeError saying so)."""
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    return isinstance(e, oom) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+
+
+def auto_batch_size(device, max_batch_size: int = 64) -> int:
+    """The starting size of ``batch_size="auto"``: ``max_batch_size`` on CUDA (backed off on OOM), 8 on CPU
+    (larger batches buy nothing there and cost memory)."""
+    return max(1, int(max_batch_size)) if str(device).startswith("cuda") else min(8, max(1, int(max_batch_size)))
+
+
 class GenerationCore:
     """Batched, seeded generation on a :class:`~augment_dagster.models.loading.DiffusionBundle`."""
 
-    def __init__(self, bundle, batch_size: int = 16, scheduler: str = "ddim"):
+    def __init__(self, bundle, batch_size: "int | str" = 16, scheduler: str = "ddim", max_batch_size: int = 64):
         import diffusers
 
         if scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}; choose from {sorted(SCHEDULERS)}")
         self.bundle = bundle
         self.pipe = bundle.pipe
-        self.batch_size = max(1, int(batch_size))
         self.scheduler_name = scheduler
         self._diffusers = diffusers
         self._sched_config = dict(self.pipe.scheduler.config)
@@ -172,7 +190,47 @@ class GenerationCore:
         p = next(self.pipe.unet.parameters())
         self.device = p.device
         self.dtype = p.dtype
-        self.stats = {"unet_forward_passes": 0, "unet_calls": 0, "images": 0, "inverted_images": 0}
+        if batch_size == "auto":
+            self.batch_size = auto_batch_size(self.device, max_batch_size)
+        elif isinstance(batch_size, str):
+            raise ValueError(f"batch_size must be a positive integer or 'auto', not {batch_size!r}")
+        else:
+            self.batch_size = max(1, int(batch_size))
+        self.stats = {"unet_forward_passes": 0, "unet_calls": 0, "images": 0, "inverted_images": 0,
+                      "batch_size": self.batch_size, "oom_backoffs": 0}
+        self.last_batch_sizes: list[int] = []
+
+    # ------------------------------------------------------------------ batching with OOM back-off
+    def _back_off(self) -> None:
+        self.batch_size = max(1, self.batch_size // 2)
+        self.stats["batch_size"] = self.batch_size
+        self.stats["oom_backoffs"] += 1
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _chunked(self, n: int, run) -> list:
+        """``run(start, end)`` over [0, n) in chunks of ``self.batch_size``; an OOM halves the size and retries
+        the chunk (see the module doc). Returns the concatenated per-item results."""
+        out: list = []
+        s = 0
+        while s < n:
+            e_ = min(n, s + self.batch_size)
+            oom = False
+            try:
+                res = run(s, e_)
+            except Exception as e:  # noqa: BLE001 - only OOM is handled, the rest re-raised
+                if not is_oom(e) or self.batch_size <= 1:
+                    raise
+                oom = True
+            if oom:  # outside the except block: the traceback (and the tensors its frames hold) is gone
+                self._back_off()
+                continue
+            out.extend(res)
+            s = e_
+        return out
 
     # ------------------------------------------------------------------ text
     def _ensure_concepts(self, concepts: dict[str, torch.Tensor] | None) -> None:
@@ -418,17 +476,23 @@ class GenerationCore:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(requests), desc="generate", leave=False, disable=None)  # disable=None: no bar when not a terminal
+        sizes = [0] * len(requests)
         for key, idx in groups.items():
-            for s in range(0, len(idx), self.batch_size):
-                chunk = idx[s:s + self.batch_size]
+            def run(a: int, b: int, idx=idx, key=key) -> list:
+                chunk = idx[a:b]
                 lat = self._run([requests[i] for i in chunk], key)
                 for j, i in enumerate(chunk):
                     out[i] = lat[j]
+                    sizes[i] = len(chunk)
                 if bar is not None:
                     bar.update(len(chunk))
+                return chunk
+
+            self._chunked(len(idx), run)
         if bar is not None:
             bar.close()
         self.stats["images"] += len(requests)
+        self.last_batch_sizes = sizes
         return out  # type: ignore[return-value]
 
     def generate_latents(self, requests: list[GenRequest], progress: bool = False) -> torch.Tensor:
@@ -448,10 +512,13 @@ class GenerationCore:
             by_shape.setdefault(tuple(z.shape), []).append(i)
         images: list = [None] * len(lat)
         for idx in by_shape.values():
-            for s in range(0, len(idx), self.batch_size):
-                chunk = idx[s:s + self.batch_size]
+            def dec(a: int, b: int, idx=idx) -> list:
+                chunk = idx[a:b]
                 for i, im in zip(chunk, self.decode(torch.stack([lat[i] for i in chunk]))):
                     images[i] = im
+                return chunk
+
+            self._chunked(len(idx), dec)
         return images
 
     def _unet_eps(self, z: torch.Tensor, t, emb: torch.Tensor, uncond: torch.Tensor | None,
@@ -471,7 +538,13 @@ class GenerationCore:
         return eps
 
     def _run(self, reqs: list[GenRequest], key: tuple) -> torch.Tensor:
-        """THE denoising loop (one batch of one group)."""
+        """THE denoising loop (one batch of one group), with the bundle's LoRA adapter (if any) switched on."""
+        from .adapters import active
+
+        with active(self.pipe.unet, getattr(self.bundle, "lora_adapter", None)):
+            return self._run_batch(reqs, key)
+
+    def _run_batch(self, reqs: list[GenRequest], key: tuple) -> torch.Tensor:
         sched = self._new_scheduler(key.scheduler)
         sched.set_timesteps(key.steps, device=self.device)
         timesteps = sched.timesteps[key.begin:]
@@ -546,10 +619,15 @@ class GenerationCore:
         Runs ``batch_size`` images at a time; returns CPU float32 [N, 4, h, w]."""
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        from .adapters import active
+
         ts = self.inversion_timesteps(num_steps, until)
-        out = []
-        for s in range(0, len(images), self.batch_size):
-            imgs, ps = images[s:s + self.batch_size], prompts[s:s + self.batch_size]
+        with active(self.pipe.unet, getattr(self.bundle, "lora_adapter", None)):
+            return self._invert(images, prompts, num_steps, concepts, guidance_scale, ts)
+
+    def _invert(self, images, prompts, num_steps: int, concepts, guidance_scale: float, ts: list[int]) -> torch.Tensor:
+        def run(a: int, b: int) -> list:
+            imgs, ps = images[a:b], prompts[a:b]
             B = len(imgs)
             inv = self._inverse_scheduler(num_steps)
             z = self.encode_images(imgs).to(self.device)
@@ -561,6 +639,8 @@ class GenerationCore:
                         break
                     eps = self._unet_eps(inv.scale_model_input(z, t), t, cond, uncond, float(guidance_scale))
                     z = inv.step(eps, t, z).prev_sample
-            out.append(z.float().cpu())
             self.stats["inverted_images"] += B
-        return torch.cat(out) if out else torch.zeros(0, *self._latent_shape())
+            return list(z.float().cpu())
+
+        out = self._chunked(len(images), run)
+        return torch.stack(out) if out else torch.zeros(0, *self._latent_shape())

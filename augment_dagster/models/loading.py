@@ -14,7 +14,15 @@ without loading (or importing) the model, so a fully cached rerun never imports 
 tiny-random → hash of the build config + seed; local folder → sha256 over (relative path, sha256 of content)
 of its files (per-file hashes cached by (path, size, mtime_ns)); hub id → hash of (id, revision).
 
-Loaded bundles are cached per process, keyed by (kind, source, cache_root, device, dtype, revision).
+Loaded bundles are cached per process, keyed by (kind, source, cache_root, device, dtype, revision[, GPU
+options]) — one copy of each model per process; :func:`release` drops a kind once the stage that alone needs it
+has ended (the captioner after ``captions``), so its memory goes back before the next stage.
+
+GPU path (``device`` auto → CUDA when present): weights in bf16 (fp16 where bf16 is unsupported; ``dtype``
+overrides), PyTorch SDPA attention (``AttnProcessor2_0``) on the UNet and VAE, ``channels_last`` UNet/VAE
+(``models.diffusion.channels_last``), and optionally ``torch.compile`` of the UNet in place
+(``models.diffusion.compile``; the module object stays the same, so LoRA adapters and the cache keep working).
+On CPU the model stays fp32, contiguous and uncompiled whatever those keys say.
 """
 from __future__ import annotations
 
@@ -47,6 +55,7 @@ class DiffusionBundle:
     device: str
     dtype: Any
     resolution: int
+    lora_adapter: str | None = None  # a peft adapter on pipe.unet that generation switches on (models/adapters.py)
 
 
 @dataclass
@@ -75,8 +84,34 @@ build_counts: dict[str, int] = {"sd": 0, "blip": 0, "clip": 0}  # how often a ti
 
 def clear_cache() -> None:
     """Forget the process-level cache of loaded bundles (the on-disk tiny-random copies stay)."""
+    release()
+
+
+def release(*kinds: str) -> int:
+    """Drop cached bundles of these kinds ('sd', 'blip', 'clip'; none given: all), collect garbage and empty
+    the CUDA cache; returns how many bundles were dropped. Callers holding a bundle keep it alive."""
+    import gc
+
     with _LOCK:
-        _CACHE.clear()
+        drop = [k for k in _CACHE if not kinds or k[0] in kinds]
+        for k in drop:
+            del _CACHE[k]
+    gc.collect()
+    if drop:
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:  # pragma: no cover
+            pass
+    return len(drop)
+
+
+def cached_kinds() -> list[str]:
+    """The kinds of the bundles cached in this process (tests, diagnostics)."""
+    with _LOCK:
+        return sorted(k[0] for k in _CACHE)
 
 
 # ---------------------------------------------------------------- fingerprints
@@ -193,12 +228,36 @@ def _quiet() -> None:
 
 
 # ---------------------------------------------------------------- loaders
+def gpu_options(device: str, channels_last: bool = True, compile: bool = False) -> dict[str, bool]:
+    """The GPU options that apply on ``device`` (all off on CPU/MPS)."""
+    cuda = str(device).startswith("cuda")
+    return {"sdpa": True, "channels_last": bool(channels_last and cuda), "compile": bool(compile and cuda)}
+
+
+def _apply_gpu_options(pipe, opts: dict[str, bool]) -> None:
+    import torch
+
+    if opts["sdpa"] and hasattr(torch.nn.functional, "scaled_dot_product_attention"):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        for m in (pipe.unet, pipe.vae):
+            if hasattr(m, "set_attn_processor"):
+                m.set_attn_processor(AttnProcessor2_0())
+    if opts["channels_last"]:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if opts["compile"]:
+        pipe.unet.compile(dynamic=False)  # in place: the module object (and its peft adapters) stays the same
+
+
 def load_diffusion(source: str, cache_root: str | os.PathLike, device: str = "auto", dtype: str = "auto",
-                   revision: str | None = None) -> DiffusionBundle:
-    """A ``StableDiffusionPipeline`` (eval mode, no grads, no safety checker) on ``device`` in ``dtype``."""
+                   revision: str | None = None, channels_last: bool = True, compile: bool = False) -> DiffusionBundle:
+    """A ``StableDiffusionPipeline`` (eval mode, no grads, no safety checker) on ``device`` in ``dtype``, with
+    the GPU options of the module doc on CUDA."""
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
-    key = ("sd", source, str(cache_root), dev, str(dt), revision)
+    opts = gpu_options(dev, channels_last, compile)
+    key = ("sd", source, str(cache_root), dev, str(dt), revision, tuple(sorted(opts.items())))
     with _LOCK:
         if key in _CACHE:
             return _CACHE[key]
@@ -217,6 +276,7 @@ def load_diffusion(source: str, cache_root: str | os.PathLike, device: str = "au
         pipe.set_progress_bar_config(disable=True)
         for m in (pipe.unet, pipe.vae, pipe.text_encoder):
             m.eval().requires_grad_(False)
+        _apply_gpu_options(pipe, opts)
         if source in ("tiny", "tiny-random"):
             from .tiny import TINY_RESOLUTION as res
         else:
