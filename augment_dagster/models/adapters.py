@@ -41,7 +41,11 @@ def add_lora(unet, name: str, rank: int, state: dict[str, Any] | None = None) ->
 def remove(unet, name: str) -> None:
     """Delete adapter ``name``; with no adapter left, unload the peft wrappers (the plain base UNet again)."""
     if name in adapter_names(unet):
-        unet.delete_adapters(name)
+        import warnings
+
+        with warnings.catch_warnings():  # peft: "Adapter ... was active which is now deleted" — expected here
+            warnings.simplefilter("ignore", UserWarning)
+            unet.delete_adapters(name)
     if adapter_names(unet):
         unet.disable_adapters()
         return
