@@ -1,14 +1,10 @@
 """Incremental recomputation with a real Dagster instance: data versions, automation conditions,
 the new-data sensor, code versions per method config block."""
-import os
-import shutil
 
 import dagster as dg
-import pytest
 from PIL import Image
 
 from augment_dagster.config import parse_config
-from augment_dagster.data.builtin import write_builtin
 from augment_dagster.definitions import build_definitions
 
 
@@ -23,18 +19,6 @@ def cfg_for(root, methods=None):
         "methods": methods or {"real_guidance": {}},
         "mlflow": {"enabled": False},
     })
-
-
-@pytest.fixture
-def world(tmp_path, monkeypatch):
-    src = write_builtin(tmp_path / "gen", classes=["circle", "square", "star"], train_per_class=4, test_per_class=2,
-                        ood_per_class=0, size=32, seed=0)
-    data = tmp_path / "dataset"
-    shutil.copytree(src, data)
-    monkeypatch.setenv("AUGMENT_DATA_DIR", str(tmp_path / "store"))
-    (tmp_path / "dh").mkdir()
-    with dg.instance_for_test(temp_dir=str(tmp_path / "dh")) as inst:
-        yield data, inst
 
 
 def materialize_all(cfg, inst):

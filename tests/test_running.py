@@ -1,12 +1,9 @@
 """The `augment run` plan materializes only what is missing or stale (Dagster's staleness: code version, upstream
 data version) plus its dependents; ``force`` executes everything (units reused)."""
-import shutil
 
 import dagster as dg
-import pytest
 
 from augment_dagster.config import parse_config
-from augment_dagster.data.builtin import write_builtin
 from augment_dagster.definitions import build_definitions
 from augment_dagster.running import materialize_experiment
 
@@ -22,18 +19,6 @@ def cfg_for(root, methods):
         "methods": methods,
         "mlflow": {"enabled": False},
     })
-
-
-@pytest.fixture
-def world(tmp_path, monkeypatch):
-    src = write_builtin(tmp_path / "gen", classes=["circle", "square", "star"], train_per_class=4, test_per_class=2,
-                        ood_per_class=0, size=32, seed=0)
-    data = tmp_path / "dataset"
-    shutil.copytree(src, data)
-    monkeypatch.setenv("AUGMENT_DATA_DIR", str(tmp_path / "store"))
-    (tmp_path / "dh").mkdir()
-    with dg.instance_for_test(temp_dir=str(tmp_path / "dh")) as inst:
-        yield data, inst
 
 
 def names(meta):
