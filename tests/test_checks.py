@@ -157,3 +157,14 @@ def test_mlflow_links_point_at_each_run():
                       "mlflow_run_id": ["abc123", ""], "mlflow_error": ["", "ConnectionError: down"]})
     md = mlflow_links(Tracker(), m).value
     assert "(http://127.0.0.1:5999/#/experiments/7/runs/abc123)" in md and "not logged: ConnectionError" in md
+
+
+def test_filter_temperature_check():
+    """DIAGen's filter: a fitted T passes; a degenerate one (recorded with its fallback) warns."""
+    from augment_dagster.metrics import checks as q
+
+    ok = q.check_filter({"temperature": 0.32, "temperature_fitted": 0.32, "degenerate": "", "n_t": 12, "t_val_acc": 0.58})
+    assert ok.passed and ok.severity == q.WARN and ok.metadata["temperature"] == 0.32
+    bad = q.check_filter({"temperature": 1.0, "temperature_fitted": 0.01, "degenerate": "T < 0.05",
+                          "fallback": "T = 1", "n_t": 12, "t_val_acc": 1.0})
+    assert not bad.passed and "T < 0.05" in bad.description and "T = 1" in bad.description

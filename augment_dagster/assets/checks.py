@@ -140,6 +140,7 @@ SPECS = {
                   ("class_balance", False, "WARN: per-class synthetic images per real image within checks.balance_tolerance"),
                   ("label_consistency", False, "WARN: CLIP zero-shot accuracy on synthetic ≥ checks.label_consistency_floor "
                                                "× that on the real train images")],
+    "diagen_filter": [("filter_temperature", False, "WARN: DIAGen's filter fitted a non-degenerate temperature (else T = 1)")],
     "confidence_weights": [("weights_finite", True, "ERROR, blocking: weights finite, ≥ 0, positive per class; spread reported")],
     "classifier": [("above_chance", False, "WARN: best val accuracy above chance (1/C)"),
                    ("best_epoch_on_val", False, "ERROR: the kept epoch has the best val accuracy of the history")],
@@ -166,6 +167,8 @@ def build(exp: Experiment, assets: list) -> list[dg.AssetChecksDefinition]:
                     return synthetic_outcomes(exp, df, split, expected_synthetic_rows(latest_metadata(c, _key)))
 
                 out.append(_checks(key, parts, SPECS["synthetic"], syn, {"split": exp.key("few_shot_split")}, kinds="pytorch"))
+            elif stage == "diagen_filter":
+                out.append(_checks(key, parts, SPECS[stage], lambda c, df: [q.check_filter(df.iloc[0].to_dict())]))
             elif stage == "confidence_weights":
                 out.append(_checks(key, parts, SPECS[stage], lambda c, df: [q.check_weights(df)]))
             elif stage in ("classifier", "real_classifier"):

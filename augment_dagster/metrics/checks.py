@@ -165,6 +165,20 @@ def check_label_consistency(synth_probs: np.ndarray, synth_labels: list[str], re
 
 
 # ---------------------------------------------------------------- confidence_weights / classifier / metrics
+def check_filter(row: dict) -> Outcome:
+    """WARN: DIAGen's filter fitted a usable temperature (not degenerate: within [t_min, t_max] and its
+    temperature half not classified 100 % right); a degenerate T falls back to T = 1, named in the metadata."""
+    t = float(row.get("temperature", float("nan")))
+    fitted = float(row.get("temperature_fitted", t))
+    degenerate = str(row.get("degenerate") or "")
+    ok = not degenerate and math.isfinite(t) and t > 0
+    return Outcome("filter_temperature", ok, WARN,
+                   f"T = {fitted:.3f} fitted on {int(row.get('n_t', 0))} images, not degenerate" if ok else
+                   f"degenerate temperature ({degenerate or 'not finite'}); fallback {row.get('fallback') or 'T = 1'}",
+                   {"temperature": t if math.isfinite(t) else -1.0, "temperature_fitted": fitted if math.isfinite(fitted) else -1.0,
+                    "t_val_acc": float(row.get("t_val_acc", float("nan"))), "epochs_run": int(row.get("epochs_run", 0))})
+
+
 def check_weights(df: pd.DataFrame) -> Outcome:
     """ERROR, blocking: every weight finite and ≥ 0, and each class with synthetic images has positive total
     weight (else the sampler cannot draw it). Reports the spread."""
