@@ -230,6 +230,7 @@ def write_config(path: Path, models: dict, data: Path, steps: int, a) -> dict:
 
     methods = {m: {"steps": steps} for m in METHODS}
     methods["standard"] = {"params": {"policy": "strong"}}
+    frozen = "tiny-pretrained" if a.smoke else str(models["resnet-50"][0])  # DIAGen filter / episode encoder
     cfg = {
         "experiment": "realsize",
         "description": "bench/realsize.py: real architectures (random weights), every method at small step counts",
@@ -249,7 +250,10 @@ def write_config(path: Path, models: dict, data: Path, steps: int, a) -> dict:
         "concept_lora": {"steps": a.train_steps, "batch_size": 2, "rank": 4, "lr": 1e-3, "init_word": "digit"},
         "inversion": {"steps": steps, "check_reconstruction": True},
         "prompts": {"per_class": 2},
-        "training": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 8, "image_size": 64, "weight_views": 1},
+        "training": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 8, "image_size": 64,
+                     # DIAGen's own filter and GeNIe's episodes on the same real-architecture backbone
+                     "diagen_filter": {"backbone": frozen, "epochs": 1, "steps_per_epoch": 2, "batch_size": 8, "views": 1},
+                     "episodes": {"episodes": 20, "encoder": frozen}},
         "methods": methods,
         "mlflow": {"enabled": True, "log_models": False},
     }
