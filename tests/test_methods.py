@@ -288,3 +288,12 @@ def test_sgid_plan_prompt_weights_and_caption_choice():
     c = pd.DataFrame(caps)[lambda d: d.image_id == "circle-0"].to_dict("records")
     assert pick_caption(c, "beam", 0)["caption"] == "a red shape"
     assert pick_caption(c, "nucleus", 0)["strategy"] == "nucleus"
+
+
+def test_confidence_weights_uniform_fallback_for_an_all_zero_class():
+    from augment_dagster.training.filter import uniform_fallback
+
+    labels = np.array(["a", "a", "b", "b", "c"])
+    w, fb = uniform_fallback(labels, np.array([0.2, 0.0, 0.0, 0.0, np.nan]))
+    assert list(fb) == [False, False, True, True, True]
+    assert np.allclose(w, [0.2, 0.0, 1.0, 1.0, 1.0])

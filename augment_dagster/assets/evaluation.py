@@ -153,6 +153,11 @@ def build_method_chain(exp: Experiment, name: str) -> list:
               "median_weight": dg.MetadataValue.float(float(np.median(w)) if len(w) else float("nan")),
               "max_weight": dg.MetadataValue.float(float(w.max()) if len(w) else float("nan")),
               "mean_q": dg.MetadataValue.float(float(np.nanmean(df["q"])) if len(df) and df["q"].notna().any() else float("nan"))}
+        if "weight_fallback" in df and bool(df["weight_fallback"].any()):
+            fb = sorted(df.loc[df["weight_fallback"], "label"].unique())
+            md["uniform_fallback_classes"] = dg.MetadataValue.json(fb)
+            context.log.warning(f"confidence_weights/{name} {context.partition_key}: every weight of class(es) {fb} is 0; "
+                                "those synthetic images get uniform weights (column weight_fallback)")
         if frec:
             md.update({"temperature": dg.MetadataValue.float(float(frec["temperature"])),
                        "filter_degenerate": dg.MetadataValue.text(frec.get("degenerate") or "no"),

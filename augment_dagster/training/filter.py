@@ -105,6 +105,19 @@ def train_diagen_filter(split: pd.DataFrame, *, images: ImageSource, blobs: Blob
     return {**rec, "memo_key": key}, False
 
 
+def uniform_fallback(labels: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A class whose weights are all 0 (or not finite) could never be drawn by the mixing sampler: its synthetic
+    images get uniform weights. Returns (weights, fallback flag per row); the flag is kept in the manifest
+    (``weight_fallback``) and the asset metadata names the classes."""
+    w = np.asarray(w, dtype=np.float64)
+    fallback = np.zeros(len(w), dtype=bool)
+    for lab in np.unique(labels):
+        m = labels == lab
+        if not np.isfinite(w[m]).all() or float(np.sum(w[m])) <= 0.0:
+            fallback[m] = True
+    return np.where(fallback, 1.0, w), fallback
+
+
 def confidence_weights(synth: pd.DataFrame, *, images: ImageSource, blobs: BlobStore, filter_rec: dict,
                        image_size: int, rule: str, seed: int) -> pd.DataFrame:
     """q = mean over the filter's ``views`` draws of its train transform of softmax(z/T)[label];
@@ -138,6 +151,6 @@ def confidence_weights(synth: pd.DataFrame, *, images: ImageSource, blobs: BlobS
             qs.append(p[torch.arange(len(y)), y])
     q = torch.stack(qs).mean(0).numpy()
     out["q"] = q
-    out["weight"] = weight_rule(q, rule)
+    out["weight"], out["weight_fallback"] = uniform_fallback(out["label"].to_numpy(), weight_rule(q, rule))
     out["rule"] = rule
     return out
