@@ -25,12 +25,11 @@ CFG = {
 VOLATILE = {"created_by_run", "mlflow_run_id", "mlflow_error", "dataset_root", "created_at"}
 
 
-def cold_run(cfg_path, data, hashseed):
+def cold_run(cfg_path, data, hashseed) -> subprocess.Popen:
     env = {**os.environ, "AUGMENT_DATA_DIR": str(data), "PYTHONHASHSEED": str(hashseed), "PYTHONUNBUFFERED": "1"}
     env.pop("DAGSTER_HOME", None)
-    p = subprocess.run([sys.executable, "-m", "augment_dagster.cli", "run", "--config", str(cfg_path), "--data-dir", str(data)],
-                       env=env, capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    return subprocess.Popen([sys.executable, "-m", "augment_dagster.cli", "run", "--config", str(cfg_path), "--data-dir",
+                             str(data)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def manifests(data):
@@ -46,8 +45,11 @@ def manifests(data):
 def test_two_cold_runs_give_identical_metrics(tmp_path):
     cfg = tmp_path / "repro.yaml"
     cfg.write_text(yaml.safe_dump(CFG))
-    for i, seed in enumerate((1, 2)):
-        cold_run(cfg, tmp_path / f"data{i}", seed)
+    # both at once: the two runs also compete for the cores, which must not change a number
+    procs = [cold_run(cfg, tmp_path / f"data{i}", seed) for i, seed in enumerate((1, 2))]
+    for p in procs:
+        out, _ = p.communicate(timeout=900)
+        assert p.returncode == 0, out[-3000:]
     a, b = manifests(tmp_path / "data0"), manifests(tmp_path / "data1")
     assert a.keys() == b.keys() and any("metrics" in k for k in a)
     for k in a:
