@@ -169,14 +169,14 @@ def export(cfg: ExperimentConfig, args) -> int:
     data_version = (syn_rec or {}).get("data_version") or manifest_version(df)
     code_version = (syn_rec or {}).get("code_version") or code_version
     # the sampler is resolved per method (methods/protocol.py) and recorded per unit in the lineage row
-    unit_samplers = df["scheduler"] if "scheduler" in df else pd.Series([cfg.models.diffusion.scheduler] * len(df))
-    samplers = sorted({str(x) for x in unit_samplers.dropna()}) if spec.uses_diffusion else []
-    sampler = ",".join(samplers) or None
+    unit_sampler = [str(x) if spec.uses_diffusion and isinstance(x, str) else None
+                    for x in (df["scheduler"] if "scheduler" in df else [cfg.models.diffusion.scheduler] * len(df))]
+    sampler = ",".join(sorted({x for x in unit_sampler if x})) or None
     blobs = BlobStore(root)
     out = Path(args.out)
     (out / "train").mkdir(parents=True, exist_ok=True)
     lines = []
-    for r in df.itertuples():
+    for i, r in enumerate(df.itertuples()):
         rel = Path("train") / _safe(r.label) / f"{r.synthetic_id[:24]}.png"
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(blobs.find(r.blob), out / rel)
@@ -186,7 +186,7 @@ def export(cfg: ExperimentConfig, args) -> int:
                              prompt=r.prompt, prompt_source=r.prompt_source, seed=int(r.seed),
                              strength=None if pd.isna(r.strength) else float(r.strength),
                              guidance_scale=float(r.guidance_scale), steps=None if pd.isna(r.steps) else int(r.steps),
-                             sampler=(None if not spec.uses_diffusion or pd.isna(getattr(r, 'scheduler', None)) else str(r.scheduler)) if 'scheduler' in df else sampler, embedding_id=r.embedding_id, model_fingerprint=r.model_fingerprint,
+                             sampler=unit_sampler[i], embedding_id=r.embedding_id, model_fingerprint=r.model_fingerprint,
                              params_json=r.params_json, weight=float(weights.get(r.synthetic_id, 1.0)),
                              dagster_run_id=r.created_by_run, code_version=code_version))
     if args.with_real:
