@@ -124,6 +124,10 @@ class LLMConfig(_Strict):
     max_retries: int = Field(4, ge=0)
     fallback_to_offline: bool = True
     temperature: float = Field(0.7, ge=0, le=2)
+    offline_vocabulary: Literal["scenes", "builtin-shapes"] = Field(
+        "scenes", description="words of the offline prompt generator (provider offline, the fallback and top-ups): "
+                              "'scenes' (real-world adjectives, places, weather, times of day) or 'builtin-shapes' (the "
+                              "built-in dataset's colours, backgrounds and 'at night': the words the tiny models know)")
 
 
 class ModelsConfig(_Strict):
@@ -165,7 +169,9 @@ class ConceptsConfig(_Strict):
     steps: int = Field(100, ge=1)
     lr: float = Field(5e-3, gt=0)
     batch_size: int = Field(4, ge=1)
-    init_word: str = "the"
+    init_word: str = Field("the", description="the word the tokens start from (DA-Fusion: 'the'); '{label}': each class's "
+                                              "own name (a name the tokenizer splits into pieces starts from init_fallback)")
+    init_fallback: str = Field("the", description="start word of a class whose name is not one token (init_word '{label}')")
     weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay on the token vector (DA-Fusion: 1e-2)")
     latents: Literal["sample", "mean"] = Field(
         "sample", description="z0 per step: a draw from the VAE posterior (diffusers TI script) or its mean")
@@ -368,8 +374,14 @@ class ChecksConfig(_Strict):
                                             "asset and partition, ~0.2 s each on a no-op rerun)")
 
     label_consistency_floor: float = Field(
-        0.5, ge=0.0, le=1.0, description="synthetic/<m> label_consistency warns when the CLIP zero-shot accuracy of the "
-                                         "synthetic images is below this fraction of that of the split's real train images")
+        0.5, ge=0.0, le=1.0, description="synthetic/<m> label_consistency warns when the judge's accuracy on the "
+                                         "synthetic images is below this fraction of its accuracy on the split's val images")
+    label_consistency_alpha: float = Field(
+        0.05, gt=0.0, le=1.0, description="label_consistency warns only when the shortfall is significant: one-sided exact "
+                                          "binomial test p < alpha (1: any shortfall warns)")
+    label_judge: Literal["auto", "classifier", "clip"] = Field(
+        "auto", description="label_consistency judge: the split's real-only classifier, CLIP zero-shot (models.clip), "
+                            "or auto: whichever is more accurate on the split's val images")
     balance_tolerance: float = Field(0.5, ge=0.0, description="synthetic/<m> class_balance warns when the largest per-class "
                                                               "count (per real train image) exceeds the smallest by more than this fraction")
     max_images: int = Field(256, ge=1, description="label_consistency scores at most this many synthetic images per partition")

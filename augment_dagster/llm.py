@@ -54,43 +54,76 @@ def sanitize_prompt(text: str, max_chars: int = MAX_PROMPT_CHARS) -> str:
 
 
 # ------------------------------------------------------------------ offline generator
-ADJECTIVES = ["red", "small", "large", "shiny", "striped", "bright", "dark", "pale", "tiny", "glossy", "dusty", "colorful"]
-PREPOSITIONS = ["in", "on", "near", "under", "beside", "behind"]
-WEATHER = ["rain", "snow", "fog", "sunshine", "a storm", "mist"]
-LOCATIONS = ["a forest", "a beach", "a city street", "a desert", "a kitchen", "a meadow", "a parking lot", "a mountain"]
-TIMES = ["at night", "at dawn", "at dusk", "in the morning", "at noon", "in the evening"]
-UNCOMMON = ["on the moon", "under water", "inside a snow globe", "in a volcano", "on a chessboard", "in outer space"]
+# Word lists of the offline generator, by ``models.llm.offline_vocabulary``. "scenes" answers like a chat LLM
+# asked DIAGen's meta-prompt about real-world objects; "builtin-shapes" uses only the built-in dataset's own
+# attribute words (colours, "on a <texture> background", "at night"), the words the embedded tiny models were
+# trained on: the tiny text encoder has never seen "mountain" or "fog" (they are split into characters), and SD
+# prompts it cannot read turn into off-class noise (README "Demo settings").
+from .data.builtin import COLOURS, COMMON_TEXTURES, UNCOMMON_TEXTURES  # noqa: E402
+
+VOCABULARIES: dict[str, dict[str, list[str]]] = {
+    "scenes": {
+        "adjectives": ["red", "small", "large", "shiny", "striped", "bright", "dark", "pale", "tiny", "glossy", "dusty",
+                       "colorful"],
+        "prepositions": ["in", "on", "near", "under", "beside", "behind"],
+        "locations": ["a forest", "a beach", "a city street", "a desert", "a kitchen", "a meadow", "a parking lot",
+                      "a mountain"],
+        "weather": [f"in {w}" for w in ["rain", "snow", "fog", "sunshine", "a storm", "mist"]],
+        "times": ["at night", "at dawn", "at dusk", "in the morning", "at noon", "in the evening"],
+        "uncommon": ["on the moon", "under water", "inside a snow globe", "in a volcano", "on a chessboard",
+                     "in outer space"],
+    },
+    "builtin-shapes": {
+        "adjectives": list(COLOURS),
+        "prepositions": [],
+        "locations": [f"on a {t} background" for t in COMMON_TEXTURES],
+        "weather": [],
+        "times": ["at night"],
+        "uncommon": [f"on a {t} background" for t in UNCOMMON_TEXTURES],
+    },
+}
+OFFLINE_MODELS = {"scenes": "offline-template-v1", "builtin-shapes": "offline-shapes-v1"}
 
 
-def offline_class_prompts(class_name: str, n: int, seed: int, uncommon: bool = False) -> list[str]:
-    """DIAGen template 'a photo of a [adjective] <cls> [preposition] [weather] [location] [time of day]',
-    varying which optional slots are filled; deterministic in (class_name, n, seed, uncommon)."""
-    rng = random.Random(hash_obj("offline-prompts", class_name, seed, uncommon))
+def offline_class_prompts(class_name: str, n: int, seed: int, uncommon: bool = False,
+                          vocabulary: str = "scenes") -> list[str]:
+    """DIAGen template 'a photo of a [adjective] <cls> [location] [weather] [time of day]', varying which optional
+    slots are filled (the edge-case variant: 'a photo of a <cls> [uncommon location] [time]'); deterministic in
+    (class_name, n, seed, uncommon, vocabulary). Fewer than ``n`` when the vocabulary has fewer distinct prompts."""
+    if vocabulary not in VOCABULARIES:
+        raise LLMError(f"unknown offline vocabulary {vocabulary!r} (models.llm.offline_vocabulary): "
+                       f"use one of {sorted(VOCABULARIES)}")
+    words = VOCABULARIES[vocabulary]
+    salt = () if vocabulary == "scenes" else (vocabulary,)  # the scenes generator keeps its earlier seeds
+    rng = random.Random(hash_obj("offline-prompts", class_name, seed, uncommon, *salt))
+    slots_of = [s for s, key in (("adj", "adjectives"), ("weather", "weather"), ("location", "locations"),
+                                 ("time", "times")) if words[key]]
     out, seen = [], set()
     tries = 0
     while len(out) < n and tries < n * 50:
         tries += 1
         if uncommon:
-            p = f"a photo of a {class_name} {rng.choice(UNCOMMON)}"
+            p = f"a photo of a {class_name} {rng.choice(words['uncommon'])}"
             if rng.random() < 0.5:
-                p += f" {rng.choice(TIMES)}"
+                p += f" {rng.choice(words['times'])}"
         else:
-            k = rng.randint(1, 4)  # number of optional slots filled
-            slots = rng.sample(["adj", "weather", "location", "time"], k)
-            p = "a photo of a " + (f"{rng.choice(ADJECTIVES)} " if "adj" in slots else "") + class_name
+            k = rng.randint(1, len(slots_of))  # number of optional slots filled
+            slots = rng.sample(slots_of, k)
+            p = "a photo of a " + (f"{rng.choice(words['adjectives'])} " if "adj" in slots else "") + class_name
             if "location" in slots:
-                p += f" {rng.choice(PREPOSITIONS)} {rng.choice(LOCATIONS)}"
+                prep = f"{rng.choice(words['prepositions'])} " if words["prepositions"] else ""
+                p += f" {prep}{rng.choice(words['locations'])}"
             if "weather" in slots:
-                p += f" in {rng.choice(WEATHER)}"
+                p += f" {rng.choice(words['weather'])}"
             if "time" in slots:
-                p += f" {rng.choice(TIMES)}"
+                p += f" {rng.choice(words['times'])}"
         if p not in seen:
             seen.add(p)
             out.append(p)
     return out
 
 
-def offline_answer(messages: list[dict[str, str]], seed: int = 0) -> str:
+def offline_answer(messages: list[dict[str, str]], seed: int = 0, vocabulary: str = "scenes") -> str:
     """Answer a project meta-prompt offline. Understands the DIAGen class-prompt request
     (``for class {name}`` / ``give me N prompts``); anything else gets an echo-free empty list."""
     text = "\n".join(m.get("content", "") for m in messages)
@@ -98,7 +131,7 @@ def offline_answer(messages: list[dict[str, str]], seed: int = 0) -> str:
                   text, re.I)
     if m:
         name, n = m.group(2).strip(), int(m.group(1))
-        prompts = offline_class_prompts(name, n, seed, uncommon="[uncommon location]" in text.lower())
+        prompts = offline_class_prompts(name, n, seed, uncommon="[uncommon location]" in text.lower(), vocabulary=vocabulary)
         return "\n".join(f"{i + 1}. {p}" for i, p in enumerate(prompts))
     return ""
 
@@ -108,12 +141,17 @@ class LLMClient:
     def __init__(self, provider: str = "offline", model: str = "offline-template-v1", base_url: str | None = None,
                  api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 30.0, max_retries: int = 4,
                  fallback_to_offline: bool = True, temperature: float | None = None,
-                 cache_dir: str | os.PathLike | None = None, backoff_s: float = 0.5, send_seed: bool = False):
+                 cache_dir: str | os.PathLike | None = None, backoff_s: float = 0.5, send_seed: bool = False,
+                 offline_vocabulary: str = "scenes"):
         self.provider, self.model, self.base_url = provider, model, base_url
         self.api_key_env, self.timeout_s, self.max_retries = api_key_env, timeout_s, max_retries
         self.fallback_to_offline, self.temperature, self.backoff_s = fallback_to_offline, temperature, backoff_s
         self.send_seed = send_seed  # the API gets `temperature` / `seed` only when configured (else its defaults)
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        if offline_vocabulary not in VOCABULARIES:
+            raise LLMError(f"unknown offline vocabulary {offline_vocabulary!r} (models.llm.offline_vocabulary): "
+                           f"use one of {sorted(VOCABULARIES)}")
+        self.offline_vocabulary = offline_vocabulary  # word lists of the offline provider, fallback and top-ups
         self.calls = 0  # real API calls made (for tests and metadata)
 
     @classmethod
@@ -124,7 +162,7 @@ class LLMClient:
         return cls(provider=llm_cfg.provider, model=llm_cfg.model, base_url=llm_cfg.base_url, api_key_env=llm_cfg.api_key_env,
                    timeout_s=llm_cfg.timeout_s, max_retries=llm_cfg.max_retries,
                    fallback_to_offline=llm_cfg.fallback_to_offline, temperature=temperature, cache_dir=cache_dir,
-                   send_seed=send_seed)
+                   send_seed=send_seed, offline_vocabulary=llm_cfg.offline_vocabulary)
 
     def check_ready(self) -> None:
         """Fail fast (before any GPU work) when the openai provider has no key and no fallback."""
@@ -138,9 +176,10 @@ class LLMClient:
         return f"{self.base_url or 'the OpenAI default URL'} (models.llm.base_url), model {self.model!r} (models.llm.model)"
 
     def _cache_key(self, messages, seed) -> str:
-        # the key never contains the API key
+        # the key never contains the API key; the default vocabulary keeps the keys of earlier caches
+        vocab = () if self.offline_vocabulary == "scenes" else (self.offline_vocabulary,)
         return hash_obj("llm", self.provider, self.model, self.base_url, messages,
-                        {"temperature": self.temperature, "seed": seed, "send_seed": self.send_seed})
+                        {"temperature": self.temperature, "seed": seed, "send_seed": self.send_seed}, *vocab)
 
     def complete(self, messages: list[dict[str, str]], seed: int = 0) -> LLMResponse:
         key = self._cache_key(messages, seed)
@@ -163,9 +202,10 @@ class LLMClient:
         return resp
 
     def _offline(self, messages, seed, source) -> LLMResponse:
-        text = offline_answer(messages, seed)
+        text = offline_answer(messages, seed, self.offline_vocabulary)
         h = hash_obj(text)[:16]
-        return LLMResponse(text=text, source=source, model="offline-template-v1", response_id=f"offline-{h}", response_hash=h)
+        return LLMResponse(text=text, source=source, model=OFFLINE_MODELS[self.offline_vocabulary],
+                           response_id=f"offline-{h}", response_hash=h)
 
     def _openai(self, messages, seed) -> LLMResponse:
         import openai

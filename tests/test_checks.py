@@ -47,11 +47,11 @@ def test_balance_label_consistency_weights_classifier_report():
     df = pd.DataFrame({"label": ["a"] * 4 + ["b"] * 4})
     assert q.check_class_balance(df, {"a": 2, "b": 2}, 0.5).passed
     assert not q.check_class_balance(df.iloc[:5], {"a": 2, "b": 2}, 0.5).passed  # 4 vs 1
-    eye = np.eye(2)
-    real = q.check_label_consistency(eye[[0, 1]], ["a", "b"], eye[[0, 1]], ["a", "b"], ["a", "b"], 0.5)
-    assert real.passed and real.metadata["synthetic_acc"] == 1.0
-    low = q.check_label_consistency(eye[[1, 0, 1, 0]], ["a", "b", "a", "a"], eye[[0, 1]], ["a", "b"], ["a", "b"], 0.5)
-    assert not low.passed and low.severity == q.WARN
+    # a filter's uneven kept counts are the method, not a failure: balance is judged on what was generated
+    kept = pd.DataFrame({"label": ["a"] * 4 + ["b"]})
+    f = q.check_class_balance(kept, {"a": 2, "b": 2}, 0.5, dropped_per_class={"b": 3})
+    assert f.passed and f.metadata["kept_max_over_min"] == 4.0 and "not judged" in f.description
+    assert not q.check_class_balance(kept[kept.label == "a"], {"a": 2, "b": 2}, 0.5, dropped_per_class={"b": 4}).passed
     w = q.check_weights(pd.DataFrame({"weight": [0.2, 0.8, 1.0, 0.5], "label": list("aabb")}))
     assert w.passed and w.metadata["min"] == 0.2 and 0 < w.metadata["ess_fraction"] <= 1
     assert not q.check_weights(pd.DataFrame({"weight": [np.nan, 1.0], "label": list("ab")})).passed
@@ -64,6 +64,38 @@ def test_balance_label_consistency_weights_classifier_report():
     assert q.check_report(summary, ["real_only", "m"], [2], 1).passed
     r = q.check_report(summary, ["real_only", "m", "other"], [2], 1)
     assert not r.passed and "other@2shot" in r.description
+
+
+def _reading(syn_pred, syn_labels, real_pred, real_labels, classes=("a", "b", "c")):
+    eye = np.eye(len(classes))
+    return q.JudgeReading(eye[[classes.index(p) for p in syn_pred]], list(syn_labels),
+                          eye[[classes.index(p) for p in real_pred]], list(real_labels))
+
+
+def test_label_consistency_picks_the_better_judge_and_warns_only_on_a_significant_shortfall():
+    classes = ["a", "b", "c"]
+    real = list("aaaabbbbcccc")
+    # 24 synthetic images: the classifier judge gets 10 right (0.42), CLIP 3 (0.12)
+    syn = list("abc" * 8)
+    clf = _reading([s if i < 10 else {"a": "b", "b": "c", "c": "a"}[s] for i, s in enumerate(syn)], syn, real, real)
+    clip_wrong = [s if i < 3 else {"a": "b", "b": "c", "c": "a"}[s] for i, s in enumerate(syn)]
+    clip = _reading(clip_wrong, syn, real[:8] + ["a"] * 4, real)  # CLIP: 8 of 12 real right
+    o = q.check_label_consistency({"classifier": clf, "clip": clip}, classes, 0.5)
+    md = o.metadata
+    assert md["judge"] == "classifier" and md["real_acc"] == 1.0 and abs(md["synthetic_acc"] - 10 / 24) < 1e-9
+    assert md["judges"]["clip"]["real_acc"] == 8 / 12 and abs(md["judges"]["clip"]["synthetic_acc"] - 3 / 24) < 1e-9
+    # 10/24 < 0.5 × 1.0 but not significantly (exact binomial p ≈ 0.27): passes, and says so
+    assert o.passed and 0.2 < md["p_value"] < 0.4 and "not significant" in o.description
+    # alpha 1: any shortfall warns (the plain rule)
+    assert not q.check_label_consistency({"classifier": clf, "clip": clip}, classes, 0.5, alpha=1.0).passed
+    # CLIP as the judge: 3/24 against 0.5 × 8/12 = 0.33 is significant (p < 0.05): WARN naming the judge
+    c = q.check_label_consistency({"classifier": clf, "clip": clip}, classes, 0.5, judge="clip")
+    assert not c.passed and c.severity == q.WARN and c.metadata["p_value"] < 0.05 and "CLIP zero-shot" in c.description
+    # a judge at chance on real images is not informative
+    blind = _reading(syn, syn, ["a"] * 12, real)
+    assert q.check_label_consistency({"clip": blind}, classes, 0.5).description.startswith("not informative")
+    # the same-size set with every image right passes with no test at all
+    assert q.check_label_consistency({"classifier": _reading(syn, syn, real, real)}, classes, 0.5).metadata["p_value"] == 1.0
 
 
 MINI = {

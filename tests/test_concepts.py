@@ -116,3 +116,14 @@ def test_concept_config_defaults_follow_dafusion():
 
     c = ConceptsConfig()
     assert c.weight_decay == 1e-2 and c.latents == "sample"
+
+
+def test_a_class_name_the_tokenizer_splits_starts_from_the_fallback_word(tiny_bundle):
+    tok, emb = tiny_bundle.pipe.tokenizer, tiny_bundle.pipe.text_encoder.get_input_embeddings().weight.detach()
+    assert len(tok("circle", add_special_tokens=False)["input_ids"]) == 1
+    assert len(tok("zqxv", add_special_tokens=False)["input_ids"]) > 1  # not a word of the vocabulary
+    kw = dict(steps=1, lr=1e-3, batch_size=1, seed=0, init_fallback="shape")
+    named = learn_concept(tiny_bundle, IMAGES[:1], token="<ti-named>", init_word="circle", **kw)
+    split = learn_concept(tiny_bundle, IMAGES[:1], token="<ti-split>", init_word="zqxv", **kw)
+    assert torch.equal(named.init_vector, emb[tok.convert_tokens_to_ids("circle</w>")])
+    assert torch.equal(split.init_vector, emb[tok.convert_tokens_to_ids("shape</w>")])

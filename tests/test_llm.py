@@ -201,3 +201,32 @@ def test_class_prompts_underscore_names_and_counted_topups(tmp_path, key):
     assert sorted(r["template"] for r in llm) == ["a photo of a red {name}", "a photo of a {name} at night"]
     assert all(r["prompt"].count("cell phone") == 1 for r in rows)
     assert len(rows) == 4 and topup_counts(rows) == {"cell_phone": 2}
+
+
+def test_offline_builtin_shapes_vocabulary_uses_only_words_the_tiny_models_know():
+    from augment_dagster.data.builtin import COLOURS, COMMON_TEXTURES, UNCOMMON_TEXTURES
+    from augment_dagster.models.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    known = {"a", "photo", "of", "on", "background", "at", "night", "circle", *COLOURS, *COMMON_TEXTURES}
+    common = offline_class_prompts("circle", 11, seed=0, vocabulary="builtin-shapes")
+    assert len(set(common)) == 11 and all(p.startswith("a photo of a ") and "circle" in p for p in common)
+    words = {w for p in common for w in p.split()}
+    assert words <= known, words - known
+    assert all(len(tok(w, add_special_tokens=False)["input_ids"]) == 1 for w in words)  # no word split into pieces
+    edge = offline_class_prompts("circle", 11, seed=0, uncommon=True, vocabulary="builtin-shapes")
+    assert edge and all(any(f"on a {t} background" in p for t in UNCOMMON_TEXTURES) for p in edge)
+    # the scenes lists are unchanged (old caches and seeds stay valid) and differ from the shapes lists
+    assert offline_class_prompts("circle", 5, seed=0) != common[:5]
+    with pytest.raises(LLMError, match="offline_vocabulary"):
+        offline_class_prompts("circle", 3, seed=0, vocabulary="klingon")
+
+
+def test_offline_vocabulary_reaches_the_client_its_cache_key_and_the_response(tmp_path):
+    msgs = diagen_meta_prompt("circle", 6)
+    scenes = LLMClient(cache_dir=tmp_path).complete(msgs, seed=0)
+    shapes = LLMClient(cache_dir=tmp_path, offline_vocabulary="builtin-shapes").complete(msgs, seed=0)
+    assert scenes.model == "offline-template-v1" and shapes.model == "offline-shapes-v1"
+    assert shapes.source == "offline" and shapes.text != scenes.text and "background" in shapes.text
+    again = LLMClient(cache_dir=tmp_path, offline_vocabulary="builtin-shapes").complete(msgs, seed=0)
+    assert again.source == "cache:offline" and again.text == shapes.text

@@ -188,28 +188,35 @@ def test_diff_ii_suffixes_from_one_greedy_caption_per_image():
         greedy_captions(caps[caps["strategy"] != "greedy"])
 
 
-def test_real_filter_drops_what_clip_labels_otherwise():
+def test_real_filter_drops_what_clip_labels_otherwise_and_passes_a_class_clip_cannot_see():
     from augment_dagster.methods.base import MethodInputs
     from augment_dagster.methods.registry import get_method
 
     spec = get_method("real_filter")
-    split = pd.DataFrame([{"image_id": f"{c}0", "label": c, "role": "train", "rank": 0} for c in ("cat", "dog")])
+    split = pd.DataFrame([{"image_id": f"{c}0", "label": c, "role": "train", "rank": 0} for c in ("cat", "dog", "emu")])
     inp = MethodInputs(method="real_filter", split=split, params=spec.Params(), images_per_real=1, guidance_scale=7.5,
                        steps=5, seed=0)
     rows = [{"synthetic_id": "s1", "label": "cat", "blob": "b1"}, {"synthetic_id": "s2", "label": "dog", "blob": "b2"},
-            {"synthetic_id": "s3", "label": "dog", "blob": "b3"}]
+            {"synthetic_id": "s3", "label": "dog", "blob": "b3"}, {"synthetic_id": "s4", "label": "emu", "blob": "b4"}]
 
-    class FakeClip:  # crafted: b3 looks like a cat to CLIP
+    class FakeClip:  # crafted: b3 looks like a cat; CLIP calls every emu (real emu0 too) a dog
         def synthetic_image(self, blob):
             return blob
 
+        def real_image(self, image_id):
+            return image_id
+
         def clip_zero_shot(self, images, classes, template):
-            assert classes == ["cat", "dog"] and template == "a photo of a {}"
-            return np.array([[0.9, 0.1] if im in ("b1", "b3") else [0.2, 0.8] for im in images])
+            assert classes == ["cat", "dog", "emu"] and template == "a photo of a {}"
+            looks = {"b1": 0, "b3": 0, "cat0": 0, "b2": 1, "dog0": 1, "b4": 1, "emu0": 1}
+            return np.eye(3)[[looks[im] for im in images]]
 
     kept, md = spec.post_filter(rows, inp, FakeClip())
-    assert [r["synthetic_id"] for r in kept] == ["s1", "s2"]
-    assert md == {"dropped": 1, "kept": 2, "dropped_per_class": {"dog": 1}}
+    assert [r["synthetic_id"] for r in kept] == ["s1", "s2", "s4"]  # s3 dropped; emu is not judged, so s4 stays
+    assert md["dropped"] == 1 and md["kept"] == 3 and md["dropped_per_class"] == {"dog": 1}
+    assert md["unjudged_classes"] == ["emu"] and md["clip_recall_on_real_train"] == {"cat": 1.0, "dog": 1.0, "emu": 0.0}
+    assert [r["filter_decision"].split(":")[1].strip()[:4] for r in kept] == ["CLIP", "CLIP", "CLIP"]
+    assert "not judged" in kept[2]["filter_decision"] and "agrees" in kept[0]["filter_decision"]
 
 
 @pytest.mark.slow

@@ -60,14 +60,17 @@ def _op_name(key: dg.AssetKey) -> str:
 
 
 def _checks(key: dg.AssetKey, partitions_def, specs: list[tuple[str, bool, str]], fn: Callable[..., list[q.Outcome]],
-            extra_ins: dict[str, dg.AssetKey] | None = None, kinds: str = "python") -> dg.AssetChecksDefinition:
-    """One step that evaluates ``fn(context, df=<manifest>, **extra) -> [Outcome]`` and reports every spec."""
+            extra_ins: dict[str, dg.AssetKey] | None = None, kinds: str = "python",
+            extra_deps: list[dg.AssetKey] | None = None) -> dg.AssetChecksDefinition:
+    """One step that evaluates ``fn(context, df=<manifest>, **extra) -> [Outcome]`` and reports every spec.
+    ``extra_deps``: assets the step runs after (in a run that has them) but reads itself, as they may be absent."""
     ins = {"df": dg.AssetIn(key=key), **{k: dg.AssetIn(key=v) for k, v in (extra_ins or {}).items()}}
+    deps = [*(extra_ins or {}).values(), *(extra_deps or [])]
 
     @dg.multi_asset_check(
         name=_op_name(key), compute_kind=kinds, ins=ins,
         specs=[dg.AssetCheckSpec(name, asset=key, blocking=blocking, description=desc, partitions_def=partitions_def,
-                                 additional_deps=list((extra_ins or {}).values()))
+                                 additional_deps=deps)
                for name, blocking, desc in specs],
     )
     def _run(context, **inputs):
@@ -93,6 +96,14 @@ def latest_metadata(context, key: dg.AssetKey) -> dict[str, Any]:
     return {k: getattr(v, "value", v) for k, v in (mat.metadata or {}).items()} if mat else {}
 
 
+def dropped_per_class(md: dict[str, Any]) -> dict[str, int] | None:
+    """Per-class images a method's post-filter dropped (the ``filter`` metadata), None without a dropping filter."""
+    filt = md.get("filter")
+    if isinstance(filt, dict) and isinstance(filt.get("dropped_per_class"), dict):
+        return {str(k): int(v) for k, v in filt["dropped_per_class"].items()}
+    return None
+
+
 def expected_synthetic_rows(md: dict[str, Any]) -> int | None:
     """Rows the synthetic manifest must have: the planned units, or what the method's post-filter kept."""
     filt = md.get("filter")
@@ -102,33 +113,53 @@ def expected_synthetic_rows(md: dict[str, Any]) -> int | None:
 
 
 def synthetic_outcomes(exp: Experiment, df: pd.DataFrame, split: pd.DataFrame, expected: int | None,
-                       clip=None) -> list[q.Outcome]:
-    """The three checks of synthetic/<m> (also used by tests without Dagster)."""
+                       clip=None, real_classifier: pd.DataFrame | None = None,
+                       dropped_per_class: dict[str, int] | None = None) -> list[q.Outcome]:
+    """The three checks of synthetic/<m> (also used by tests without Dagster). ``real_classifier``: the split's
+    real_classifier manifest, the second label judge (``checks.label_judge``); ``dropped_per_class``: what the
+    method's post-filter removed (from the asset's ``filter`` metadata)."""
+    from ..methods.services import FilterServices
     from .common import clip_bundle, image_source
 
     cfg = exp.cfg.checks
     train = split[split["role"] == "train"]
+    held_out = split[split["role"] == "val"]
     classes = sorted(train["label"].unique())
     out = [q.check_synthetic_integrity(df, expected, lambda b: exp.blobs.get(b, verify=True), classes),
-           q.check_class_balance(df, train.groupby("label").size().to_dict(), cfg.balance_tolerance)]
+           q.check_class_balance(df, train.groupby("label").size().to_dict(), cfg.balance_tolerance, dropped_per_class)]
     integrity_ok = out[0].passed
-    if len(df) and integrity_ok and len(classes) >= 2:
-        from ..models.clip_ops import zero_shot_probs
-
-        clip = clip or clip_bundle(exp)
-        images = image_source(exp, split)
-        per = max(1, cfg.max_images // len(classes))
-        sample = df.groupby("label", group_keys=False).head(per)
-        prompts = [f"a photo of a {c}" for c in classes]
-        sp = zero_shot_probs(clip, [images.synthetic(b) for b in sample["blob"]], prompts)
-        rp = zero_shot_probs(clip, [images.real(i) for i in train["image_id"]], prompts)
-        out.append(q.check_label_consistency(sp, list(sample["label"]), rp, list(train["label"]), classes,
-                                             cfg.label_consistency_floor))
-    else:
+    if not (len(df) and integrity_ok and len(classes) >= 2 and len(held_out)):
         out.append(q.Outcome("label_consistency", True, q.WARN,
                              "skipped: " + ("no images" if not len(df) else "integrity failed" if not integrity_ok
-                                            else "fewer than 2 classes"), {}))
+                                            else "fewer than 2 classes" if len(classes) < 2 else "no val images"), {}))
+        return out
+    services = FilterServices(image_source(exp, split), exp.blobs, exp.cfg.training.image_size,
+                              clip_factory=lambda: clip or clip_bundle(exp))
+    per = max(1, cfg.max_images // len(classes))
+    sample = df.groupby("label", group_keys=False).head(per)
+    syn_images = [services.synthetic_image(b) for b in sample["blob"]]
+    real_images = [services.real_image(i) for i in held_out["image_id"]]
+    syn_labels, real_labels = list(sample["label"]), list(held_out["label"])
+    readings: dict[str, q.JudgeReading] = {}
+    clf_blob = (real_classifier.iloc[0]["blob"] if real_classifier is not None and len(real_classifier) else None)
+    if cfg.label_judge in ("auto", "classifier") and clf_blob:
+        readings["classifier"] = q.JudgeReading(services.classifier_probs(clf_blob, syn_images, classes), syn_labels,
+                                                services.classifier_probs(clf_blob, real_images, classes), real_labels)
+    if cfg.label_judge in ("auto", "clip") or not readings:
+        readings["clip"] = q.JudgeReading(services.clip_zero_shot(syn_images, classes), syn_labels,
+                                          services.clip_zero_shot(real_images, classes), real_labels)
+    judge = cfg.label_judge if cfg.label_judge in readings else "auto"
+    out.append(q.check_label_consistency(readings, classes, cfg.label_consistency_floor, cfg.label_consistency_alpha,
+                                         judge))
     return out
+
+
+def real_classifier_manifest(exp: Experiment, context) -> pd.DataFrame | None:
+    """The split's real_classifier manifest when it exists (the check runs after it in a run with both)."""
+    from ..store.manifests import manifest_path, read_manifest
+
+    p = manifest_path(exp.data_dir, exp.key("real_classifier").path, _pk(context))
+    return read_manifest(p) if p.exists() else None
 
 
 SPECS = {
@@ -138,8 +169,9 @@ SPECS = {
     "synthetic": [("synthetic_integrity", True, "ERROR, blocking: rows = planned units; every image reads back "
                                                 "with its hash and is not blank/constant/NaN; labels are split classes"),
                   ("class_balance", False, "WARN: per-class synthetic images per real image within checks.balance_tolerance"),
-                  ("label_consistency", False, "WARN: CLIP zero-shot accuracy on synthetic ≥ checks.label_consistency_floor "
-                                               "× that on the real train images")],
+                  ("label_consistency", False, "WARN: a judge's accuracy on synthetic images ≥ checks.label_consistency_floor "
+                                               "× its accuracy on the split's val images (judge: checks.label_judge, "
+                                               "the real-only classifier or CLIP zero-shot; significant shortfalls only)")],
     "diagen_filter": [("filter_temperature", False, "WARN: DIAGen's filter fitted a non-degenerate temperature (else T = 1)")],
     "confidence_weights": [("weights_finite", True, "ERROR, blocking: weights finite, ≥ 0, positive per class; spread reported")],
     "classifier": [("above_chance", False, "WARN: best val accuracy above chance (1/C)"),
@@ -164,9 +196,14 @@ def build(exp: Experiment, assets: list) -> list[dg.AssetChecksDefinition]:
                 out.append(_checks(key, parts, SPECS[stage], lambda c, df: q.check_split(df, _shots(c), cfg.splits.val_per_class)))
             elif stage == "synthetic":
                 def syn(c, df, split, _key=key):
-                    return synthetic_outcomes(exp, df, split, expected_synthetic_rows(latest_metadata(c, _key)))
+                    md = latest_metadata(c, _key)
+                    return synthetic_outcomes(exp, df, split, expected_synthetic_rows(md),
+                                              real_classifier=real_classifier_manifest(exp, c),
+                                              dropped_per_class=dropped_per_class(md))
 
-                out.append(_checks(key, parts, SPECS["synthetic"], syn, {"split": exp.key("few_shot_split")}, kinds="pytorch"))
+                judge_deps = [exp.key("real_classifier")] if cfg.checks.label_judge != "clip" else []
+                out.append(_checks(key, parts, SPECS["synthetic"], syn, {"split": exp.key("few_shot_split")}, kinds="pytorch",
+                                   extra_deps=judge_deps))
             elif stage == "diagen_filter":
                 out.append(_checks(key, parts, SPECS[stage], lambda c, df: [q.check_filter(df.iloc[0].to_dict())]))
             elif stage == "confidence_weights":

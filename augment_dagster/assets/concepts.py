@@ -29,7 +29,7 @@ def build(exp: Experiment) -> list:
             model_fp=diffusion_fingerprint(exp), bundle_factory=lambda: diffusion_bundle(exp), steps=c.steps, lr=c.lr,
             batch_size=c.batch_size, init_word=c.init_word, seed=cfg.seed * 1000 + seed,
             checkpoint_dir=exp.data_dir / "checkpoints" / "concepts", checkpoint_every=c.checkpoint_every, progress=True,
-            weight_decay=c.weight_decay, latents=c.latents,
+            weight_decay=c.weight_decay, latents=c.latents, init_fallback=c.init_fallback,
         )
         from ..methods.diagen import noise_variants
 

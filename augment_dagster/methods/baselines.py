@@ -72,20 +72,35 @@ class RealFilterParams(Txt2ImgParams):
 
 
 def filter_by_clip(rows: list[dict], inputs: MethodInputs, services) -> tuple[list[dict], dict]:
-    """Real-Filter: drop synthetic images that CLIP zero-shot assigns to another class."""
+    """Real-Filter: drop synthetic images that CLIP zero-shot assigns to another class.
+
+    Project decision: a class CLIP cannot recognise on the split's own real train images (it assigns none of them
+    to the class, e.g. a class name CLIP never learned) cannot be judged, so its images pass unfiltered instead of
+    the class silently losing every synthetic image. Each row's ``filter_decision`` says which rule kept it; the
+    unjudged classes are in the asset's ``filter`` metadata."""
     if not rows:
         return rows, {"dropped": 0, "kept": 0}
     p: RealFilterParams = inputs.params  # type: ignore[assignment]
     classes = inputs.class_names
+    train = inputs.train
+    real_pred = services.clip_zero_shot([services.real_image(i) for i in train["image_id"]], classes,
+                                        p.zero_shot_template).argmax(1)
+    real_recall = {c: 0.0 for c in classes}
+    for c in classes:
+        hits = [classes[int(k)] == c for k, lb in zip(real_pred, train["label"]) if lb == c]
+        real_recall[c] = float(sum(hits) / len(hits)) if hits else 0.0
+    unjudged = sorted(c for c, r in real_recall.items() if r == 0.0)
     probs = services.clip_zero_shot([services.synthetic_image(r["blob"]) for r in rows], classes, p.zero_shot_template)
     kept, dropped = [], {}
     for r, pr in zip(rows, probs):
-        pred = classes[int(pr.argmax())]
-        if pred == r["label"]:
-            kept.append(r)
+        if r["label"] in unjudged:
+            kept.append({**r, "filter_decision": "kept: CLIP recognises no real image of the class (not judged)"})
+        elif classes[int(pr.argmax())] == r["label"]:
+            kept.append({**r, "filter_decision": "kept: CLIP zero-shot agrees"})
         else:
             dropped[r["label"]] = dropped.get(r["label"], 0) + 1
-    return kept, {"dropped": len(rows) - len(kept), "kept": len(kept), "dropped_per_class": dropped}
+    return kept, {"dropped": len(rows) - len(kept), "kept": len(kept), "dropped_per_class": dropped,
+                  "unjudged_classes": unjudged, "clip_recall_on_real_train": real_recall}
 
 
 SPECS = (
@@ -97,6 +112,6 @@ SPECS = (
                Img2ImgHighParams, plan_img2img),
     MethodSpec("txt2img", "1", "Txt2Img: generation from 'a photo of a {class}' alone, M per real image",
                Txt2ImgParams, plan_txt2img),
-    MethodSpec("real_filter", "1", "Real-Filter: txt2img from class-name prompts, minus images CLIP zero-shot assigns to another class",
+    MethodSpec("real_filter", "2", "Real-Filter: txt2img from class-name prompts, minus images CLIP zero-shot assigns to another class",
                RealFilterParams, plan_txt2img, post_filter=filter_by_clip),
 )

@@ -105,8 +105,12 @@ def train_concepts(bundle, images_by_label: dict[str, list], tokens: dict[str, s
                    init_word: str = "the", steps: int = 100, lr: float = 5e-3, batch_size: int = 4, seed: int = 0,
                    hflip: bool = True, lora_rank: int | None = None, checkpoint_path: Path | None = None,
                    checkpoint_every: int = 50, progress: bool = False, desc: str = "textual inversion",
-                   weight_decay: float = 0.0, fixed_batch: bool = False, latents: str = "mean") -> ConceptResult:
+                   weight_decay: float = 0.0, fixed_batch: bool = False, latents: str = "mean",
+                   init_fallback: str | None = None) -> ConceptResult:
     """Learn one token per label (``tokens[label]``) on ``images_by_label[label]`` with ``templates[label]``.
+
+    The tokens start at the embedding of ``init_word`` (its first piece if the tokenizer splits it), or of
+    ``init_fallback`` when that is given and ``init_word`` is not one token (a class name the model never learned).
 
     ``fixed_batch=True`` draws one batch (images, templates, t, ε) and reuses it every step (overfit check).
     ``latents``: "mean" trains on the VAE posterior mean; "sample" draws z0 ~ q(z | x) afresh for every batch
@@ -143,6 +147,8 @@ def train_concepts(bundle, images_by_label: dict[str, list], tokens: dict[str, s
     n_rows = int(emb.weight.shape[0])
     new_ids = tok.convert_tokens_to_ids(new_tokens)
     init_ids = tok(init_word, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]  # first piece if several
+    if init_fallback is not None and len(init_ids) != 1:
+        init_ids = tok(init_fallback, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]
     init = emb.weight[init_ids[0]].detach().float().clone()
     vec = torch.nn.Parameter(init.repeat(len(new_tokens), 1))  # [n_tokens, D], the only trained text weights
     init_vectors = {t: init.cpu().clone() for t in new_tokens}
@@ -277,7 +283,8 @@ def train_concepts(bundle, images_by_label: dict[str, list], tokens: dict[str, s
 def learn_concept(bundle, images: list, token: str, init_word: str = "the", steps: int = 100, lr: float = 5e-3,
                   batch_size: int = 4, seed: int = 0, hflip: bool = True, checkpoint_path: Path | None = None,
                   checkpoint_every: int = 50, progress: bool = False, templates: list[str] | None = None,
-                  weight_decay: float = 0.0, fixed_batch: bool = False, latents: str = "mean") -> ConceptResult:
+                  weight_decay: float = 0.0, fixed_batch: bool = False, latents: str = "mean",
+                  init_fallback: str | None = None) -> ConceptResult:
     """Textual inversion of one class: token ``token`` initialised from ``init_word``, DA-Fusion templates.
 
     Returns a :class:`ConceptResult` (``.token``, ``.vector`` [D] cpu float32, ``.init_vector``, ``.losses``,
@@ -286,7 +293,8 @@ def learn_concept(bundle, images: list, token: str, init_word: str = "the", step
     return train_concepts(bundle, {"_": images}, {"_": token}, {"_": templates or IMAGENET_TEMPLATES_SMALL},
                           init_word=init_word, steps=steps, lr=lr, batch_size=batch_size, seed=seed, hflip=hflip,
                           checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, progress=progress,
-                          weight_decay=weight_decay, fixed_batch=fixed_batch, latents=latents)
+                          weight_decay=weight_decay, fixed_batch=fixed_batch, latents=latents,
+                          init_fallback=init_fallback)
 
 
 # ---------------------------------------------------------------- the concept_embeddings stage (memoized per class)
@@ -311,9 +319,12 @@ def learn_concepts(
     progress: bool = False,
     weight_decay: float = 0.0,
     latents: str = "mean",
+    init_fallback: str = "the",
 ) -> tuple[list[dict], StageStats]:
     """One textual-inversion token per class; a class whose train images did not change is reused.
-    ``weight_decay`` (AdamW on the token vector) and ``latents`` ("mean" | "sample") as in :func:`train_concepts`."""
+    ``weight_decay`` (AdamW on the token vector) and ``latents`` ("mean" | "sample") as in :func:`train_concepts`.
+    ``init_word`` may contain ``{label}`` (the class name, ``_`` → space); a name the tokenizer splits into
+    several pieces starts from ``init_fallback`` instead."""
     t0 = time.perf_counter()
     stats = StageStats()
     train = split[split["role"] == "train"]
@@ -321,13 +332,17 @@ def learn_concepts(
     for label, grp in sorted(train.groupby("label"), key=lambda kv: kv[0]):
         ids = sorted(grp["image_id"])
         token = concept_token(label)
-        params = {"steps": steps, "lr": lr, "batch_size": batch_size, "init_word": init_word, "token": token,
+        per_label = "{label}" in init_word
+        word = init_word.replace("{label}", label.replace("_", " "))
+        params = {"steps": steps, "lr": lr, "batch_size": batch_size, "init_word": word, "token": token,
+                  **({"init_fallback": init_fallback} if per_label else {}),
                   **({"weight_decay": weight_decay} if weight_decay else {}),
                   **({"latents": latents} if latents != "mean" else {})}
         key = memo_key("concept_embeddings", CONCEPT_VERSION, model=model_fp, params=params, inputs=ids, seed=seed)
         rec = memo.get(key)
         if rec is None or not blobs.exists(rec["blob"]):
-            res = learn_concept(bundle_factory(), [images.real(i) for i in ids], token=token, init_word=init_word,
+            res = learn_concept(bundle_factory(), [images.real(i) for i in ids], token=token, init_word=word,
+                                init_fallback=init_fallback if per_label else None,
                                 steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                                 checkpoint_path=checkpoint_dir / f"{key}.pt", checkpoint_every=checkpoint_every,
                                 progress=progress, weight_decay=weight_decay, latents=latents)

@@ -30,7 +30,8 @@ def class_prompt_rows(class_names: list[str], client: LLMClient, per_class: int,
                 raise NotEnoughPromptsError(
                     f"the LLM ({client.provider}/{client.model}) gave {len(items)} usable prompts for class {label!r}, "
                     f"{per_class} needed (prompts.per_class); set prompts.top_up_offline: true or fix the model/base_url")
-            extra = [p.replace(name, "{name}") for p in offline_class_prompts(name, per_class * 3, seed, uncommon)]
+            extra = [p.replace(name, "{name}") for p in offline_class_prompts(name, per_class * 3, seed, uncommon,
+                                                                             client.offline_vocabulary)]
             for t in extra:
                 if len(items) >= per_class:
                     break

@@ -49,6 +49,24 @@ class FilterServices:
             logits = predict_logits(model, to_tensor([self.real_image(i) for i in image_ids], self.image_size))
         return classes, confusion_matrix(logits.argmax(1), [classes.index(lb) for lb in labels], len(classes))
 
+    def classifier_probs(self, classifier_blob: str, pil_images: list, class_names: list[str]) -> np.ndarray:
+        """Softmax of a stored classifier on images, [N, C] with columns in ``class_names`` order (a class the
+        classifier does not know gets 0)."""
+        import torch
+
+        from ..training.classifier import predict_logits
+        from ..training.stage import load_classifier_blob
+
+        model, meta = load_classifier_blob(self.blobs, classifier_blob)
+        with torch.no_grad():
+            p = torch.softmax(predict_logits(model, to_tensor(pil_images, self.image_size)).float(), dim=1).numpy()
+        known = {c: i for i, c in enumerate(meta["classes"])}
+        out = np.zeros((len(pil_images), len(class_names)), dtype=np.float32)
+        for j, c in enumerate(class_names):
+            if c in known:
+                out[:, j] = p[:, known[c]]
+        return out
+
     def clip_image_features(self, pil_images: list) -> np.ndarray:
         """L2-normalised CLIP image embeddings (``models.clip``)."""
         from ..models.clip_ops import image_features

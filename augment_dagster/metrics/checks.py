@@ -123,48 +123,101 @@ def check_synthetic_integrity(df: pd.DataFrame, expected_rows: int | None, load_
                    {"rows": len(df), "planned_units": expected_rows, "bad_images": len(bad), "bad": bad[:20]})
 
 
-def check_class_balance(df: pd.DataFrame, train_per_class: dict[str, int], tolerance: float) -> Outcome:
+def check_class_balance(df: pd.DataFrame, train_per_class: dict[str, int], tolerance: float,
+                        dropped_per_class: dict[str, int] | None = None) -> Outcome:
     """WARN: synthetic images per real train image of the class, max/min across classes ≤ 1 + tolerance, and
-    every class of the split has synthetic images."""
+    every class of the split has synthetic images.
+
+    ``dropped_per_class``: what a method's post-filter removed (Real-Filter). Then the balance is that of the
+    generated images (kept + dropped) and the kept counts are reported, not judged: which images a filter keeps is
+    the method, and the classifier's mixing sampler draws the real image class-balanced first (training/sampler.py),
+    so uneven kept counts do not change class frequencies. A class the filter emptied still fails."""
     counts = df.groupby("label").size().to_dict() if len(df) else {}
-    rate = {c: counts.get(c, 0) / max(1, n) for c, n in train_per_class.items()}
+    made = {c: counts.get(c, 0) + int((dropped_per_class or {}).get(c, 0)) for c in train_per_class}
+
+    def spread(cnt: dict) -> float:
+        rate = {c: cnt.get(c, 0) / max(1, n) for c, n in train_per_class.items()}
+        lo, hi = (min(rate.values()), max(rate.values())) if rate else (0.0, 0.0)
+        return hi / lo if lo > 0 else float("inf")
+
     missing = sorted(c for c in train_per_class if counts.get(c, 0) == 0)
-    lo, hi = (min(rate.values()), max(rate.values())) if rate else (0.0, 0.0)
-    ratio = hi / lo if lo > 0 else float("inf")
+    ratio, kept_ratio = spread(made), spread(counts)
     ok = not missing and ratio <= 1.0 + tolerance
+    what = "generated images" if dropped_per_class is not None else "images"
+    kept = f"; kept after the filter ×{kept_ratio:.2f} (not judged)" if dropped_per_class is not None and math.isfinite(kept_ratio) else ""
+    md = {"per_class": {str(k): int(v) for k, v in counts.items()},
+          "max_over_min": ratio if math.isfinite(ratio) else -1.0}
+    if dropped_per_class is not None:
+        md.update({"generated_per_class": {str(k): int(v) for k, v in made.items()},
+                   "kept_max_over_min": kept_ratio if math.isfinite(kept_ratio) else -1.0})
     return Outcome("class_balance", ok, WARN,
-                   f"per-class images per real image within ×{ratio:.2f} (≤ ×{1 + tolerance:.2f})" if ok else
+                   f"per-class {what} per real image within ×{ratio:.2f} (≤ ×{1 + tolerance:.2f}){kept}" if ok else
                    (f"classes without synthetic images: {missing}" if missing else
-                    f"per-class images per real image differ ×{ratio:.2f} > ×{1 + tolerance:.2f} (checks.balance_tolerance)"),
-                   {"per_class": {str(k): int(v) for k, v in counts.items()}, "max_over_min": ratio if math.isfinite(ratio) else -1.0})
+                    f"per-class {what} per real image differ ×{ratio:.2f} > ×{1 + tolerance:.2f} (checks.balance_tolerance)"),
+                   md)
 
 
-def check_label_consistency(synth_probs: np.ndarray, synth_labels: list[str], real_probs: np.ndarray,
-                            real_labels: list[str], classes: list[str], floor: float) -> Outcome:
-    """WARN: CLIP zero-shot accuracy of the synthetic images ≥ ``floor`` × that of the real train images of the
-    split (the encoder's own accuracy on real data calibrates the floor, so a tiny CLIP is judged fairly)."""
+@dataclass
+class JudgeReading:
+    """One judge's class probabilities on the scored synthetic images and on held-out real images of the split."""
+    synth_probs: np.ndarray
+    synth_labels: list[str]
+    real_probs: np.ndarray
+    real_labels: list[str]
+
+
+JUDGE_TEXT = {"clip": "CLIP zero-shot", "classifier": "the real-only classifier"}
+
+
+def check_label_consistency(readings: dict[str, JudgeReading], classes: list[str], floor: float, alpha: float = 0.05,
+                            judge: str = "auto") -> Outcome:
+    """WARN: a judge's accuracy on the synthetic images ≥ ``floor`` × its accuracy on held-out real images of the
+    split (the judge's own accuracy on real data calibrates the floor, so a weak judge is judged fairly).
+
+    ``judge``: one of ``readings`` (``clip``: zero-shot; ``classifier``: the split's real-only classifier, whose
+    held-out images are the val role), or ``auto``: the judge more accurate on the real images (first on a tie).
+    A shortfall fails only when it is significant: a one-sided exact binomial test of the synthetic hits against
+    ``floor × real accuracy`` gives p < ``alpha`` (with a few dozen images one image moves the accuracy by several
+    points; ``alpha: 1`` fails on any shortfall). Every judge's reading is in the metadata."""
+    from scipy.stats import binomtest
+
     idx = {c: i for i, c in enumerate(classes)}
 
-    def acc(p, labels):
-        return float(np.mean([p[i].argmax() == idx[l] for i, l in enumerate(labels)])) if len(labels) else float("nan")
+    def hits(p, labels) -> list[bool]:
+        return [int(np.asarray(p[i]).argmax()) == idx[lb] for i, lb in enumerate(labels)]
 
-    syn, real = acc(synth_probs, synth_labels), acc(real_probs, real_labels)
+    acc = {name: (float(np.mean(hits(r.synth_probs, r.synth_labels))) if len(r.synth_labels) else float("nan"),
+                  float(np.mean(hits(r.real_probs, r.real_labels))) if len(r.real_labels) else float("nan"))
+           for name, r in readings.items()}
+    if judge == "auto":
+        judge = max(readings, key=lambda n: (np.nan_to_num(acc[n][1], nan=-1.0), -list(readings).index(n)))
+    r = readings[judge]
+    syn, real = acc[judge]
     chance = 1.0 / max(1, len(classes))
-    md = {"synthetic_acc": syn, "real_acc": real, "chance": chance, "floor": floor, "scored": len(synth_labels)}
-    if not len(synth_labels):
+    n = len(r.synth_labels)
+    md: dict[str, Any] = {"judge": judge, "synthetic_acc": syn, "real_acc": real, "chance": chance, "floor": floor,
+                          "alpha": alpha, "scored": n, "real_scored": len(r.real_labels),
+                          "judges": {k: {"synthetic_acc": v[0], "real_acc": v[1]} for k, v in acc.items()}}
+    what = JUDGE_TEXT.get(judge, judge)
+    if not n:
         return Outcome("label_consistency", True, WARN, "no synthetic images to score", md)
     if not real > chance:
         return Outcome("label_consistency", True, WARN,
-                       f"not informative: CLIP zero-shot on the real images is at chance ({real:.2f} ≤ {chance:.2f})", md)
+                       f"not informative: {what} is at chance on the real images ({real:.2f} ≤ {chance:.2f})", md)
     need = floor * real
-    ok = syn >= need
-    return Outcome("label_consistency", ok, WARN,
-                   f"CLIP zero-shot accuracy {syn:.2f} on synthetic vs {real:.2f} on real images (floor {need:.2f})" if ok else
-                   f"synthetic images look like their label less often: CLIP zero-shot {syn:.2f} < {floor} × {real:.2f} "
-                   "on real images (checks.label_consistency_floor)", md)
+    k = int(round(syn * n))
+    p_value = float(binomtest(k, n, min(need, 1.0), alternative="less").pvalue) if syn < need else 1.0
+    md.update({"need": need, "p_value": p_value})
+    ok = not (syn < need and p_value < alpha)
+    if ok:
+        tail = "" if syn >= need else f"; below it by {need - syn:.2f}, not significant (p = {p_value:.2f} ≥ {alpha})"
+        text = f"{what}: accuracy {syn:.2f} on {n} synthetic vs {real:.2f} on real images (floor {need:.2f}{tail})"
+    else:
+        text = (f"synthetic images look like their label less often: {what} {syn:.2f} on {n} images < {floor} × "
+                f"{real:.2f} on real images (p = {p_value:.3f}; checks.label_consistency_floor)")
+    return Outcome("label_consistency", ok, WARN, text, md)
 
 
-# ---------------------------------------------------------------- confidence_weights / classifier / metrics
 def check_filter(row: dict) -> Outcome:
     """WARN: DIAGen's filter fitted a usable temperature (not degenerate: within [t_min, t_max] and its
     temperature half not classified 100 % right); a degenerate T falls back to T = 1, named in the metadata."""
