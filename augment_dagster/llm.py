@@ -85,15 +85,20 @@ VOCABULARIES: dict[str, dict[str, list[str]]] = {
 OFFLINE_MODELS = {"scenes": "offline-template-v1", "builtin-shapes": "offline-shapes-v1"}
 
 
+def offline_words(vocabulary: str) -> dict[str, list[str]]:
+    """The word lists of one offline vocabulary; an unknown name is an LLMError naming the config key."""
+    if vocabulary not in VOCABULARIES:
+        raise LLMError(f"unknown offline vocabulary {vocabulary!r} (models.llm.offline_vocabulary): "
+                       f"use one of {sorted(VOCABULARIES)}")
+    return VOCABULARIES[vocabulary]
+
+
 def offline_class_prompts(class_name: str, n: int, seed: int, uncommon: bool = False,
                           vocabulary: str = "scenes") -> list[str]:
     """DIAGen template 'a photo of a [adjective] <cls> [location] [weather] [time of day]', varying which optional
     slots are filled (the edge-case variant: 'a photo of a <cls> [uncommon location] [time]'); deterministic in
     (class_name, n, seed, uncommon, vocabulary). Fewer than ``n`` when the vocabulary has fewer distinct prompts."""
-    if vocabulary not in VOCABULARIES:
-        raise LLMError(f"unknown offline vocabulary {vocabulary!r} (models.llm.offline_vocabulary): "
-                       f"use one of {sorted(VOCABULARIES)}")
-    words = VOCABULARIES[vocabulary]
+    words = offline_words(vocabulary)
     salt = () if vocabulary == "scenes" else (vocabulary,)  # the scenes generator keeps its earlier seeds
     rng = random.Random(hash_obj("offline-prompts", class_name, seed, uncommon, *salt))
     slots_of = [s for s, key in (("adj", "adjectives"), ("weather", "weather"), ("location", "locations"),
@@ -148,9 +153,7 @@ class LLMClient:
         self.fallback_to_offline, self.temperature, self.backoff_s = fallback_to_offline, temperature, backoff_s
         self.send_seed = send_seed  # the API gets `temperature` / `seed` only when configured (else its defaults)
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        if offline_vocabulary not in VOCABULARIES:
-            raise LLMError(f"unknown offline vocabulary {offline_vocabulary!r} (models.llm.offline_vocabulary): "
-                           f"use one of {sorted(VOCABULARIES)}")
+        offline_words(offline_vocabulary)  # fail at construction, not at the first offline answer
         self.offline_vocabulary = offline_vocabulary  # word lists of the offline provider, fallback and top-ups
         self.calls = 0  # real API calls made (for tests and metadata)
 

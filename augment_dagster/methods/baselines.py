@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import numpy as np
 from pydantic import Field
 
 from ..util import stable_int
@@ -85,10 +86,10 @@ def filter_by_clip(rows: list[dict], inputs: MethodInputs, services) -> tuple[li
     train = inputs.train
     real_pred = services.clip_zero_shot([services.real_image(i) for i in train["image_id"]], classes,
                                         p.zero_shot_template).argmax(1)
-    real_recall = {c: 0.0 for c in classes}
+    real_recall = {}
     for c in classes:
         hits = [classes[int(k)] == c for k, lb in zip(real_pred, train["label"]) if lb == c]
-        real_recall[c] = float(sum(hits) / len(hits)) if hits else 0.0
+        real_recall[c] = float(np.mean(hits)) if hits else 0.0
     unjudged = sorted(c for c, r in real_recall.items() if r == 0.0)
     probs = services.clip_zero_shot([services.synthetic_image(r["blob"]) for r in rows], classes, p.zero_shot_template)
     kept, dropped = [], {}

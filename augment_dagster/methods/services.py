@@ -34,19 +34,23 @@ class FilterServices:
         f = torch.nn.functional.normalize(f.float(), dim=1)
         return f.numpy()
 
-    def classifier_confusion(self, classifier_blob: str, image_ids: list[str], labels: list[str]) -> tuple[list[str], np.ndarray]:
-        """(classes, cm[true, pred]) of a stored classifier on real images (e.g. the train split: GeNIe's
-        ``confusion_topk`` sources)."""
+    def _classifier_logits(self, classifier_blob: str, pil_images: list):
+        """(the stored classifier's classes, its logits [N, C] on the images)."""
         import torch
 
-        from ..metrics import confusion_matrix
         from ..training.classifier import predict_logits
         from ..training.stage import load_classifier_blob
 
         model, meta = load_classifier_blob(self.blobs, classifier_blob)
-        classes = list(meta["classes"])
         with torch.no_grad():
-            logits = predict_logits(model, to_tensor([self.real_image(i) for i in image_ids], self.image_size))
+            return list(meta["classes"]), predict_logits(model, to_tensor(pil_images, self.image_size))
+
+    def classifier_confusion(self, classifier_blob: str, image_ids: list[str], labels: list[str]) -> tuple[list[str], np.ndarray]:
+        """(classes, cm[true, pred]) of a stored classifier on real images (e.g. the train split: GeNIe's
+        ``confusion_topk`` sources)."""
+        from ..metrics import confusion_matrix
+
+        classes, logits = self._classifier_logits(classifier_blob, [self.real_image(i) for i in image_ids])
         return classes, confusion_matrix(logits.argmax(1), [classes.index(lb) for lb in labels], len(classes))
 
     def classifier_probs(self, classifier_blob: str, pil_images: list, class_names: list[str]) -> np.ndarray:
@@ -54,17 +58,12 @@ class FilterServices:
         classifier does not know gets 0)."""
         import torch
 
-        from ..training.classifier import predict_logits
-        from ..training.stage import load_classifier_blob
-
-        model, meta = load_classifier_blob(self.blobs, classifier_blob)
-        with torch.no_grad():
-            p = torch.softmax(predict_logits(model, to_tensor(pil_images, self.image_size)).float(), dim=1).numpy()
-        known = {c: i for i, c in enumerate(meta["classes"])}
+        known, logits = self._classifier_logits(classifier_blob, pil_images)
+        p = torch.softmax(logits.float(), dim=1).numpy()
         out = np.zeros((len(pil_images), len(class_names)), dtype=np.float32)
         for j, c in enumerate(class_names):
             if c in known:
-                out[:, j] = p[:, known[c]]
+                out[:, j] = p[:, known.index(c)]
         return out
 
     def clip_image_features(self, pil_images: list) -> np.ndarray:

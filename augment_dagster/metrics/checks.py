@@ -183,11 +183,14 @@ def check_label_consistency(readings: dict[str, JudgeReading], classes: list[str
 
     idx = {c: i for i, c in enumerate(classes)}
 
-    def hits(p, labels) -> list[bool]:
-        return [int(np.asarray(p[i]).argmax()) == idx[lb] for i, lb in enumerate(labels)]
+    def hits(p, labels) -> int:
+        return sum(int(np.asarray(p[i]).argmax()) == idx[lb] for i, lb in enumerate(labels))
 
-    acc = {name: (float(np.mean(hits(r.synth_probs, r.synth_labels))) if len(r.synth_labels) else float("nan"),
-                  float(np.mean(hits(r.real_probs, r.real_labels))) if len(r.real_labels) else float("nan"))
+    def rate(k: int, n: int) -> float:
+        return k / n if n else float("nan")
+
+    counts = {name: (hits(r.synth_probs, r.synth_labels), hits(r.real_probs, r.real_labels)) for name, r in readings.items()}
+    acc = {name: (rate(counts[name][0], len(r.synth_labels)), rate(counts[name][1], len(r.real_labels)))
            for name, r in readings.items()}
     if judge == "auto":
         judge = max(readings, key=lambda n: (np.nan_to_num(acc[n][1], nan=-1.0), -list(readings).index(n)))
@@ -205,8 +208,7 @@ def check_label_consistency(readings: dict[str, JudgeReading], classes: list[str
         return Outcome("label_consistency", True, WARN,
                        f"not informative: {what} is at chance on the real images ({real:.2f} ≤ {chance:.2f})", md)
     need = floor * real
-    k = int(round(syn * n))
-    p_value = float(binomtest(k, n, min(need, 1.0), alternative="less").pvalue) if syn < need else 1.0
+    p_value = float(binomtest(counts[judge][0], n, min(need, 1.0), alternative="less").pvalue) if syn < need else 1.0
     md.update({"need": need, "p_value": p_value})
     ok = not (syn < need and p_value < alpha)
     if ok:
