@@ -201,6 +201,9 @@ class ConceptLoraConfig(_Strict):
 class InversionConfig(_Strict):
     steps: int = Field(50, ge=1, le=1000, description="DDIM inversion steps (paper: 200 on SD)")
     check_reconstruction: bool = True
+    reconstruction_per_class: int | None = Field(None, ge=1, description="check the reconstruction (invert -> regenerate, "
+                                                 "as many UNet passes again) on the first N train images of each class "
+                                                 "only; None: every image")
 
 
 class PromptsConfig(_Strict):

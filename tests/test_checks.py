@@ -133,6 +133,9 @@ def test_checks_green_on_a_run_then_a_corrupt_blob_fails(tmp_path, monkeypatch):
         stages = {k.asset_key.path[1] for k in check_keys}
         assert stages >= {"raw_images", "few_shot_split", "synthetic", "real_classifier", "confidence_weights",
                           "classifier", "set_metrics", "metrics", "report"}
+        # every stage but synthetic/<m> checks its output in the asset's own step (check_specs on the asset)
+        in_step = {k.path[1] for a in defs.assets for k in a.keys if any(s.asset_key == k for s in a.check_specs)}
+        assert "synthetic" not in in_step and in_step >= stages - {"synthetic"}
         for ck in check_keys:
             rec = inst.event_log_storage.get_latest_asset_check_execution_by_key([ck]).get(ck)
             assert rec is not None, f"{ck} never ran"

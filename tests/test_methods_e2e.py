@@ -143,6 +143,13 @@ def test_lora_and_token_are_the_only_trainable_parts(tmp_path):
 
     assert any(k.endswith("lora_B.weight") and float(v.abs().sum()) > 0 for k, v in r.lora_state.items())
     assert all(torch.equal(base_unet[k], v) for k, v in b.pipe.unet.state_dict().items())
+    # the LoRA is a function of its seed and inputs, not of the global RNG state the process happens to be in
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        runs.append(learn_concepts_lora(b, ims, {"circle": "<circle>", "star": "<star>"}, steps=2, rank=2,
+                                        batch_size=2, lr=1e-2, seed=5).lora_state)
+    assert runs[0].keys() == runs[1].keys() and all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
     assert all(float((r.vectors[t] - r.init_vectors[t]).norm()) > 0 for t in r.vectors)
     assert LORA_TARGETS == ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -219,6 +226,42 @@ def test_real_filter_drops_what_clip_labels_otherwise_and_passes_a_class_clip_ca
     assert "not judged" in kept[2]["filter_decision"] and "agrees" in kept[0]["filter_decision"]
 
 
+def test_real_filter_tops_up_a_class_it_would_empty_with_its_best_scored_image():
+    from augment_dagster.methods.base import MethodInputs
+    from augment_dagster.methods.registry import get_method
+
+    spec = get_method("real_filter")
+    split = pd.DataFrame([{"image_id": f"{c}0", "label": c, "role": "train", "rank": 0} for c in ("cat", "dog")])
+    rows = [{"synthetic_id": f"s{i}", "label": "dog", "blob": f"b{i}"} for i in range(3)]
+    rows.append({"synthetic_id": "s3", "label": "cat", "blob": "b3"})
+    # every dog image looks more like a cat; b1 is the least cat-like one
+    p_dog = {"b0": 0.2, "b1": 0.45, "b2": 0.1, "b3": 0.1, "cat0": 0.1, "dog0": 0.9}
+
+    class FakeClip:
+        def synthetic_image(self, blob):
+            return blob
+
+        def real_image(self, image_id):
+            return image_id
+
+        def clip_zero_shot(self, images, classes, template):
+            return np.array([[1 - p_dog[im], p_dog[im]] for im in images])
+
+    def run(**params):
+        inp = MethodInputs(method="real_filter", split=split, params=spec.Params(**params), images_per_real=1,
+                           guidance_scale=7.5, steps=5, seed=0)
+        return spec.post_filter(rows, inp, FakeClip())
+
+    kept, md = run()
+    assert [r["synthetic_id"] for r in kept] == ["s1", "s3"]
+    assert "keep_at_least" in kept[0]["filter_decision"] and "agrees" in kept[1]["filter_decision"]
+    assert md["topped_up_classes"] == {"dog": 1} and md["dropped_per_class"] == {"dog": 2} and md["kept"] == 2
+    kept, md = run(keep_at_least=2)
+    assert [r["synthetic_id"] for r in kept] == ["s0", "s1", "s3"] and md["topped_up_classes"] == {"dog": 2}
+    kept, md = run(keep_at_least=0)  # the plain filter: the dog class is emptied
+    assert [r["synthetic_id"] for r in kept] == ["s3"] and md["topped_up_classes"] == {} and md["dropped_per_class"] == {"dog": 3}
+
+
 @pytest.mark.slow
 def test_each_method_on_its_papers_protocol_in_one_experiment(tmp_path):
     """DA-Fusion on PNDM-50, Diff-II on DDIM-25 and GeNIe on DPM-Solver++-50 (r = 0.8) side by side in one
@@ -281,3 +324,39 @@ def test_each_method_on_its_papers_protocol_in_one_experiment(tmp_path):
     assert meta["papers/synthetic/genie[2shot-s0]"]["unet_forward_passes"] == 12 * 40 * 2
     assert meta["papers/synthetic/diff_ii[2shot-s0]"]["unet_forward_passes"] == 6 * 25 * 2
     assert meta["papers/synthetic/dafusion[2shot-s0]"]["unet_forward_passes"] == 2 * int(da["denoise_steps"].sum())
+
+
+def test_inversion_pool_checks_the_reconstruction_of_the_sampled_images_only(tmp_path):
+    from augment_dagster.methods.inversion import inversion_stage
+    from augment_dagster.store import BlobStore, Memo
+
+    train = pd.DataFrame([{"image_id": f"{c}{i}", "label": c} for c in "ab" for i in range(3)])
+    calls = {"regenerated": 0}
+
+    class FakeCore:  # inversion = the image's latent plus noise; regeneration returns what it was given
+        def invert(self, imgs, prompts, num_steps, concepts, guidance_scale):
+            assert guidance_scale == 1.0 and num_steps == 7
+            return [torch.full((4, 2, 2), float(len(i))) for i in imgs]
+
+        def encode_images(self, imgs):
+            return [torch.full((4, 2, 2), float(len(i)) + 0.5) for i in imgs]
+
+        def generate_latents(self, reqs):
+            calls["regenerated"] += len(reqs)
+            return [r.init_latents for r in reqs]
+
+    class Images:
+        def real(self, image_id):
+            return image_id * 2
+
+    def go(per_class, memo_dir):
+        return inversion_stage(train, images=Images(), blobs=BlobStore(tmp_path / "b"), memo=Memo(tmp_path / memo_dir),
+                               model_fp="m", core_factory=FakeCore, prompts={"a": "pa", "b": "pb"}, concepts={},
+                               load_tensor=None, steps=7, lora_key=None, recon_per_class=per_class)
+
+    rows, stats = go(1, "m1")
+    checked = [r["image_id"] for r in rows if r["recon_rel_error"] is not None]
+    assert checked == ["a0", "b0"] and calls["regenerated"] == 2 and stats.extra["recon_checked"] == 2
+    assert stats.extra["mean_recon_rel_error"] == pytest.approx(0.5 / 4.5)  # |4 - 4.5| / 4.5 per element
+    rows, stats = go(None, "m2")
+    assert all(r["recon_rel_error"] is not None for r in rows) and calls["regenerated"] == 2 + 6

@@ -465,3 +465,15 @@ def test_linear_probe_features_come_from_the_store(tmp_path):
     stored, _ = load_classifier_blob(blobs, rec["blob"])
     assert torch.allclose(direct.model.head.weight, stored.head.weight, atol=1e-5)
     assert isinstance(load_encoder("tiny-pretrained"), TinyCNN) and TrainConfig().cache_features
+    # evaluated on the store's features of the rows (head only): the same accuracy and confusion as a full forward
+    from augment_dagster.training.stage import evaluate
+
+    test = pd.DataFrame([{"image_id": i, "label": i.rstrip("0123456789")} for i in ims])
+    full = evaluate(stored, {"classes": sorted(CLASSES)}, Images(), test, 32)
+    hits = memo.hits
+    head_only = evaluate(stored, {"classes": sorted(CLASSES)}, Images(), test, 32,
+                         dict(encoder="tiny-pretrained", blobs=blobs, memo=memo))
+    assert head_only["n"] == full["n"] == len(ims) and head_only["accuracy"] == full["accuracy"]
+    assert np.array_equal(head_only["confusion"], full["confusion"]) and head_only["per_class"] == full["per_class"]
+    evaluate(stored, {"classes": sorted(CLASSES)}, Images(), test, 32, dict(encoder="tiny-pretrained", blobs=blobs, memo=memo))
+    assert memo.hits == hits + 1  # the second classifier of the split reads the features back

@@ -276,7 +276,8 @@ def test_report_asset_puts_the_episodic_section_first(tmp_path, monkeypatch):
     inputs |= {f"{p}_{m}": pd.DataFrame() for m in cfg.enabled_methods() for p in ("s", "y")}
     tracker = MlflowTracker(default_root=str(tmp_path / "mlflow"))
     ctx = dg.build_asset_context(resources={"mlflow": tracker})
-    out = asset(ctx, split=pd.DataFrame(), **inputs)
+    out, *checks = list(asset(ctx, split=pd.DataFrame(), **inputs))  # the output, then its checks (same step)
+    assert [(c.check_name, c.passed) for c in checks] == [("all_methods_present", True)]
     md = out.metadata
     rep = (tmp_path / "data" / "report" / "eprep" / "report.md").read_text()
     assert rep.index("## Episodic few-shot evaluation") < rep.index("## Classifier accuracy") < rep.index("| acc_id")

@@ -1,11 +1,16 @@
 """Asset checks of one experiment, shown in each asset's Checks tab and run with every materialization.
 
-One ``multi_asset_check`` per asset (one step, the manifest loaded once) evaluates the pure checks of
-``augment_dagster.metrics.checks`` for the same partition. Severities and which checks block downstream are
-listed in README "Asset checks"; the checking logic lives in the pure module, this file is wiring.
+Most checks are evaluated in the asset's own step (``check_specs`` on the asset, :func:`asset_with_checks`): they
+read only the output the step just produced, and a separate step per asset and partition would cost a Dagster
+step (events, an input load) for a few milliseconds of checking. The checks of ``synthetic/<m>`` run as one
+``multi_asset_check`` per asset after it: ``label_consistency`` judges with the split's real-only classifier,
+which the synthetic step does not wait for, and reads every image back. A failing blocking check fails its step
+either way, so nothing downstream runs. The checking logic lives in ``augment_dagster.metrics.checks``;
+severities and which checks block are listed in README "Asset checks"; this file is wiring.
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -182,44 +187,84 @@ SPECS = {
 _ROWS = {"concept_embeddings", "captions", "class_prompts", "prompt_suffixes", "concept_lora", "inversion_pool", "set_metrics"}
 
 
+def _in_step_outcomes(exp: Experiment, stage: str) -> Callable[..., list[q.Outcome]] | None:
+    """``fn(context, df) -> [Outcome]`` of the checks evaluated in a ``stage`` asset's own step (None: none)."""
+    cfg = exp.cfg
+    if stage == "raw_images":
+        return lambda c, df: [q.check_raw_images(df)]
+    if stage == "few_shot_split":
+        return lambda c, df: q.check_split(df, _shots(c), cfg.splits.val_per_class)
+    if stage == "diagen_filter":
+        return lambda c, df: [q.check_filter(df.iloc[0].to_dict())]
+    if stage == "confidence_weights":
+        return lambda c, df: [q.check_weights(df)]
+    if stage in ("classifier", "real_classifier"):
+        return lambda c, df: q.check_classifier(df.iloc[0].to_dict())
+    if stage == "metrics":
+        return lambda c, df: [q.check_metrics_row(df.iloc[0].to_dict())]
+    if stage == "report":
+        methods = ["real_only", *cfg.enabled_methods()]
+        return lambda c, df: [q.check_report(df, methods, list(cfg.splits.shots), len(cfg.splits.seeds))]
+    if stage in _ROWS:
+        return lambda c, df, _n=f"{stage}_present": [q.check_rows(df, _n)]
+    return None
+
+
+def _spec_rows(stage: str) -> list[tuple[str, bool, str]]:
+    if stage == "real_classifier":
+        return SPECS["classifier"]
+    if stage in _ROWS:
+        return [(f"{stage}_present", False, "ERROR: a non-empty manifest")]
+    return SPECS[stage]
+
+
+def asset_with_checks(exp: Experiment, *, key: dg.AssetKey, **asset_kwargs):
+    """``dg.asset(key=key, **asset_kwargs)`` whose step also evaluates its stage's checks on the output it returns
+    (``check_specs``; a blocking one that fails fails the step after the output is stored). The decorated body
+    returns the ``dg.Output`` as before. Without checks (``checks.enabled: false``) it is a plain ``dg.asset``."""
+    stage = key.path[1]
+    fn = _in_step_outcomes(exp, stage) if exp.cfg.checks.enabled else None
+
+    def decorate(body):
+        if fn is None:
+            return dg.asset(key=key, **asset_kwargs)(body)
+        rows = _spec_rows(stage)
+        specs = [dg.AssetCheckSpec(name, asset=key, blocking=blocking, description=desc,
+                                   partitions_def=asset_kwargs.get("partitions_def"))
+                 for name, blocking, desc in rows]
+
+        @functools.wraps(body)
+        def step(context, *args, **kwargs):
+            out = body(context, *args, **kwargs)
+            yield out
+            outcomes = {o.name: o for o in fn(context, out.value)}
+            for name, _, _ in rows:
+                yield check_result(key, outcomes[name])
+
+        return dg.asset(key=key, check_specs=specs, **asset_kwargs)(step)
+
+    return decorate
+
+
 def build(exp: Experiment, assets: list) -> list[dg.AssetChecksDefinition]:
-    """Checks for every asset of the experiment (built from the assets, so they follow the enabled methods)."""
+    """The checks that run in a step of their own: those of every ``synthetic/<m>`` (built from the assets, so they
+    follow the enabled methods). Every other stage's checks run in its asset's step (:func:`asset_with_checks`)."""
     cfg = exp.cfg
     out = []
     for a in assets:
         for key in a.keys:
-            stage = key.path[1]
-            parts = a.partitions_def
-            if stage == "raw_images":
-                out.append(_checks(key, parts, SPECS[stage], lambda c, df: [q.check_raw_images(df)]))
-            elif stage == "few_shot_split":
-                out.append(_checks(key, parts, SPECS[stage], lambda c, df: q.check_split(df, _shots(c), cfg.splits.val_per_class)))
-            elif stage == "synthetic":
-                def syn(c, df, split, _key=key):
-                    md = latest_metadata(c, _key)
-                    return synthetic_outcomes(exp, df, split, expected_synthetic_rows(md),
-                                              real_classifier=real_classifier_manifest(exp, c),
-                                              dropped_per_class=dropped_per_class(md))
+            if key.path[1] != "synthetic":
+                continue
 
-                judge_deps = [exp.key("real_classifier")] if cfg.checks.label_judge != "clip" else []
-                out.append(_checks(key, parts, SPECS["synthetic"], syn, {"split": exp.key("few_shot_split")}, kinds="pytorch",
-                                   extra_deps=judge_deps))
-            elif stage == "diagen_filter":
-                out.append(_checks(key, parts, SPECS[stage], lambda c, df: [q.check_filter(df.iloc[0].to_dict())]))
-            elif stage == "confidence_weights":
-                out.append(_checks(key, parts, SPECS[stage], lambda c, df: [q.check_weights(df)]))
-            elif stage in ("classifier", "real_classifier"):
-                out.append(_checks(key, parts, SPECS["classifier"], lambda c, df: q.check_classifier(df.iloc[0].to_dict())))
-            elif stage == "metrics":
-                out.append(_checks(key, parts, SPECS[stage], lambda c, df: [q.check_metrics_row(df.iloc[0].to_dict())]))
-            elif stage == "report":
-                methods = ["real_only", *cfg.enabled_methods()]
-                out.append(_checks(key, parts, SPECS[stage], lambda c, df, _m=methods: [
-                    q.check_report(df, _m, list(cfg.splits.shots), len(cfg.splits.seeds))]))
-            elif stage in _ROWS:
-                name = f"{stage}_present"
-                out.append(_checks(key, parts, [(name, False, "ERROR: a non-empty manifest")],
-                                   lambda c, df, _n=name: [q.check_rows(df, _n)]))
+            def syn(c, df, split, _key=key):
+                md = latest_metadata(c, _key)
+                return synthetic_outcomes(exp, df, split, expected_synthetic_rows(md),
+                                          real_classifier=real_classifier_manifest(exp, c),
+                                          dropped_per_class=dropped_per_class(md))
+
+            judge_deps = [exp.key("real_classifier")] if cfg.checks.label_judge != "clip" else []
+            out.append(_checks(key, a.partitions_def, SPECS["synthetic"], syn, {"split": exp.key("few_shot_split")},
+                               kinds="pytorch", extra_deps=judge_deps))
     return out
 
 

@@ -6,12 +6,13 @@ import pandas as pd
 from ..config import parse_split_key
 from ..scaleout import gpu_op_tags
 from .common import CONTENT_AUTOMATION, Experiment, diffusion_bundle, diffusion_fingerprint, image_source, md_table, output
+from .checks import asset_with_checks
 
 
 def build(exp: Experiment) -> list:
     cfg = exp.cfg
 
-    @dg.asset(
+    @asset_with_checks(exp,
         key=exp.key("concept_embeddings"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
         partitions_def=exp.partitions, ins={"split": dg.AssetIn(key=exp.key("few_shot_split"))},
         code_version=exp.code_version("concepts", ("models", "diffusion")), pool="gpu", op_tags=gpu_op_tags(True, exp.cfg),

@@ -10,6 +10,7 @@ from ..data.splits import few_shot_split
 from ..config import parse_split_key
 from ..util import hash_obj
 from .common import EAGER_AUTOMATION, Experiment, md_table, output
+from .checks import asset_with_checks
 
 
 def dataset_root(exp: Experiment) -> Path:
@@ -32,7 +33,7 @@ def listing_version(df: pd.DataFrame) -> str:
 def build(exp: Experiment) -> list:
     cfg = exp.cfg
 
-    @dg.asset(
+    @asset_with_checks(exp,
         key=exp.key("raw_images"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
         code_version=exp.code_version("dataset"), kinds={"python"},
         description="Ingest of the dataset tree (root/<class>/*, test/, ood/): one row per image, id = sha256 of its bytes.",
@@ -57,7 +58,7 @@ def build(exp: Experiment) -> list:
         out = output(df, md)
         return dg.Output(out.value, data_version=dg.DataVersion(listing_version(df)), metadata=out.metadata)
 
-    @dg.asset(
+    @asset_with_checks(exp,
         key=exp.key("few_shot_split"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
         partitions_def=exp.partitions, ins={"raw": dg.AssetIn(key=exp.key("raw_images"))},
         code_version=exp.code_version("splits"), kinds={"python"}, automation_condition=EAGER_AUTOMATION,

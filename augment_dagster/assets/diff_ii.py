@@ -6,6 +6,7 @@ from ..config import parse_split_key
 from ..scaleout import gpu_op_tags
 from .common import (CONTENT_AUTOMATION, Experiment, diffusion_bundle, diffusion_fingerprint, generation_core,
                      image_source, md_table, output)
+from .checks import asset_with_checks
 from .prompts import llm_client
 
 
@@ -14,7 +15,7 @@ def build(exp: Experiment, needs: set[str]) -> list:
     out = []
 
     if "prompt_suffixes" in needs:
-        @dg.asset(
+        @asset_with_checks(exp,
             key=exp.key("prompt_suffixes"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
             partitions_def=exp.partitions, ins={"captions": dg.AssetIn(key=exp.key("captions"))},
             code_version=exp.code_version(("models", "llm"), ("dataset", "metaclass")), kinds={"openai"},
@@ -36,7 +37,7 @@ def build(exp: Experiment, needs: set[str]) -> list:
         out.append(prompt_suffixes)
 
     if "concept_lora" in needs or "inversion_pool" in needs:
-        @dg.asset(
+        @asset_with_checks(exp,
             key=exp.key("concept_lora"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
             partitions_def=exp.partitions, ins={"split": dg.AssetIn(key=exp.key("few_shot_split"))},
             code_version=exp.code_version("concept_lora", ("models", "diffusion"), ("dataset", "metaclass")),
@@ -63,7 +64,7 @@ def build(exp: Experiment, needs: set[str]) -> list:
         out.append(concept_lora)
 
     if "inversion_pool" in needs:
-        @dg.asset(
+        @asset_with_checks(exp,
             key=exp.key("inversion_pool"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
             partitions_def=exp.partitions,
             ins={"split": dg.AssetIn(key=exp.key("few_shot_split")), "concept_lora": dg.AssetIn(key=exp.key("concept_lora"))},
@@ -83,12 +84,14 @@ def build(exp: Experiment, needs: set[str]) -> list:
                 split[split["role"] == "train"], images=images, blobs=exp.blobs, memo=exp.memo(),
                 model_fp=diffusion_fingerprint(exp), core_factory=lambda: generation_core(exp, lora_blob), prompts=prompts,
                 concepts=dict(zip(toks["token"], toks["blob"])), load_tensor=images.tensor, steps=cfg.inversion.steps,
-                lora_key=lora_blob, check_recon=cfg.inversion.check_reconstruction)
+                lora_key=lora_blob, check_recon=cfg.inversion.check_reconstruction,
+                recon_per_class=cfg.inversion.reconstruction_per_class)
             df = pd.DataFrame(rows)
             md = {"computed": dg.MetadataValue.int(stats.computed), "reused": dg.MetadataValue.int(stats.reused),
                   "compute_seconds": dg.MetadataValue.float(round(stats.seconds, 3))}
             if stats.extra.get("mean_recon_rel_error") is not None:
                 md["mean_recon_rel_error"] = dg.MetadataValue.float(stats.extra["mean_recon_rel_error"])
+                md["recon_checked_images"] = dg.MetadataValue.int(int(stats.extra["recon_checked"]))
             return output(df, md)
 
         out.append(inversion_pool)

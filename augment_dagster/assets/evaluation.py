@@ -14,6 +14,7 @@ from ..config import parse_split_key
 from ..methods.registry import get_method, method_params
 from ..resources import MlflowTracker, asset_datasets
 from .common import CONTENT_AUTOMATION, Experiment, image_source, md_table, output
+from .checks import asset_with_checks
 
 REAL_ONLY = "real_only"
 
@@ -41,7 +42,7 @@ def _rec_df(rec: dict, context, method: str) -> pd.DataFrame:
 def build_real_classifier(exp: Experiment) -> dg.AssetsDefinition:
     cfg = exp.cfg
 
-    @dg.asset(
+    @asset_with_checks(exp,
         key=exp.key("real_classifier"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
         partitions_def=exp.partitions, ins={"split": dg.AssetIn(key=exp.key("few_shot_split"))},
         code_version=exp.code_version("training", ("models", "classifier")), kinds={"pytorch"},
@@ -77,7 +78,7 @@ def weighting_methods(cfg) -> list[str]:
 def build_diagen_filter(exp: Experiment) -> dg.AssetsDefinition:
     cfg = exp.cfg
 
-    @dg.asset(
+    @asset_with_checks(exp,
         key=exp.key("diagen_filter"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
         partitions_def=exp.partitions, ins={"split": dg.AssetIn(key=exp.key("few_shot_split"))},
         code_version=exp.code_version(("training", "diagen_filter"), ("training", "image_size")), kinds={"pytorch"},
@@ -129,7 +130,7 @@ def build_method_chain(exp: Experiment, name: str) -> list:
     if weighting != "none":
         w_ins["filt"] = dg.AssetIn(key=exp.key("diagen_filter"))
 
-    @dg.asset(
+    @asset_with_checks(exp,
         key=exp.key("confidence_weights", name), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
         partitions_def=exp.partitions, ins=w_ins,
         code_version=exp.code_version(("methods", name), ("training", "diagen_filter")), kinds={"pytorch"},
@@ -164,7 +165,7 @@ def build_method_chain(exp: Experiment, name: str) -> list:
                        "views": dg.MetadataValue.text(f"{frec['views']} x {frec['train_aug']}")})
         return output(df, md)
 
-    @dg.asset(
+    @asset_with_checks(exp,
         key=exp.key("classifier", name), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
         partitions_def=exp.partitions,
         ins={"split": dg.AssetIn(key=exp.key("few_shot_split")), "synthetic": dg.AssetIn(key=exp.key("synthetic", name)),
@@ -188,7 +189,7 @@ def build_method_chain(exp: Experiment, name: str) -> list:
                        rec["n_syn_draws"] / max(1, rec["n_syn_draws"] + rec["n_real_draws"]))})
         return output(_rec_df(rec, context, name), md)
 
-    @dg.asset(
+    @asset_with_checks(exp,
         key=exp.key("set_metrics", name), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
         partitions_def=exp.partitions,
         ins={"split": dg.AssetIn(key=exp.key("few_shot_split")), "synthetic": dg.AssetIn(key=exp.key("synthetic", name)),
@@ -238,7 +239,7 @@ def build_metrics(exp: Experiment, name: str, clf_key: dg.AssetKey, synth_key: d
     if synth_key is not None:
         ins["synthetic"] = dg.AssetIn(key=synth_key)
 
-    @dg.asset(
+    @asset_with_checks(exp,
         key=exp.key("metrics", name), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
         partitions_def=exp.partitions, ins=ins, code_version=exp.code_version("training", "mlflow"),
         kinds={"pytorch", "mlflow"}, automation_condition=CONTENT_AUTOMATION,
@@ -262,12 +263,16 @@ def build_metrics(exp: Experiment, name: str, clf_key: dg.AssetKey, synth_key: d
         episodic = "few_shot_episodes" in training.evaluation or (
             name == REAL_ONLY and any("few_shot_episodes" in cfg.training_for(m).evaluation for m in cfg.enabled_methods()))
         memo = exp.memo()
-        key = memo_key("evaluate", "ev-2", model=rec["blob"], params={"image_size": cfg.training.image_size},
+        key = memo_key("evaluate", "ev-3", model=rec["blob"], params={"image_size": cfg.training.image_size},
                        inputs={r: [[str(i), str(l)] for i, l in split.loc[split["role"] == r, ["image_id", "label"]].itertuples(index=False)]
                                for r in ("test", "ood")})
         cached = memo.get(key)
         if cached is None:
-            res = {role: evaluate(model, meta, images, split[split["role"] == role], cfg.training.image_size)
+            # a linear probe trained on the store's backbone features is evaluated on them too (one encoding of
+            # the test/OOD images per split instead of one per classifier)
+            stored = (dict(encoder=meta.get("backbone") or cfg.models.classifier.source, blobs=exp.blobs, memo=memo)
+                      if bool(rec.get("features_cached")) else None)
+            res = {role: evaluate(model, meta, images, split[split["role"] == role], cfg.training.image_size, stored)
                    for role in ("test", "ood")}
             cached = memo.put(key, {r: {**v, "confusion": np.asarray(v["confusion"]).tolist()} for r, v in res.items()})
         res = cached

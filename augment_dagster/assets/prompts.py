@@ -4,6 +4,7 @@ import pandas as pd
 
 from ..config import parse_split_key
 from .common import CONTENT_AUTOMATION, Experiment, md_table, output
+from .checks import asset_with_checks
 
 
 def llm_client(exp: Experiment):
@@ -15,7 +16,7 @@ def llm_client(exp: Experiment):
 def build(exp: Experiment) -> list:
     cfg = exp.cfg
 
-    @dg.asset(
+    @asset_with_checks(exp,
         key=exp.key("class_prompts"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
         partitions_def=exp.partitions, ins={"split": dg.AssetIn(key=exp.key("few_shot_split"))},
         code_version=exp.code_version("prompts", ("models", "llm")), kinds={"openai"},

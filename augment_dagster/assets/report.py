@@ -8,6 +8,7 @@ import pandas as pd
 from ..resources import MlflowTracker
 from ..util import atomic_write_bytes, atomic_write_text, hash_obj
 from .common import CONTENT_AUTOMATION, Experiment, md_table, output
+from .checks import asset_with_checks
 from .evaluation import REAL_ONLY
 
 
@@ -190,7 +191,7 @@ def build(exp: Experiment) -> list:
     first_split = cfg.splits.keys()[-1]
     ins["split"] = dg.AssetIn(key=exp.key("few_shot_split"))
 
-    @dg.asset(
+    @asset_with_checks(exp,
         key=exp.key("report"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key, ins=ins,
         code_version=f"{exp.code_version('splits')}-{hash_obj(methods)[:8]}-{REPORT_VERSION}", kinds={"pandas", "mlflow"},
         automation_condition=CONTENT_AUTOMATION,

@@ -70,6 +70,9 @@ class Img2ImgHighParams(Img2ImgParams):
 
 class RealFilterParams(Txt2ImgParams):
     zero_shot_template: str = Field("a photo of a {}", description="CLIP zero-shot class prompt")
+    keep_at_least: int = Field(1, ge=0, description="a class the filter would leave with fewer images keeps its "
+                                                    "images CLIP scores highest for the label, up to this many "
+                                                    "(project decision; 0: drop freely, a class may end up empty)")
 
 
 def filter_by_clip(rows: list[dict], inputs: MethodInputs, services) -> tuple[list[dict], dict]:
@@ -77,8 +80,10 @@ def filter_by_clip(rows: list[dict], inputs: MethodInputs, services) -> tuple[li
 
     Project decision: a class CLIP cannot recognise on the split's own real train images (it assigns none of them
     to the class, e.g. a class name CLIP never learned) cannot be judged, so its images pass unfiltered instead of
-    the class silently losing every synthetic image. Each row's ``filter_decision`` says which rule kept it; the
-    unjudged classes are in the asset's ``filter`` metadata."""
+    the class silently losing every synthetic image. A class the filter would leave with fewer than
+    ``keep_at_least`` images keeps its highest-scoring ones (CLIP's probability of the label) up to that many, so
+    no class is emptied by the filter (``keep_at_least: 0`` drops freely). Each row's ``filter_decision`` says
+    which rule kept it; the unjudged and the topped-up classes are in the asset's ``filter`` metadata."""
     if not rows:
         return rows, {"dropped": 0, "kept": 0}
     p: RealFilterParams = inputs.params  # type: ignore[assignment]
@@ -92,16 +97,32 @@ def filter_by_clip(rows: list[dict], inputs: MethodInputs, services) -> tuple[li
         real_recall[c] = float(np.mean(hits)) if hits else 0.0
     unjudged = sorted(c for c, r in real_recall.items() if r == 0.0)
     probs = services.clip_zero_shot([services.synthetic_image(r["blob"]) for r in rows], classes, p.zero_shot_template)
-    kept, dropped = [], {}
+    decision: list[str | None] = []
     for r, pr in zip(rows, probs):
         if r["label"] in unjudged:
-            kept.append({**r, "filter_decision": "kept: CLIP recognises no real image of the class (not judged)"})
+            decision.append("kept: CLIP recognises no real image of the class (not judged)")
         elif classes[int(pr.argmax())] == r["label"]:
-            kept.append({**r, "filter_decision": "kept: CLIP zero-shot agrees"})
+            decision.append("kept: CLIP zero-shot agrees")
         else:
+            decision.append(None)
+    topped_up: dict[str, int] = {}
+    for c in classes:  # keep_at_least: the best-scored of the dropped images of a class left short
+        idx = [i for i, r in enumerate(rows) if r["label"] == c]
+        short = min(p.keep_at_least, len(idx)) - sum(decision[i] is not None for i in idx)
+        if short > 0:
+            k = classes.index(c)
+            for i in sorted((i for i in idx if decision[i] is None), key=lambda i: -float(probs[i][k]))[:short]:
+                decision[i] = (f"kept: best CLIP score of a class the filter would leave with fewer than "
+                               f"{p.keep_at_least} (keep_at_least)")
+            topped_up[c] = short
+    kept = [{**r, "filter_decision": d} for r, d in zip(rows, decision) if d is not None]
+    dropped: dict[str, int] = {}
+    for r, d in zip(rows, decision):
+        if d is None:
             dropped[r["label"]] = dropped.get(r["label"], 0) + 1
     return kept, {"dropped": len(rows) - len(kept), "kept": len(kept), "dropped_per_class": dropped,
-                  "unjudged_classes": unjudged, "clip_recall_on_real_train": real_recall}
+                  "unjudged_classes": unjudged, "clip_recall_on_real_train": real_recall,
+                  "topped_up_classes": topped_up, "keep_at_least": p.keep_at_least}
 
 
 SPECS = (
@@ -113,6 +134,6 @@ SPECS = (
                Img2ImgHighParams, plan_img2img),
     MethodSpec("txt2img", "1", "Txt2Img: generation from 'a photo of a {class}' alone, M per real image",
                Txt2ImgParams, plan_txt2img),
-    MethodSpec("real_filter", "2", "Real-Filter: txt2img from class-name prompts, minus images CLIP zero-shot assigns to another class",
+    MethodSpec("real_filter", "3", "Real-Filter: txt2img from class-name prompts, minus images CLIP zero-shot assigns to another class",
                RealFilterParams, plan_txt2img, post_filter=filter_by_clip),
 )

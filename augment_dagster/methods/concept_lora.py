@@ -74,7 +74,7 @@ def concept_lora_stage(train, *, images, blobs, memo, model_fp: str, bundle_fact
     tokens = {l: concept_token(l) for l in by_label}
     params = {"steps": steps, "lr": lr, "rank": rank, "batch_size": batch_size, "init_word": init_word, "metaclass": metaclass,
               "tokens": tokens}
-    key = memo_key("concept_lora", "cl-1", model=model_fp, params=params, inputs=by_label, seed=seed)
+    key = memo_key("concept_lora", "cl-2", model=model_fp, params=params, inputs=by_label, seed=seed)
     rec = memo.get(key)
     if rec is None:
         res = learn_concepts_lora(bundle_factory(), {l: [images.real(i) for i in ids] for l, ids in by_label.items()}, tokens,

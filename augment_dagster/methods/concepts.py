@@ -174,7 +174,11 @@ def train_concepts(bundle, images_by_label: dict[str, list], tokens: dict[str, s
     unet_mode = unet.training
     unet.requires_grad_(False)
     if lora_rank:
-        add_lora(unet, TRAIN_ADAPTER, lora_rank)
+        # the gaussian init of lora_A draws from torch's global generator: seeded here, so the LoRA depends on
+        # ``seed`` and the memo key's inputs only, not on what the process ran before (a cold run vs a rerun)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            add_lora(unet, TRAIN_ADAPTER, lora_rank)
         unet.enable_adapters()
         unet.set_adapters(TRAIN_ADAPTER)
         for n_, p_ in unet.named_parameters():  # only this adapter's weights train
@@ -233,6 +237,7 @@ def train_concepts(bundle, images_by_label: dict[str, list], tokens: dict[str, s
             from ..progress import progress_bar
 
             bar = progress_bar(steps, "steps", desc=desc, initial=start)  # tty: a bar; else a line every 30 s
+        udt = unet.dtype  # diffusers walks every parameter for it: once, not twice per step
         for step in range(start, steps):
             z0, prompts, noise, t = fixed if fixed is not None else draw()
             zt = noise_sched.add_noise(z0, noise, t)
@@ -240,7 +245,7 @@ def train_concepts(bundle, images_by_label: dict[str, list], tokens: dict[str, s
             ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                       return_tensors="pt")["input_ids"]
             enc = te(ids.to(dev))[0]
-            pred = unet(zt.to(dev, unet.dtype), t.to(dev), encoder_hidden_states=enc.to(unet.dtype)).sample
+            pred = unet(zt.to(dev, udt), t.to(dev), encoder_hidden_states=enc.to(udt)).sample
             loss = F.mse_loss(pred.float(), target.to(dev))
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -26,8 +26,12 @@ def add_lora(unet, name: str, rank: int, state: dict[str, Any] | None = None) ->
 
     if name in adapter_names(unet):
         remove(unet, name)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS),
-                     adapter_name=name)
+    import warnings
+
+    with warnings.catch_warnings():  # peft: "Already found a `peft_config` ... multiple adapters" — the design here
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`", category=UserWarning)
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS),
+                         adapter_name=name)
     if state is not None:
         p = next(unet.parameters())
         res = set_peft_model_state_dict(unet, {k: v.to(p.device, p.dtype) for k, v in state.items()}, adapter_name=name)

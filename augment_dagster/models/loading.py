@@ -96,8 +96,8 @@ def release(*kinds: str) -> int:
         drop = [k for k in _CACHE if not kinds or k[0] in kinds]
         for k in drop:
             del _CACHE[k]
-    gc.collect()
     if drop:
+        gc.collect()
         try:
             import torch
 

@@ -181,9 +181,14 @@ def load_classifier_blob(blobs: BlobStore, blob: str):
     return model, meta
 
 
-def evaluate(model, meta, images: ImageSource, rows: pd.DataFrame, image_size: int) -> dict[str, Any]:
+def evaluate(model, meta, images: ImageSource, rows: pd.DataFrame, image_size: int,
+             stored_features: dict[str, Any] | None = None) -> dict[str, Any]:
     """Top-1 accuracy, mean per-class accuracy (DA-Fusion/DIAGen's headline), per-class accuracy and confusion
-    matrix of a classifier on rows (image_id, label)."""
+    matrix of a classifier on rows (image_id, label).
+
+    ``stored_features`` (``cached_features``' encoder/blobs/memo) for a linear probe trained on the store's
+    features (its backbone is that frozen encoder, untouched): the rows' backbone features come from the store,
+    shared by every classifier of the split, and only the head runs here."""
     import torch
 
     from ..metrics import accuracy, confusion_matrix, mean_per_class_accuracy, per_class_accuracy
@@ -195,10 +200,17 @@ def evaluate(model, meta, images: ImageSource, rows: pd.DataFrame, image_size: i
     if len(rows) == 0:
         return {"n": 0, "accuracy": float("nan"), "mean_per_class": float("nan"), "per_class": {},
                 "confusion": np.zeros((len(classes), len(classes)), int)}
-    x = to_tensor([images.real(i) for i in rows["image_id"]], image_size)
     y = torch.tensor([idx[l] for l in rows["label"]])
     with torch.no_grad():
-        logits = predict_logits(model, x)
+        if stored_features is not None:
+            from .episodes import cached_features
+
+            f, _ = cached_features(list(rows["image_id"]), images.real, image_size=image_size, normalize=False,
+                                   **stored_features)
+            head = model.head
+            logits = head(f.to(head.weight.device, head.weight.dtype)).float().cpu()
+        else:
+            logits = predict_logits(model, to_tensor([images.real(i) for i in rows["image_id"]], image_size))
     preds = logits.argmax(1)
     pc = per_class_accuracy(preds, y, len(classes))
     return {"n": int(len(rows)), "accuracy": float(accuracy(preds, y)),
