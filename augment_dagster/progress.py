@@ -26,6 +26,12 @@ _scope_provider: Callable[[], tuple[str | None, str | None]] | None = None
 _last_line = [0.0]  # monotonic time of the last line any reporter emitted (for outer heartbeats)
 
 
+def _wake_s(every_s: float) -> float:
+    """How often a heartbeat thread wakes to check: 1-5 s. With ``every_s`` 0 ("a line on every update") a
+    thread that waited ``every_s`` would spin and take the GIL from the run it reports on."""
+    return min(max(every_s, 1.0), 5.0)
+
+
 def register_scope_provider(fn: Callable[[], tuple[str | None, str | None]] | None) -> None:
     """``fn() -> (asset, partition)`` of the running step, or ``(None, None)`` outside one."""
     global _scope_provider
@@ -149,7 +155,7 @@ class Progress:
             self._emit_now()
 
     def _beat(self) -> None:
-        while not self._stop.wait(min(self.every_s, 5.0)):
+        while not self._stop.wait(_wake_s(self.every_s)):
             self.tick()
 
     def close(self) -> None:
@@ -207,7 +213,7 @@ class Heartbeat:
             self.emit(line)
 
     def _run(self) -> None:
-        while not self._stop.wait(min(self.every_s, 5.0)):
+        while not self._stop.wait(_wake_s(self.every_s)):
             self.tick()
 
     def stop(self) -> None:

@@ -95,3 +95,8 @@ def test_an_abandoned_loop_goes_quiet():
     clock.t += 30
     bar.tick()
     assert len(lines) > P.Progress.MAX_IDLE_LINES and lines[-1].startswith("[progress] x: 2/10 steps")
+
+
+def test_heartbeat_threads_wake_at_most_once_a_second():
+    """AUGMENT_PROGRESS_EVERY_S=0 (a line on every update) must not make the heartbeat threads spin."""
+    assert P._wake_s(0.0) == 1.0 and P._wake_s(2.0) == 2.0 and P._wake_s(30.0) == 5.0
