@@ -22,7 +22,6 @@ def build(exp: Experiment) -> list:
     )
     def captions(context: dg.AssetExecutionContext, split: pd.DataFrame) -> dg.Output:
         from ..methods.captions import caption_images
-
         from ..models.loading import captioner_fingerprint, clip_fingerprint
 
         _, seed = parse_split_key(context.partition_key)

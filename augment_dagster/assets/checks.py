@@ -187,48 +187,41 @@ SPECS = {
 _ROWS = {"concept_embeddings", "captions", "class_prompts", "prompt_suffixes", "concept_lora", "inversion_pool", "set_metrics"}
 
 
-def _in_step_outcomes(exp: Experiment, stage: str) -> Callable[..., list[q.Outcome]] | None:
-    """``fn(context, df) -> [Outcome]`` of the checks evaluated in a ``stage`` asset's own step (None: none)."""
+def _in_step(exp: Experiment, stage: str) -> tuple[list[tuple[str, bool, str]], Callable[..., list[q.Outcome]]] | None:
+    """(spec rows, ``fn(context, df) -> [Outcome]``) of the checks evaluated in a ``stage`` asset's own step
+    (None: the stage has none there)."""
     cfg = exp.cfg
     if stage == "raw_images":
-        return lambda c, df: [q.check_raw_images(df)]
+        return SPECS[stage], lambda c, df: [q.check_raw_images(df)]
     if stage == "few_shot_split":
-        return lambda c, df: q.check_split(df, _shots(c), cfg.splits.val_per_class)
+        return SPECS[stage], lambda c, df: q.check_split(df, _shots(c), cfg.splits.val_per_class)
     if stage == "diagen_filter":
-        return lambda c, df: [q.check_filter(df.iloc[0].to_dict())]
+        return SPECS[stage], lambda c, df: [q.check_filter(df.iloc[0].to_dict())]
     if stage == "confidence_weights":
-        return lambda c, df: [q.check_weights(df)]
+        return SPECS[stage], lambda c, df: [q.check_weights(df)]
     if stage in ("classifier", "real_classifier"):
-        return lambda c, df: q.check_classifier(df.iloc[0].to_dict())
+        return SPECS["classifier"], lambda c, df: q.check_classifier(df.iloc[0].to_dict())
     if stage == "metrics":
-        return lambda c, df: [q.check_metrics_row(df.iloc[0].to_dict())]
+        return SPECS[stage], lambda c, df: [q.check_metrics_row(df.iloc[0].to_dict())]
     if stage == "report":
         methods = ["real_only", *cfg.enabled_methods()]
-        return lambda c, df: [q.check_report(df, methods, list(cfg.splits.shots), len(cfg.splits.seeds))]
+        return SPECS[stage], lambda c, df: [q.check_report(df, methods, list(cfg.splits.shots), len(cfg.splits.seeds))]
     if stage in _ROWS:
-        return lambda c, df, _n=f"{stage}_present": [q.check_rows(df, _n)]
+        name = f"{stage}_present"
+        return [(name, False, "ERROR: a non-empty manifest")], lambda c, df: [q.check_rows(df, name)]
     return None
-
-
-def _spec_rows(stage: str) -> list[tuple[str, bool, str]]:
-    if stage == "real_classifier":
-        return SPECS["classifier"]
-    if stage in _ROWS:
-        return [(f"{stage}_present", False, "ERROR: a non-empty manifest")]
-    return SPECS[stage]
 
 
 def asset_with_checks(exp: Experiment, *, key: dg.AssetKey, **asset_kwargs):
     """``dg.asset(key=key, **asset_kwargs)`` whose step also evaluates its stage's checks on the output it returns
     (``check_specs``; a blocking one that fails fails the step after the output is stored). The decorated body
     returns the ``dg.Output`` as before. Without checks (``checks.enabled: false``) it is a plain ``dg.asset``."""
-    stage = key.path[1]
-    fn = _in_step_outcomes(exp, stage) if exp.cfg.checks.enabled else None
+    checks = _in_step(exp, key.path[1]) if exp.cfg.checks.enabled else None
 
     def decorate(body):
-        if fn is None:
+        if checks is None:
             return dg.asset(key=key, **asset_kwargs)(body)
-        rows = _spec_rows(stage)
+        rows, fn = checks
         specs = [dg.AssetCheckSpec(name, asset=key, blocking=blocking, description=desc,
                                    partitions_def=asset_kwargs.get("partitions_def"))
                  for name, blocking, desc in rows]

@@ -6,6 +6,8 @@
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 from pydantic import Field
 
@@ -116,10 +118,7 @@ def filter_by_clip(rows: list[dict], inputs: MethodInputs, services) -> tuple[li
                                f"{p.keep_at_least} (keep_at_least)")
             topped_up[c] = short
     kept = [{**r, "filter_decision": d} for r, d in zip(rows, decision) if d is not None]
-    dropped: dict[str, int] = {}
-    for r, d in zip(rows, decision):
-        if d is None:
-            dropped[r["label"]] = dropped.get(r["label"], 0) + 1
+    dropped = dict(Counter(r["label"] for r, d in zip(rows, decision) if d is None))
     return kept, {"dropped": len(rows) - len(kept), "kept": len(kept), "dropped_per_class": dropped,
                   "unjudged_classes": unjudged, "clip_recall_on_real_train": real_recall,
                   "topped_up_classes": topped_up, "keep_at_least": p.keep_at_least}

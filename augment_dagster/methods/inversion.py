@@ -35,7 +35,11 @@ def inversion_stage(train, *, images, blobs, memo, model_fp: str, core_factory, 
         ps = [prompts[rows[i][0].label] for i in todo]
         zT = core.invert(imgs, ps, num_steps=steps, concepts=cvec, guidance_scale=1.0)
         errs = [None] * len(todo)
-        checked = [j for j, i in enumerate(todo) if check_recon and _in_sample(rows[i][0], train, recon_per_class)]
+        sample: set = set()  # the images whose reconstruction is checked: every one, or the first N per class
+        if check_recon:
+            first = train if recon_per_class is None else train.groupby("label", sort=False).head(recon_per_class)
+            sample = set(first["image_id"])
+        checked = [j for j, i in enumerate(todo) if rows[i][0].image_id in sample]
         if checked:
             z0 = core.encode_images([imgs[j] for j in checked])
             recon = core.generate_latents([GenRequest(prompt=ps[j], seed=0, init_latents=zT[j], guidance_scale=1.0,
@@ -57,11 +61,3 @@ def inversion_stage(train, *, images, blobs, memo, model_fp: str, core_factory, 
     stats.extra = {"mean_recon_rel_error": float(np.mean(errs)) if errs else None, "recon_checked": len(errs)}
     stats.seconds = time.perf_counter() - t0
     return out, stats
-
-
-def _in_sample(row, train, per_class: int | None) -> bool:
-    """Whether ``row`` is among the first ``per_class`` train images of its class (None: every image is)."""
-    if per_class is None:
-        return True
-    same = list(train.loc[train["label"] == row.label, "image_id"])
-    return same.index(row.image_id) < per_class
