@@ -43,6 +43,11 @@ def dataset_folder(cfg: ExperimentConfig) -> Path | None:
     """The user's dataset folder, or None for the built-in dataset (written on demand under the data dir)."""
     if cfg.dataset.source == "builtin":
         return None
+    if cfg.dataset.is_hf:  # a local Hugging Face dataset folder is watched; a hub id is not (None)
+        from .data.hf import locator
+
+        p = Path(locator(cfg.dataset.source))
+        return p if p.is_absolute() else None
     return Path(cfg.dataset.source).expanduser()
 
 
@@ -86,6 +91,8 @@ def new_data_sensor(cfg: ExperimentConfig, job_selection: dg.AssetSelection) -> 
             root = dataset_root(Experiment(cfg))
         else:
             root = dataset_folder(cfg)
+            if root is None:
+                return dg.SkipReason(f"{cfg.dataset.source} is a hub dataset: pin dataset.hf.revision and run it on demand")
         h = listing_hash(root)
         if context.cursor == h:
             return dg.SkipReason(f"no change in {root}")

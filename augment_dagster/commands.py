@@ -190,10 +190,20 @@ def export(cfg: ExperimentConfig, args) -> int:
                              params_json=r.params_json, weight=float(weights.get(r.synthetic_id, 1.0)),
                              dagster_run_id=r.created_by_run, code_version=code_version))
     if args.with_real:
+        hf_rows = "hf_row" in sp.columns and str(sp["dataset_root"].iloc[0]).startswith("hf:")
+        if hf_rows:  # rows of a Hugging Face dataset: written as PNG, one row read at a time
+            from .data.images import ImageSource
+            from .util import png_bytes
+
+            src = ImageSource(sp["dataset_root"].iloc[0], sp, blobs, cfg.dataset.max_image_pixels,
+                              hf_image_column=cfg.dataset.hf.image_column, cache_size=1)
         for r in sp[sp.role == "train"].itertuples():
-            rel = Path("train") / _safe(r.label) / f"real-{r.image_id[:24]}{Path(r.path).suffix}"
+            rel = Path("train") / _safe(r.label) / f"real-{r.image_id[:24]}{'.png' if hf_rows else Path(r.path).suffix}"
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(Path(r.dataset_root) / r.path, out / rel)
+            if hf_rows:
+                (out / rel).write_bytes(png_bytes(src.real(r.image_id)))
+            else:
+                shutil.copyfile(Path(r.dataset_root) / r.path, out / rel)
             lines.append(_record(file_name=rel.relative_to("train").as_posix(), label=r.label, synthetic=False,
                                  image_id=r.image_id, weight=1.0))
     with atomic_path(out / "train" / "metadata.jsonl") as tmp:

@@ -46,12 +46,64 @@ class BuiltinDatasetConfig(_Strict):
     seed: int = 0
 
 
+class HFDatasetConfig(_Strict):
+    """A Hugging Face dataset (``dataset.source: hf:<hub id or local path>``): which splits and columns to read."""
+
+    train_split: str = Field("train", description="split whose images are the train pool (the few-shot splits draw from it)")
+    test_split: str | None = Field("test", description="in-distribution test split (None: no test pool; a missing "
+                                                       "'test' split is then noted, a missing named one is an error)")
+    ood_split: str | None = Field(None, description="out-of-distribution test split (None: none)")
+    image_column: str = Field("image", description="an Image feature (or bytes / {'bytes','path'} values)")
+    label_column: str = Field("label", description="a ClassLabel (class ids = its names), integer or string column")
+    revision: str | None = Field(None, description="hub ids: a branch, tag or commit (recorded in lineage)")
+
+
+class ClassSplitConfig(_Strict):
+    """Class-split benchmarks (mini-/tiered-ImageNet): disjoint lists of class ids (as the source names them, e.g.
+    WordNet ids), each a list or a file with one id per line (extra text after the id is ignored). Only the
+    ``evaluate`` classes enter the few-shot splits, generation and evaluation; see
+    :meth:`DatasetConfig.evaluation_classes`."""
+
+    train: list[str] | str = Field(default_factory=list)
+    val: list[str] | str = Field(default_factory=list)
+    test: list[str] | str = Field(default_factory=list)
+    evaluate: Literal["test", "val"] = Field("test", description="which class list the experiment evaluates on")
+
+
 class DatasetConfig(_Strict):
-    source: str = Field("builtin", description="'builtin' or a path to an imagefolder tree root/<class>/*, optional root/test, root/ood")
+    source: str = Field("builtin", description="'builtin', a path to an imagefolder tree root/<class>/*, optional "
+                                               "root/test, root/ood, or 'hf:<hub id or local path>' (a Hugging Face "
+                                               "dataset: save_to_disk folder, parquet folder or hub id)")
     builtin: BuiltinDatasetConfig = Field(default_factory=BuiltinDatasetConfig)
+    hf: HFDatasetConfig = Field(default_factory=HFDatasetConfig)
+    class_names: dict[str, str] | str | None = Field(
+        None, description="class id -> words used in prompts, captions, LLM requests, reports and exports: a mapping, "
+                          "or a file of 'id<TAB>words' lines (ImageNet's words.txt; of comma-separated synonyms the "
+                          "first is used). None: the id, for imagefolder names cleaned (a leading 'NNN.' index "
+                          "stripped, '_' -> space). Manifests keep the id in the column class_id.")
+    class_split: ClassSplitConfig | None = Field(None, description="train/val/test class lists (class-split benchmarks)")
     on_bad_file: Literal["error", "skip"] = "error"
+    on_duplicate: Literal["error", "warn", "drop"] = Field(
+        "error", description="an image whose bytes occur in two classes, or in the train pool and test/ood: error, "
+                             "warn (keep all), or drop (the train copy of a leak; every copy of a cross-class duplicate)")
+    min_image_size: int = Field(8, ge=1, description="images narrower or lower than this (px) are bad files")
     max_image_pixels: int = Field(40_000_000, ge=1, description="larger images are refused (never decoded)")
     metaclass: str = Field("shape", description="super-class word used by Diff-II/GeNIe prompts")
+
+    @property
+    def is_hf(self) -> bool:
+        return self.source.startswith("hf:")
+
+    def evaluation_classes(self) -> list[str] | None:
+        """The class ids the experiment evaluates on (``class_split.<evaluate>``, files read), or None when the
+        dataset has no class split (every class). The few-shot split manifest holds only these classes; its
+        ``class_id`` column has the ids, ``label`` the words (``data.classes.evaluation_labels``)."""
+        if self.class_split is None:
+            return None
+        from .data.classes import read_class_list
+
+        return read_class_list(getattr(self.class_split, self.class_split.evaluate),
+                               f"dataset.class_split.{self.class_split.evaluate}")
 
 
 class SplitsConfig(_Strict):

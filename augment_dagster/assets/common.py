@@ -203,7 +203,8 @@ def image_source(exp: Experiment, raw_or_split: pd.DataFrame):
     from ..data.images import ImageSource
 
     root = raw_or_split["dataset_root"].iloc[0] if "dataset_root" in raw_or_split and len(raw_or_split) else "."
-    return ImageSource(root, raw_or_split, exp.blobs, exp.cfg.dataset.max_image_pixels)
+    return ImageSource(root, raw_or_split, exp.blobs, exp.cfg.dataset.max_image_pixels,
+                       hf_image_column=exp.cfg.dataset.hf.image_column)
 
 
 # ---------------------------------------------------------------- lineage and MLflow links in the UI

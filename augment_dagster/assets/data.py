@@ -5,7 +5,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from ..data.imagefolder import scan_imagefolder
+from ..data.ingest import ingest
 from ..data.splits import few_shot_split
 from ..config import parse_split_key
 from ..util import hash_obj
@@ -13,9 +13,12 @@ from .common import EAGER_AUTOMATION, Experiment, md_table, output
 from .checks import asset_with_checks
 
 
-def dataset_root(exp: Experiment) -> Path:
-    """The imagefolder tree of the experiment: the built-in dataset is written once under the data dir."""
+def dataset_root(exp: Experiment) -> Path | None:
+    """The imagefolder tree of the experiment: the built-in dataset is written once under the data dir
+    (None for a Hugging Face dataset, ``hf:...``)."""
     ds = exp.cfg.dataset
+    if ds.is_hf:
+        return None
     if ds.source == "builtin":
         from ..data.builtin import write_builtin
 
@@ -26,8 +29,14 @@ def dataset_root(exp: Experiment) -> Path:
 
 
 def listing_version(df: pd.DataFrame) -> str:
-    """Data version of the raw data: hash of (relative path, size, content hash) of every file."""
-    return hash_obj(sorted(zip(df["path"], df["bytes"].astype(int), df["image_id"])))[:24]
+    """Data version of the raw data: hash of (relative path, size, content hash) of every file, and of the class
+    words that differ from the class ids (none for the built-in shapes, whose version is as it always was)."""
+    listing = sorted(zip(df["path"], df["bytes"].astype(int), df["image_id"]))
+    if "class_id" in df:
+        renamed = sorted({(c, w) for c, w in zip(df["class_id"], df["label"]) if c != w})
+        if renamed:
+            return hash_obj(listing, renamed)[:24]
+    return hash_obj(listing)[:24]
 
 
 def build(exp: Experiment) -> list:
@@ -41,20 +50,31 @@ def build(exp: Experiment) -> list:
     )
     def raw_images(context: dg.AssetExecutionContext) -> dg.Output:
         root = dataset_root(exp)
-        res = scan_imagefolder(root, on_bad_file=cfg.dataset.on_bad_file, max_pixels=cfg.dataset.max_image_pixels)
+        res = ingest(cfg.dataset, root)
         df = res.images.copy()
-        df["dataset_root"] = str(root)
+        where = cfg.dataset.source if root is None else str(root)
+        df["dataset_root"] = where
         for s in res.skipped:
             context.log.warning(f"skipped bad file {s['path']}: {s['reason']}")
+        for d in res.duplicates:
+            context.log.warning(f"duplicate image ({cfg.dataset.on_duplicate}): {d['text']}")
+        for n in res.notes:
+            context.log.info(n)
         counts = df.groupby(["label", "pool"]).size().unstack(fill_value=0).reset_index()
         md = {
-            "dataset_root": dg.MetadataValue.path(str(root)),
+            "dataset_root": dg.MetadataValue.path(where),
             "classes": dg.MetadataValue.int(int(df.loc[df.pool == "train", "label"].nunique())),
             "images_per_class": dg.MetadataValue.md(md_table(counts)),
             "skipped_files": dg.MetadataValue.int(len(res.skipped)),
         }
         if res.skipped:
             md["skipped"] = dg.MetadataValue.json(res.skipped[:100])
+        if res.duplicates:
+            md["duplicates"] = dg.MetadataValue.json([{k: d[k] for k in ("kind", "files")} for d in res.duplicates[:100]])
+        if res.notes:
+            md["notes"] = dg.MetadataValue.json(res.notes)
+        if (df["class_id"] != df["label"]).any():
+            md["class_words"] = dg.MetadataValue.json(dict(sorted(zip(df["class_id"], df["label"]))))
         out = output(df, md)
         return dg.Output(out.value, data_version=dg.DataVersion(listing_version(df)), metadata=out.metadata)
 

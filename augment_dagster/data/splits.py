@@ -3,6 +3,10 @@
 Within each class, images are ranked by hash(seed, image content id); the first K go to train and the
 next V to validation. A new image in one class can only move into that class's split if it ranks
 before the current members, and never changes another class's split.
+
+Class-split benchmarks (``dataset.class_split``; raw_images has ``class_evaluated``): only the evaluated classes
+enter the split. When those classes have no test/ pool (mini-/tiered-ImageNet ship one folder of images per
+class), each class's images ranked after its K + V become its test images (role ``test``, pool ``train``).
 """
 from __future__ import annotations
 
@@ -23,7 +27,11 @@ def rank_key(seed: int, image_id: str) -> int:
 def few_shot_split(images: pd.DataFrame, shots: int, seed: int, val_per_class: int,
                    fewer_than_k: str = "error") -> pd.DataFrame:
     """Rows: every train-pool image chosen for train/val, plus all test/ood images (role test|ood)."""
+    class_split = "class_evaluated" in images.columns
+    if class_split:
+        images = images[images["class_evaluated"].astype(bool)]
     train_pool = images[images["pool"] == "train"]
+    rest_as_test = class_split and not (images["pool"] == "test").any()
     out = []
     for label, grp in sorted(train_pool.groupby("label"), key=lambda kv: kv[0]):
         grp = grp.drop_duplicates("image_id")
@@ -40,6 +48,9 @@ def few_shot_split(images: pd.DataFrame, shots: int, seed: int, val_per_class: i
         for i, r in enumerate(ranked[: n_train + val_per_class]):
             out.append({**r, "role": "train" if i < n_train else "val", "rank": i,
                         "shortfall": max(0, need - len(ranked))})
+        if rest_as_test:
+            for i, r in enumerate(ranked[n_train + val_per_class:], start=n_train + val_per_class):
+                out.append({**r, "role": "test", "rank": i, "shortfall": 0})
     split = pd.DataFrame(out)
     rest = images[images["pool"].isin(["test", "ood"])].copy()
     rest["role"] = rest["pool"]

@@ -92,10 +92,19 @@ def lineage(root: str | os.PathLike, ident: str) -> dict[str, Any]:
     exp, part, method = first["experiment"], first["partition"], first["method"]
     guides = first.get("guide_ids") or []
     real = []
+    have = _columns(con, "real")
+    cols = ", ".join(c for c in ("image_id", "label", "class_id", "pool", "path", "dataset_root", "bytes", "exif_transposed",
+                                 "hf_dataset", "hf_revision", "hf_fingerprint", "hf_split", "hf_row") if c in have)
     for g in guides:
-        r = _rows(con, "SELECT image_id, label, pool, path, dataset_root, bytes FROM real WHERE image_id = ? AND experiment = ? LIMIT 1", [g, exp])
+        r = _rows(con, f"SELECT {cols} FROM real WHERE image_id = ? AND experiment = ? LIMIT 1", [g, exp])
         if r:
-            r[0]["file"] = str(Path(r[0]["dataset_root"]) / r[0]["path"])
+            if r[0].get("hf_split") is not None and r[0].get("hf_row") is not None:
+                from ..data.hf import describe_row
+
+                r[0]["hf_row"] = int(r[0]["hf_row"])
+                r[0]["file"] = describe_row(r[0])
+            else:
+                r[0]["file"] = str(Path(r[0]["dataset_root"]) / r[0]["path"])
             sp = _rows(con, "SELECT role, rank FROM splits WHERE image_id = ? AND experiment = ? AND \"partition\" = ?", [g, exp, part])
             r[0]["split_role"] = sp[0]["role"] if sp else None
             real.append(r[0])
@@ -135,7 +144,8 @@ def format_lineage(ch: dict[str, Any]) -> str:
     p = ch["prompt"]
     L.append(f"  prompt: {p['prompt']!r} (source: {p['prompt_source']})" + (f"  switch→ {p['switch_prompt']!r} at t<{p['switch_t']}" if p.get("switch_prompt") else ""))
     for r in ch["guides"]:
-        L.append(f"  ← guide image {r['image_id'][:16]}… class {r['label']!r} ({r['split_role'] or r['pool']}): {r['file']}")
+        cid = f" [id {r['class_id']}]" if r.get("class_id") and r.get("class_id") != r["label"] else ""
+        L.append(f"  ← guide image {r['image_id'][:16]}… class {r['label']!r}{cid} ({r['split_role'] or r['pool']}): {r['file']}")
     if ch["concept"]:
         c = ch["concept"]
         L.append(f"  ← concept {c['token']} ({c['variant']}) embedding {c['embedding_id'][:16]}… learned from "
@@ -143,5 +153,6 @@ def format_lineage(ch: dict[str, Any]) -> str:
     L.append(f"  ← model fingerprint {ch['model_fingerprint']}")
     L.append(f"  ← Dagster run {ch['dagster_run_id']}")
     for m in ch["mlflow_runs"]:
-        L.append(f"  → MLflow run {m['mlflow_run_id']} (classifier acc_id={m['acc_id']:.3f}, acc_ood={m['acc_ood']:.3f})")
+        acc = ", ".join(f"{k}={m[k]:.3f}" if isinstance(m.get(k), (int, float)) else f"{k}=-" for k in ("acc_id", "acc_ood"))
+        L.append(f"  → MLflow run {m['mlflow_run_id']} (classifier {acc})")
     return "\n".join(L)
