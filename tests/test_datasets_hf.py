@@ -184,7 +184,7 @@ def test_class_split_draws_from_evaluated_classes_only(hf_sets, tmp_path):
         ingest(_ds(f"hf:{disk}", class_split={"train": ["n01532829"], "test": ["n01704323"]}), None)
 
 
-def _augment(tmp, *args):
+def _env(tmp):
     env = {**os.environ, "AUGMENT_DATA_DIR": str(tmp / "store"), "DAGSTER_HOME": str(tmp / "dh"),
            "HF_DATASETS_CACHE": str(tmp / "hf_cache"), "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -192,6 +192,21 @@ def _augment(tmp, *args):
     (tmp / "dh").mkdir(exist_ok=True)
     (tmp / "dh" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     return env
+
+
+def _augment_many(jobs):
+    """`augment <args>` in each (folder, args) at once; their CompletedProcess results in order."""
+    procs = [subprocess.Popen([sys.executable, "-m", "augment_dagster.cli", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=_env(tmp), cwd=tmp) for tmp, args in jobs]
+    out = []
+    for p in procs:
+        so, se = p.communicate(timeout=600)
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, so, se))
+    return out
+
+
+def _augment(tmp, *args):
+    return _augment_many([(tmp, args)])[0]
 
 
 def test_bad_hf_split_is_a_short_cli_error(hf_sets, tmp_path):
@@ -206,7 +221,7 @@ def test_bad_hf_split_is_a_short_cli_error(hf_sets, tmp_path):
 
 
 @pytest.mark.slow
-def test_augment_run_on_hf_dataset_lineage_and_export(hf_sets, tmp_path):
+def test_augment_run_on_hf_dataset_lineage_and_export(hf_sets, tmp_path, monkeypatch, capsys):
     """Both forms run end to end (real_guidance on tiny-random models); prompts carry the words, never the ids;
     `augment lineage` names the dataset row of the guide image; the export loads back with datasets."""
     disk, pq, words = hf_sets
@@ -234,18 +249,23 @@ def test_augment_run_on_hf_dataset_lineage_and_export(hf_sets, tmp_path):
             assert lab in WORDS.values() and lab in p and not any(w in p for w in WNIDS), p
     d = procs["disk"]
     sid = str(pd.read_parquet(next((d / "store" / "manifests" / "hf_disk" / "synthetic").rglob("*.parquet"))).synthetic_id.iloc[0])
-    r = _augment(d, "lineage", sid[:16], "--config", str(d / "c.yaml"))
-    assert r.returncode == 0, r.stderr[-2000:]
-    guide = [x for x in r.stdout.splitlines() if "guide image" in x]
-    assert len(guide) == 1 and f"hf:{disk.resolve()} split 'train' row " in guide[0] and "fingerprint" in guide[0], r.stdout
+    # lineage and export in this process (same environment as the run)
+    from augment_dagster.cli import main
+
+    for k, v in _env(d).items():
+        monkeypatch.setenv(k, v)
+    capsys.readouterr()
+    assert main(["lineage", sid[:16], "--config", str(d / "c.yaml")]) == 0
+    text = capsys.readouterr().out
+    guide = [x for x in text.splitlines() if "guide image" in x]
+    assert len(guide) == 1 and f"hf:{disk.resolve()} split 'train' row " in guide[0] and "fingerprint" in guide[0], text
     assert "[id n0" in guide[0]
-    rj = _augment(d, "lineage", sid[:16], "--json", "--config", str(d / "c.yaml"))
-    g = json.loads(rj.stdout)["guides"][0]
+    assert main(["lineage", sid[:16], "--json", "--config", str(d / "c.yaml")]) == 0
+    g = json.loads(capsys.readouterr().out)["guides"][0]
     raw = datasets.load_from_disk(str(disk))["train"]
     assert raw.features["label"].names[raw[g["hf_row"]]["label"]] == g["class_id"]
     out = d / "export"
-    r = _augment(d, "export", "--config", str(d / "c.yaml"), "--method", "real_guidance", "--split", "1shot-s0",
-                 "--out", str(out), "--with-real")
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert main(["export", "--config", str(d / "c.yaml"), "--method", "real_guidance", "--split", "1shot-s0",
+                 "--out", str(out), "--with-real"]) == 0
     back = datasets.load_dataset(str(out), split="train")
     assert sorted(back.features["label"].names) == sorted(WORDS.values()) and len(back) == 6
