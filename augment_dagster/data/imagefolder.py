@@ -128,7 +128,9 @@ def bad_files_error(bad: list[dict], where: str, limit: int = 20) -> BadImageErr
     """One error listing every bad file (up to ``limit``, then a count)."""
     if len(bad) == 1:
         return BadImageError(bad[0]["reason"])
-    shown = "; ".join(b["reason"] for b in bad[:limit])
+    prefix = where.rstrip("/") + "/"
+    # each file's reason without the tree's path and without its advice (the error's hint says what to do)
+    shown = "; ".join(b["reason"].replace(prefix, "").replace(where + " ", "").split("; ")[0] for b in bad[:limit])
     more = f"; and {len(bad) - limit} more" if len(bad) > limit else ""
     return BadImageError(f"{len(bad)} bad image files in {where}: {shown}{more}")
 
