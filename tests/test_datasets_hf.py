@@ -161,6 +161,9 @@ def test_bad_label_column_and_unreadable_row(tmp_path):
     bad.save_to_disk(str(tmp_path / "g"))
     with pytest.raises(BadImageError, match=r"split 'train' row 1: not a readable image"):
         ingest(_ds(f"hf:{tmp_path / 'g'}"), None)
+    res = ingest(_ds(f"hf:{tmp_path / 'g'}", on_bad_file="skip"), None)
+    assert list(res.images.hf_row) == [0] and res.skipped[0]["path"] == "train/1"
+    assert any("has no split 'test'" in n for n in res.notes)  # the default test split is optional, and said so
     with pytest.raises(DatasetError, match="cannot load it|no such folder"):
         ingest(_ds(f"hf:{tmp_path / 'missing'}"), None)
 

@@ -74,7 +74,7 @@ def class_words(ids: list[str], spec: dict[str, str] | str | None, clean: bool) 
         try:
             check_class_name(w, f"the words of class {i!r}")
         except DatasetError as e:
-            raise ConfigError(f"dataset.class_names: {e}") from None
+            raise ConfigError(f"dataset.class_names: {str(e).replace('rename the folder', 'give that class other words')}") from None
     seen: dict[str, str] = {}
     for i, w in words.items():
         if w.casefold() in seen:

@@ -24,7 +24,7 @@ from .imagefolder import (COLUMNS, BadImageError, DatasetError, ScanResult, bad_
 
 HF_COLUMNS = ["hf_dataset", "hf_revision", "hf_fingerprint", "hf_split", "hf_row"]
 _BATCH = 64
-_OPEN: dict[tuple[str, str | None], Any] = {}
+_OPEN: dict[tuple[str, str | None, int], Any] = {}
 
 
 def locator(source: str) -> str:
@@ -40,15 +40,20 @@ def locator(source: str) -> str:
 
 def open_dataset(loc: str, revision: str | None = None):
     """The DatasetDict (or Dataset) behind a locator, cached per process."""
-    key = (loc, revision)
+    p = Path(loc)
+    # a local folder saved again (same path) is opened again: its top-level files' mtimes are part of the key
+    stamp = max((f.stat().st_mtime_ns for f in p.iterdir()), default=0) if p.is_dir() else 0
+    key = (loc, revision, stamp)
     if key in _OPEN:
         return _OPEN[key]
     import datasets
 
-    p = Path(loc)
+    datasets.disable_progress_bars()  # the run's own progress lines report the work
     try:
         if p.is_dir() and ((p / "dataset_dict.json").exists() or (p / "state.json").exists()):
             ds = datasets.load_from_disk(str(p))
+        elif p.is_file() and p.suffix == ".parquet":  # one parquet file: the train split
+            ds = datasets.load_dataset("parquet", data_files={"train": str(p)})
         elif p.is_absolute() and not p.exists():
             raise DatasetError(f"dataset.source hf:{loc}: no such folder; give a save_to_disk folder, a folder of "
                                "parquet files or a hub id")
