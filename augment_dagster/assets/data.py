@@ -45,7 +45,9 @@ def build(exp: Experiment) -> list:
     @asset_with_checks(exp,
         key=exp.key("raw_images"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
         code_version=exp.code_version("dataset"), kinds={"python"},
-        description="Ingest of the dataset tree (root/<class>/*, test/, ood/): one row per image, id = sha256 of its bytes.",
+        description="Ingest of the dataset (imagefolder tree root/<class>/*, test/, ood/, or an hf: dataset): one row per "
+                    "image, id = sha256 of its bytes, class_id + label (the class words); bad files, duplicates and leaks "
+                    "are reported (data/ingest.py).",
         automation_condition=EAGER_AUTOMATION,
     )
     def raw_images(context: dg.AssetExecutionContext) -> dg.Output:
