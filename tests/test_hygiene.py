@@ -51,6 +51,10 @@ def test_exif_orientation_applied_and_recorded(tmp_path):
     res = ingest(_ds(root), root)
     row = res.images[res.images.path == "cat/phone.jpg"].iloc[0]
     assert bool(row.exif_transposed) and (row.width, row.height) == (32, 16)
+    # the id covers the orientation: no memo entry made from the unrotated pixels of these bytes is reused
+    from augment_dagster.util import sha256_bytes
+
+    assert row.image_id != sha256_bytes(b.getvalue()) and len(row.image_id) == 64
     assert not res.images[res.images.path != "cat/phone.jpg"].exif_transposed.any()
     assert any("EXIF orientation applied to 1 image" in n for n in res.notes)
 

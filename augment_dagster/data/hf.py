@@ -19,8 +19,8 @@ from typing import Any
 import pandas as pd
 
 from ..config import ConfigError
-from ..util import sha256_bytes
-from .imagefolder import (COLUMNS, BadImageError, DatasetError, ScanResult, bad_files_error, check_image, open_image)
+from .imagefolder import (COLUMNS, BadImageError, DatasetError, ScanResult, bad_files_error, check_image, content_id,
+                          open_image)
 
 HF_COLUMNS = ["hf_dataset", "hf_revision", "hf_fingerprint", "hf_split", "hf_row"]
 _BATCH = 64
@@ -173,7 +173,7 @@ def scan_hf(source: str, hf_cfg, on_bad_file: str = "error", max_pixels: int = 4
                 except BadImageError as e:
                     bad.append({"path": f"{name}/{i}", "reason": str(e)})
                     continue
-                rows.append(dict(image_id=sha256_bytes(data), label=cid, pool=pool, path=f"{name}/{i}", bytes=len(data),
+                rows.append(dict(image_id=content_id(data, info), label=cid, pool=pool, path=f"{name}/{i}", bytes=len(data),
                                  width=im.size[0], height=im.size[1], exif_transposed=info["exif_orientation"] != 1,
                                  hf_dataset=loc, hf_revision=hf_cfg.revision or "", hf_fingerprint=fp, hf_split=name, hf_row=i))
     if bad and on_bad_file != "skip":

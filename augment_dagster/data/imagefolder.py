@@ -1,7 +1,7 @@
 """Imagefolder loader for user data: ``root/<class>/*`` is the train pool; optional ``root/test/<class>/*``
 (in-distribution test set) and ``root/ood/<class>/*`` (out-of-distribution test set).
 
-Every file is read once: its id is the sha256 of its bytes. Images are checked before decoding
+Every file is read once: its id is the sha256 of its bytes (``content_id``). Images are checked before decoding
 (header only) so that a huge image is refused instead of exhausting memory. Grayscale, palette,
 16-bit and RGBA images are converted to RGB. Unreadable, truncated, zero-byte and non-image files
 raise ``BadImageError`` naming the file, or are skipped and reported when ``on_bad_file='skip'``.
@@ -98,6 +98,18 @@ def open_image(data: bytes, name: str, max_pixels: int = 40_000_000) -> tuple[Im
     except Exception as e:  # PIL raises many types for broken files
         raise BadImageError(f"{name}: not a readable image ({type(e).__name__}: {e}); fix or remove the file") from None
     return to_rgb(im), {"frames": frames, "exif_orientation": orientation}
+
+
+def content_id(data: bytes, info: dict | None = None) -> str:
+    """The image's id: sha256 of its bytes; for a photo whose EXIF orientation is applied, the hash of that and the
+    orientation (the pixels used differ from those of the same bytes read before orientation was applied, so memo
+    entries made from unrotated pixels are never reused)."""
+    digest = sha256_bytes(data)
+    if info and info.get("exif_orientation", 1) != 1:
+        from ..util import hash_obj
+
+        return hash_obj("exif_transposed", digest, int(info["exif_orientation"]))
+    return digest
 
 
 def check_image(im: Image.Image, info: dict, name: str, min_size: int) -> None:
@@ -203,7 +215,7 @@ def scan_imagefolder(root: str | os.PathLike, on_bad_file: str = "error", max_pi
                         data = f.read_bytes()
                     except OSError as e:
                         raise BadImageError(f"{f}: cannot read the file ({e.strerror or e}); check its permissions") from None
-                    transposed = False
+                    transposed, info = False, None
                     if check_decode:
                         im, info = open_image(data, str(f), max_pixels)
                         check_image(im, info, str(f), min_size)
@@ -214,7 +226,7 @@ def scan_imagefolder(root: str | os.PathLike, on_bad_file: str = "error", max_pi
                 except BadImageError as e:
                     skipped.append({"path": printable(rel), "reason": str(e)})
                     continue
-                rows.append(dict(image_id=sha256_bytes(data), label=label, pool=pool, path=rel,
+                rows.append(dict(image_id=content_id(data, info), label=label, pool=pool, path=rel,
                                  bytes=len(data), width=w, height=h, exif_transposed=transposed))
     if skipped and on_bad_file != "skip":
         raise bad_files_error(skipped, str(root))
