@@ -183,6 +183,11 @@ def test_class_split_draws_from_evaluated_classes_only(hf_sets, tmp_path):
     assert sp[sp.role == "test"].groupby("class_id").size().to_dict() == {"n01558993": 2, "n01704323": 2}
     with pytest.raises(ConfigError, match="'n01532829' is in both train and test"):
         ingest(_ds(f"hf:{disk}", class_split={"train": ["n01532829"], "test": ["n01532829"]}), None)
+    with pytest.raises(ConfigError, match=r"class_split.test lists class\(es\) not in the dataset: 'n09999999'"):
+        ingest(_ds(f"hf:{disk}", class_split={"train": ["n01532829", "n01558993"], "test": ["n01704323", "n09999999"]}), None)
+    # a train class that is not there is fine (only the test classes were downloaded)
+    only = ingest(_ds(f"hf:{disk}", class_split={"train": ["n01532829", "n01558993", "n00000001"], "test": ["n01704323"]}), None)
+    assert set(only.images[only.images.class_evaluated].class_id) == {"n01704323"}
     with pytest.raises(ConfigError, match="'n01558993'.* are in no list"):
         ingest(_ds(f"hf:{disk}", class_split={"train": ["n01532829"], "test": ["n01704323"]}), None)
 

@@ -98,8 +98,9 @@ def read_class_list(spec: list[str] | str, key: str) -> list[str]:
 
 
 def class_split_of(ids: list[str], class_split) -> dict[str, str]:
-    """id -> 'train'|'val'|'test' for a class-split benchmark; every dataset class must be in exactly one list
-    and every listed class must exist (ConfigError naming them otherwise)."""
+    """id -> 'train'|'val'|'test' for a class-split benchmark; every dataset class must be in exactly one list and
+    every class of the evaluated list must exist (ConfigError naming them otherwise); classes of the other lists may
+    be absent from the dataset."""
     lists = {name: read_class_list(getattr(class_split, name), f"dataset.class_split.{name}") for name in ("train", "val", "test")}
     where: dict[str, str] = {}
     for name, lst in lists.items():
@@ -110,10 +111,12 @@ def class_split_of(ids: list[str], class_split) -> dict[str, str]:
     if not lists[class_split.evaluate]:
         raise ConfigError(f"dataset.class_split.{class_split.evaluate} is empty: list the classes to evaluate on")
     known = set(ids)
-    absent = [c for c in where if c not in known]
+    # the evaluated classes must all be there; the others may be absent (e.g. only the test classes were downloaded)
+    absent = [c for c in lists[class_split.evaluate] if c not in known]
     if absent:
-        raise ConfigError(f"dataset.class_split lists class(es) not in the dataset: {', '.join(map(repr, absent[:5]))}"
-                          f"{' …' if len(absent) > 5 else ''}; the dataset has {len(known)} classes (e.g. {sorted(known)[:3]})")
+        raise ConfigError(f"dataset.class_split.{class_split.evaluate} lists class(es) not in the dataset: "
+                          f"{', '.join(map(repr, absent[:5]))}{' …' if len(absent) > 5 else ''}; the dataset has "
+                          f"{len(known)} classes (e.g. {sorted(known)[:3]})")
     unlisted = [i for i in ids if i not in where]
     if unlisted:
         raise ConfigError(f"dataset.class_split: class(es) {', '.join(map(repr, unlisted[:5]))}"
