@@ -105,16 +105,26 @@ def _training_sources(cfg, entry: str | None, t: TrainingConfig, preset: bool) -
 
 
 # ------------------------------------------------------------------ dataset size, without decoding anything
-def dataset_size(cfg) -> dict[str, Any]:
-    """Classes and train-pool images per class: the built-in dataset's config, or a directory listing of an
-    imagefolder root (class folders; ``test``/``ood`` skipped). ``known`` is False when the folder is absent."""
+ASSUMED_POOL = 100  # train-pool images per class assumed for a "whole class" K when the dataset is not readable
+
+
+def dataset_size(cfg, classes: int | None = None, train_per_class: int | None = None) -> dict[str, Any]:
+    """Classes and train-pool images per class: ``classes`` × ``train_per_class`` when given (an assumption, e.g.
+    for a preset whose data is elsewhere), else the built-in dataset's config or a directory listing of an
+    imagefolder root (class folders; ``test``/``ood`` skipped). ``known`` is False when neither is available."""
+    if classes is not None:
+        n = int(train_per_class or max(cfg.splits.shots) + cfg.splits.val_per_class)
+        return {"known": True, "assumed": True, "classes": int(classes),
+                "train_per_class": {f"class{i}": n for i in range(int(classes))}}
     ds = cfg.dataset
     if ds.source == "builtin":
         b = ds.builtin
         return {"known": True, "classes": len(b.classes), "train_per_class": {c: b.train_per_class for c in b.classes}}
     root = Path(ds.source).expanduser()
     if not root.is_dir():
-        return {"known": False, "classes": None, "train_per_class": {}, "note": f"{root} not found: work is per class"}
+        return {"known": False, "classes": None, "train_per_class": {},
+                "note": f"{root} not found: work is for ONE class with K train images (a K of {ASSUMED_POOL}+ counts "
+                        f"as {ASSUMED_POOL}); pass --classes N [--train-per-class M] for the whole dataset"}
     exts = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
     counts = {}
     for d in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in ("test", "ood") and not p.name.startswith(".")):
@@ -125,7 +135,7 @@ def dataset_size(cfg) -> dict[str, Any]:
 def _split_counts(size: dict, shots: int, val: int) -> list[int]:
     """Train images per class of a K-shot split (splits.py's rule, use_all included); one class if unknown."""
     if not size["known"]:
-        return [shots]
+        return [min(shots, ASSUMED_POOL)]
     out = []
     for n in size["train_per_class"].values():
         if n >= shots + val:
@@ -183,6 +193,8 @@ def entry_plan(cfg, name: str, size: dict, img_per_s: float) -> dict[str, Any]:
                    guidance_rule=None, resolution=None, images_per_real=_plain_m(cfg, entry), images_per_class=None)
     # concept learning / inversion steps the entry depends on
     out["concept_steps"] = cfg.concepts.steps if "concepts" in spec.needs else None
+    out["concepts"] = (cfg.concepts.model_dump(mode="json") if "concepts" in spec.needs else
+                       cfg.concept_lora.model_dump(mode="json") if out_uses_lora(spec, params) else None)
     out["lora_steps"] = (cfg.concept_lora.steps if "concept_lora" in spec.needs and getattr(params, "use_concepts", True)
                          else None)
     out["inversion_steps"] = (cfg.inversion.steps if "inversion_pool" in spec.needs and getattr(params, "use_concepts", True)
@@ -207,6 +219,10 @@ def entry_plan(cfg, name: str, size: dict, img_per_s: float) -> dict[str, Any]:
             sources["start_rule"] = {"from": "method", "at": f"methods/{algo}.py ({kind} start)"}
             sources.pop("vae_encode", None)
     return out
+
+
+def out_uses_lora(spec, params) -> bool:
+    return "concept_lora" in spec.needs and getattr(params, "use_concepts", True)
 
 
 def _plain_m(cfg, entry) -> int:
@@ -322,8 +338,9 @@ def entry_work(cfg, name, algo, params, proto, out, size, t: TrainingConfig, img
 
 
 # ------------------------------------------------------------------ the whole config
-def plan_config(cfg, img_per_s: float = DEFAULT_IMG_PER_S, include_disabled: bool = False) -> dict[str, Any]:
-    size = dataset_size(cfg)
+def plan_config(cfg, img_per_s: float = DEFAULT_IMG_PER_S, include_disabled: bool = False,
+                classes: int | None = None, train_per_class: int | None = None) -> dict[str, Any]:
+    size = dataset_size(cfg, classes, train_per_class)
     methods = {n: entry_plan(cfg, n, size, img_per_s) for n, e in cfg.methods.items() if e.enabled or include_disabled}
     t = cfg.training_for(None)
     real = {"classifier": classifier_plan(cfg, t), "evaluation": evaluation_plan(cfg, t)}
@@ -411,7 +428,13 @@ def _table(cols: list[str], rows: list[list[str]]) -> list[str]:
 
 def cmd_plan(args) -> int:
     cfg = load_config(args.config)
-    p = plan_config(cfg, img_per_s=args.img_per_s, include_disabled=args.all)
+    if args.img_per_s <= 0 or (args.classes is not None and args.classes < 1) or \
+            (args.train_per_class is not None and args.train_per_class < 1):
+        from .errors import UserError
+
+        raise UserError("augment plan: --img-per-s, --classes and --train-per-class must be positive")
+    p = plan_config(cfg, img_per_s=args.img_per_s, include_disabled=args.all, classes=args.classes,
+                    train_per_class=args.train_per_class)
     print(json.dumps(p, indent=2, default=str) if args.json else format_plan(p))
     return 0
 
@@ -425,4 +448,7 @@ def register(sub, default_config: str) -> None:
     sp.add_argument("--img-per-s", type=float, default=DEFAULT_IMG_PER_S,
                     help=f"UNet image-passes per second the GPU-hours estimate assumes (default {DEFAULT_IMG_PER_S:g})")
     sp.add_argument("--all", action="store_true", help="include disabled entries")
+    sp.add_argument("--classes", type=int, default=None, help="assume this many classes (the dataset is elsewhere)")
+    sp.add_argument("--train-per-class", type=int, default=None,
+                    help="with --classes: train-pool images per class (default: the largest K + val_per_class)")
     sp.set_defaults(fn=cmd_plan)
