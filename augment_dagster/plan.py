@@ -207,7 +207,28 @@ def entry_plan(cfg, name: str, size: dict, img_per_s: float) -> dict[str, Any]:
         {"from": "method", "at": f"methods/{algo}.py default_alpha"} if spec.default_alpha is not None else
         tsrc["synthetic_probability"])
     out["classifier"] = classifier_plan(cfg, t)
-    sources["classifier"] = {k: tsrc[k] for k in out["classifier"] if k in tsrc}
+    renamed = {"train_transform": "train_aug", "synthetic_transform": "synthetic_aug", "headline_metric": "headline",
+               "epochs_over_data": "epoch_unit", "full_fine_tune": "linear_probe"}
+    csrc = {k: tsrc[renamed.get(k, k)] for k in out["classifier"] if renamed.get(k, k) in tsrc}
+    kind = "paper preset" if preset else "config"
+    mc = cfg.models.classifier.model_fields_set
+    for k in ("backbone", "pretrained"):
+        f = "source" if k == "backbone" else k
+        csrc[k] = ({"from": kind, "at": f"models.classifier.{f}"} if f in mc
+                   else {"from": "default", "at": f"ClassifierModelConfig.{f}"})
+    if tsrc["linear_probe"]["from"] == "default":  # None: models.classifier.freeze_backbone decides
+        csrc["linear_probe"] = csrc["full_fine_tune"] = (
+            {"from": kind, "at": "models.classifier.freeze_backbone"} if "freeze_backbone" in mc
+            else {"from": "default", "at": "ClassifierModelConfig.freeze_backbone"})
+    sources["classifier"] = csrc
+    if algo == "diagen" and getattr(params, "weighting", "none") != "none":
+        f = t.diagen_filter
+        out["filter"] = {"backbone": f.backbone, "linear_probe": True, "optimizer": f.optimizer, "lr": f.lr,
+                         "weight_decay": f.weight_decay, "epochs": f.epochs, "steps_per_epoch": f.steps_per_epoch,
+                         "batch_size": f.batch_size, "patience": f.patience, "train_transform": f.train_aug,
+                         "views": f.views, "temperature": "LBFGS on NLL over half of each class's val images "
+                                                          "(the other half stops training)"}
+        sources["filter"] = tsrc["diagen_filter"]
     out["evaluation"] = evaluation_plan(cfg, t)
     sources["evaluation"] = tsrc["evaluation"]
     out["sources"] = sources
@@ -362,7 +383,11 @@ def plan_config(cfg, img_per_s: float = DEFAULT_IMG_PER_S, include_disabled: boo
     return {"experiment": cfg.experiment, "config": cfg.source_path, "paper_preset": _is_preset(cfg),
             "splits": {"shots": list(cfg.splits.shots), "seeds": list(cfg.splits.seeds),
                        "val_per_class": cfg.splits.val_per_class, "fewer_than_k": cfg.splits.fewer_than_k},
-            "diffusion_model": cfg.models.diffusion.source, "real_only": real, "methods": methods, "work": tot}
+            "diffusion_model": cfg.models.diffusion.source,
+            "models": {"diffusion": cfg.models.diffusion.source, "captioner": cfg.models.captioner.source,
+                       "clip": cfg.models.clip.source, "classifier": cfg.models.classifier.source,
+                       "llm": f"{cfg.models.llm.provider}:{cfg.models.llm.model}"},
+            "real_only": real, "methods": methods, "work": tot}
 
 
 def _fmt(v) -> str:
