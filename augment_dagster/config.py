@@ -529,14 +529,28 @@ class ExperimentConfig(_Strict):
         return Path(d).expanduser().resolve()
 
     def section_hash(self, *path: str) -> str:
-        """Hash of one config block (for code_version): e.g. section_hash('methods', 'dafusion')."""
-        node: Any = self.model_dump(mode="json")
+        """Hash of one config block (for code_version): e.g. section_hash('methods', 'dafusion'). Keys added later
+        (``_HASH_NEUTRAL``) count only when they differ from their default, so older configs keep their versions."""
+        node: Any = _drop_neutral(self.model_dump(mode="json"))
         for p in path:
             node = node[p]
         return hash_obj(node)[:12]
 
     def config_hash(self) -> str:
-        return hash_obj(self.model_dump(mode="json"))[:16]
+        return hash_obj(_drop_neutral(self.model_dump(mode="json")))[:16]
+
+
+# keys added after configs were first hashed, with their defaults (methods.<entry>.start_rule / preprocess,
+# training.epoch_unit / synthetic_aug, models.classifier.pretrained): left out of the hashes while at the default
+_HASH_NEUTRAL = {"start_rule": None, "preprocess": None, "epoch_unit": "steps", "synthetic_aug": "none", "pretrained": True}
+
+
+def _drop_neutral(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _drop_neutral(v) for k, v in node.items() if not (k in _HASH_NEUTRAL and v == _HASH_NEUTRAL[k])}
+    if isinstance(node, list):
+        return [_drop_neutral(v) for v in node]
+    return node
 
 
 def _format_errors(err: ValidationError, path: str) -> str:

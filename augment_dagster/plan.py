@@ -140,8 +140,8 @@ def _split_counts(size: dict, shots: int, val: int) -> list[int]:
     for n in size["train_per_class"].values():
         if n >= shots + val:
             out.append(shots)
-        elif shots >= n:
-            out.append(max(1, n - val))
+        elif shots >= n > val:
+            out.append(n - val)
         else:
             out.append(min(shots, max(1, n - 1)))
     return out

@@ -244,3 +244,46 @@ def test_diff_ii_epochs_are_over_the_data(capsys):
     by_k = {s["shots"]: s for s in w}
     assert by_k[5]["real_train_images"] == 1000 and by_k[5]["classifier_steps"] == 128 * 4  # ⌈1000/256⌉ = 4
     assert by_k[10]["real_train_images"] == 2000 and by_k[10]["classifier_steps"] == 128 * 8
+
+
+@pytest.mark.parametrize("shots, switch_t", [(5, 700), (10, 900), (3, 800)])
+def test_diff_ii_split_ratio_per_k_reaches_the_units(shots, switch_t):
+    """Diff-II: "0.3 for 5-shot and 0.1 for 10-shot": the preset's split_ratio_by_shots picks s from the split's K
+    (suffixed prompt for t ≥ 1000(1 − s)); a K not listed uses split_ratio (0.2 here)."""
+    import pandas as pd
+    import torch
+
+    from augment_dagster.methods.base import MethodInputs
+    from augment_dagster.methods.registry import get_method
+
+    split = pd.DataFrame([{"image_id": f"{c}{i}", "label": c, "role": "train", "rank": i}
+                          for c in "ab" for i in range(shots)])
+    inv = pd.DataFrame([{"image_id": r, "label": r[0], "latent_blob": f"z{r}"} for r in split["image_id"]])
+    lora = pd.DataFrame([{"kind": "token", "label": c, "token": f"<{c}>", "blob": f"t{c}"} for c in "ab"]
+                        + [{"kind": "lora", "label": None, "token": None, "blob": "L"}])
+    spec = get_method("diff_ii")
+    params = spec.Params(expansion_rate=1, split_ratio=0.2, split_ratio_by_shots={5: 0.3, 10: 0.1})
+    inp = MethodInputs(method="diff_ii", split=split, params=params, images_per_real=1, guidance_scale=7.5, steps=25,
+                       seed=0, inversion_pool=inv, concept_lora=lora,
+                       prompt_suffixes=pd.DataFrame([{"idx": 0, "suffix": "at night"}]),
+                       extra={"load_tensor": lambda b: torch.ones(4, 8, 8)})
+    units = spec.plan(inp)
+    assert len(units) == 2 * shots and {u.switch_t for u in units} == {switch_t}
+    assert {u.params["split_ratio"] for u in units} == {round(1 - switch_t / 1000, 1)}
+
+
+def test_full_dataset_split_keeps_the_validation_images():
+    """SGID trains on full datasets (a K larger than any class, fewer_than_k: use_all): the split keeps val_per_class
+    images of each class for validation (it used to keep 1); a few-shot K short of K + V still keeps its K shots."""
+    import pandas as pd
+
+    from augment_dagster.data.splits import few_shot_split
+
+    imgs = pd.DataFrame([{"image_id": f"{c}{i}", "label": c, "pool": "train"} for c, n in (("a", 41), ("b", 3))
+                         for i in range(n)])
+    s = few_shot_split(imgs, 100000, 0, 5, fewer_than_k="use_all")
+    n = s.groupby(["label", "role"]).size().to_dict()
+    assert n[("a", "train")] == 36 and n[("a", "val")] == 5
+    assert n[("b", "train")] == 2 and n[("b", "val")] == 1  # a class no larger than V: as before, 1 val image
+    few = few_shot_split(imgs, 4, 0, 10000, fewer_than_k="use_all").groupby(["label", "role"]).size().to_dict()
+    assert few[("a", "train")] == 4 and few[("a", "val")] == 37 and few[("b", "train")] == 2 and few[("b", "val")] == 1

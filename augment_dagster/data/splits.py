@@ -2,8 +2,8 @@
 
 Within each class, images are ranked by hash(seed, image content id); the first K go to train and the
 next V to validation (``fewer_than_k: use_all``: a class short of K + V keeps its K train images and validates on
-the rest; a K of at least the class's size takes the class minus V images, so full-dataset presets still
-validate on V per class). A new image in one class can only move into that class's split if it ranks
+the rest; a K of at least the class's size takes the class minus V images when the class has more than V, so
+full-dataset presets still validate on V per class). A new image in one class can only move into that class's split if it ranks
 before the current members, and never changes another class's split.
 """
 from __future__ import annotations
@@ -40,8 +40,8 @@ def few_shot_split(images: pd.DataFrame, shots: int, seed: int, val_per_class: i
         ranked = sorted(grp.to_dict("records"), key=lambda r: rank_key(seed, r["image_id"]))
         if len(ranked) >= need:
             n_train = shots
-        elif shots >= len(ranked):  # K = "the whole class" (SGID's full datasets): val still gets val_per_class
-            n_train = max(1, len(ranked) - val_per_class)
+        elif shots >= len(ranked) > val_per_class:  # K = "the whole class" (SGID's full datasets): V still validate
+            n_train = len(ranked) - val_per_class
         else:  # K shots first, validation gets what is left
             n_train = min(shots, max(1, len(ranked) - 1))
         for i, r in enumerate(ranked[: n_train + val_per_class]):
