@@ -352,10 +352,17 @@ def entry_work(cfg, name, algo, params, proto, out, size, t: TrainingConfig, img
         concept_passes += cp * seeds
     res = (proto.resolution if proto is not None and proto.resolution else 512)
     scale = (res / 512.0) ** 2
-    gpu_h = (passes + concept_passes * 3) * scale / img_per_s / 3600.0  # a training pass ≈ 3 forward passes
+    gen_h = passes * scale / img_per_s / 3600.0
+    gpu_h = gen_h + concept_passes * 3 * _res_scale(cfg) / img_per_s / 3600.0  # a training pass ≈ 3 forward passes
     return {"synthetic_images": imgs, "unet_image_passes": passes, "unet_passes_per_image":
             round(passes / imgs, 2) if imgs else 0.0, "concept_training_image_passes": concept_passes,
-            "classifier_training_steps": train_steps, "gpu_hours": round(gpu_h, 3), "per_split": per_split}
+            "classifier_training_steps": train_steps, "gpu_hours_generation": round(gen_h, 3),
+            "gpu_hours": round(gpu_h, 3), "per_split": per_split}
+
+
+def _res_scale(cfg) -> float:
+    r = cfg.generation.resolution or 512
+    return (r / 512.0) ** 2
 
 
 # ------------------------------------------------------------------ the whole config
@@ -371,14 +378,22 @@ def plan_config(cfg, img_per_s: float = DEFAULT_IMG_PER_S, include_disabled: boo
         real_steps += (t.epochs * (math.ceil(n_real / t.batch_size) if t.epoch_unit == "data" else t.steps_per_epoch)
                        * len(cfg.splits.seeds))
     tot = {k: sum(m["work"][k] for m in methods.values())
-           for k in ("synthetic_images", "unet_image_passes", "concept_training_image_passes", "classifier_training_steps")}
+           for k in ("synthetic_images", "unet_image_passes", "classifier_training_steps")}
     tot["classifier_training_steps"] += real_steps
-    tot["gpu_hours"] = round(sum(m["work"]["gpu_hours"] for m in methods.values()), 3)
+    # concept learning is one shared stage per split (TI: concept_embeddings; TI + LoRA: concept_lora): counted once
+    shared = {}
+    for m in methods.values():
+        kind = "ti" if m["concept_steps"] else "lora" if m["lora_steps"] else None
+        if kind:
+            shared[kind] = max(shared.get(kind, 0), m["work"]["concept_training_image_passes"])
+    tot["concept_training_image_passes"] = sum(shared.values())
+    gen_h = sum(m["work"]["gpu_hours_generation"] for m in methods.values())
+    tot["gpu_hours"] = round(gen_h + 3 * tot["concept_training_image_passes"] * _res_scale(cfg) / img_per_s / 3600.0, 3)
     tot["img_per_s"] = img_per_s
     tot["assumption"] = (f"{img_per_s:g} UNet image-passes/s (SD-1.x UNet at 512², fp16, batched; a CFG step on B "
                          "images counts 2B), scaled by (resolution/512)²; a concept-training pass counts as 3 forward "
-                         "passes. Shared stages (concepts, inversion) are counted per entry that needs them, so the "
-                         "total is an upper bound; classifier steps are not in GPU-hours.")
+                         "passes. An entry's figure includes the concept learning it needs; the total counts that shared "
+                         "stage once (inversion pools: per entry). Classifier steps are not in GPU-hours.")
     tot["dataset"] = {k: v for k, v in size.items() if k != "train_per_class"}
     return {"experiment": cfg.experiment, "config": cfg.source_path, "paper_preset": _is_preset(cfg),
             "splits": {"shots": list(cfg.splits.shots), "seeds": list(cfg.splits.seeds),
