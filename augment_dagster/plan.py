@@ -128,7 +128,7 @@ def dataset_size(cfg, classes: int | None = None, train_per_class: int | None = 
     exts = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
     counts = {}
     for d in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in ("test", "ood") and not p.name.startswith(".")):
-        counts[d.name] = sum(1 for f in d.rglob("*") if f.suffix.lower() in exts)
+        counts[d.name] = sum(1 for f in d.iterdir() if f.suffix.lower() in exts)  # root/<class>/* (one level)
     return {"known": True, "classes": len(counts), "train_per_class": counts}
 
 

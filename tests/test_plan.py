@@ -116,3 +116,19 @@ def test_human_table_and_bad_arguments(capsys, tmp_path):
     assert main(["plan", "--config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "stepz" in err and str(bad) in err and "Traceback" not in err
+
+
+def test_imagefolder_sizes_are_counted_without_decoding(tmp_path):
+    root = tmp_path / "ds"
+    for c, n in (("cat", 7), ("dog", 3)):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            (root / c / f"{i}.jpg").write_bytes(b"not decoded")
+    (root / "test" / "cat").mkdir(parents=True)  # held-out pools are not train classes
+    cfg = parse_config({"experiment": "x", "dataset": {"source": str(root)},
+                        "splits": {"shots": [2], "val_per_class": 2, "fewer_than_k": "use_all"},
+                        "methods": {"img2img_low": {"images_per_real": 2}}})
+    p = plan_config(cfg)
+    assert p["work"]["dataset"] == {"known": True, "classes": 2}
+    split = p["methods"]["img2img_low"]["work"]["per_split"][0]
+    assert (split["classes"], split["real_train_images"], split["synthetic_images"]) == (2, 4, 8)

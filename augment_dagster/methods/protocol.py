@@ -63,7 +63,8 @@ class ResolvedProtocol:
         res = f", {self.resolution}px" if self.resolution else ""
         g = self.guidance or f"{self.guidance_scale:g}"
         m = self.count or f"M {self.images_per_real}"
-        return (f"{self.scheduler} {self.steps} steps, g {g}, {m}{res}, start {self.start_rule}"
+        vae = ", z0 posterior sample" if self.vae_encode == "sample" else ""
+        return (f"{self.scheduler} {self.steps} steps, g {g}, {m}{res}, start {self.start_rule}{vae}"
                 + (f"; paper: {self.note}" if self.note else ""))
 
 
