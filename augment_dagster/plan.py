@@ -311,7 +311,12 @@ def entry_work(cfg, name, algo, params, proto, out, size, t: TrainingConfig, img
         n_real, C = sum(counts), len(counts)
         if algo in ("genie", "genie_ada"):
             aug = out["evaluation"].get("augmented_per_class")
-            if aug is not None and "few_shot_episodes" in out["evaluation"]["kind"]:
+            if isinstance(aug, dict):  # per K
+                aug = aug.get(k, aug.get(str(k)))
+            if isinstance(aug, str) and "n-1" in aug.replace("−", "-").replace(" ", "").lower():  # "(N−1)·K"
+                aug = (int(out["evaluation"]["n_way"]) - 1) * k
+            if isinstance(aug, (int, float)) and "few_shot_episodes" in out["evaluation"]["kind"]:
+                # generated per episode from that episode's support
                 n_img = int(aug) * int(out["evaluation"]["n_way"]) * int(out["evaluation"]["episodes"])
             else:  # every train image of every other class is a source, capped by max_per_class
                 per = [n_real - c for c in counts]
@@ -417,7 +422,9 @@ def format_plan(p: dict[str, Any]) -> str:
     """The human table: one row per entry for generation, one for the classifier/evaluation, then the work."""
     L = [f"plan of {p['experiment']} ({p['config']}){'  [paper preset]' if p['paper_preset'] else ''}",
          f"  model {p['diffusion_model']}; splits: shots {p['splits']['shots']} × seeds {p['splits']['seeds']}, "
-         f"val {p['splits']['val_per_class']} per class", ""]
+         f"val {p['splits']['val_per_class']} per class"
+         + (" (use_all: a short class keeps its K shots, the rest validates)" if p["splits"]["fewer_than_k"] == "use_all"
+            else ""), ""]
     gen_cols = ["entry", "algorithm", "sampler", "steps", "start", "z0", "g", "M / count", "res", "concept/LoRA/inv"]
     rows = []
     for n, m in p["methods"].items():
@@ -439,7 +446,14 @@ def format_plan(p: dict[str, Any]) -> str:
         probe = "linear" if c["linear_probe"] else ("full" if c["pretrained"] else "scratch")
         rows.append([n, _fmt(m["synthetic_probability"]), c["optimizer"], _fmt(c["lr"]), c["schedule"], epochs,
                      str(c["batch_size"]), tr, probe, c["headline_metric"], ep])
-    L += _table(clf_cols, rows) + [""]
+    L += _table(clf_cols, rows)
+    for n, m in p["methods"].items():
+        f = m.get("filter")
+        if f:
+            L.append(f"  {n} filter: {f['backbone']} linear probe, {f['optimizer']} {f['lr']:g} (wd {f['weight_decay']:g}), "
+                     f"≤ {f['epochs']}×{f['steps_per_epoch']}×{f['batch_size']}, patience {f['patience']}, "
+                     f"{f['train_transform']}, q over {f['views']} views; T: {f['temperature']}")
+    L.append("")
     w = p["work"]
     rows = [[n, str(m["work"]["synthetic_images"]), str(m["work"]["unet_image_passes"]),
              _fmt(m["work"]["unet_passes_per_image"]), str(m["work"]["classifier_training_steps"]),
