@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -29,12 +30,17 @@ def test_plan_is_fast_and_imports_no_torch():
             "with contextlib.redirect_stdout(buf): rc = main(['plan', '--config', sys.argv[1], '--json'])\n"
             "print(rc, 'torch' in sys.modules, 'diffusers' in sys.modules, len(buf.getvalue()))")
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code, str(DEMO)], capture_output=True, text=True, env=env, timeout=60)
     secs = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     rc, torch_loaded, diffusers_loaded, n = out.stdout.split()
     assert (rc, torch_loaded, diffusers_loaded) == ("0", "False", "False") and int(n) > 1000, out.stderr[-500:]
-    assert secs < 5.0, f"augment plan took {secs:.1f} s (shared machine: an upper bound)"
+    # CPU seconds of the whole process (interpreter start included): wall time on a loaded shared machine is not
+    # the command's; unloaded, wall ≈ CPU ≈ 1.3 s here
+    assert cpu < 5.0, f"augment plan used {cpu:.1f} CPU s ({secs:.1f} s wall)"
 
 
 def test_json_has_every_named_field_and_a_source_for_each(capsys):
