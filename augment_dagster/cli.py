@@ -1,4 +1,4 @@
-"""`augment run | status | lineage | report | export` — the command line."""
+"""`augment run | status | lineage | report | export | plan` — the command line."""
 from __future__ import annotations
 
 import argparse
@@ -193,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--with-real", action="store_true")
     sp.add_argument("--license", help="license of the exported set for croissant.json (URL or SPDX id)")
     sp.set_defaults(fn=lambda a: _lazy("export", a))
+
+    __import__(f"{__package__}.plan", fromlist=["register"]).register(sub, str(DEFAULT_CONFIG))  # augment plan
 
     args = p.parse_args(argv)
     if not (args.trace or getattr(args, "verbose", False)):

@@ -165,6 +165,8 @@ class ClassifierModelConfig(_Strict):
                         "(shipped TinyCNN backbone pretrained on the built-in pretrain pool), or a transformers vision "
                         "backbone (hub id or folder)")
     freeze_backbone: bool = False
+    pretrained: bool = Field(True, description="false: a transformers backbone's architecture with random weights "
+                                               "(trained from scratch, SGID's ResNet-50 rows); needs a full fine-tune")
 
 
 class LLMConfig(_Strict):
@@ -270,7 +272,7 @@ class PromptsConfig(_Strict):
 
 
 TRAIN_AUG_NAMES = ("none", "crop", "weak", "dafusion", "pad_crop", "strong", "randaugment")
-RECIPE_NAMES = ("project", "dafusion", "diagen", "diff_ii", "sgid")
+RECIPE_NAMES = ("project", "dafusion", "diagen", "diff_ii", "sgid", "sgid_probe")
 
 # The papers' downstream classifier recipes (METHODS.md §1–§5). Each is a table of TrainingConfig defaults;
 # keys set explicitly in ``training:`` (and then in ``methods.<entry>.training``) win key by key. The step
@@ -278,8 +280,8 @@ RECIPE_NAMES = ("project", "dafusion", "diagen", "diff_ii", "sgid")
 RECIPES: dict[str, dict[str, Any]] = {
     # today's project recipe: AdamW + OneCycle, RRC(0.6–1) + HFlip, full fine-tune, top-1
     "project": {},
-    # DA-Fusion [C]: frozen backbone + linear head, Adam 1e-4 constant, 50 × 200 × 32, Resize + HFlip + Rot ±15°,
-    # uniform real sampling (RandomSampler), mean per-class accuracy
+    # DA-Fusion [C] (train_classifier.py): frozen backbone + linear head, Adam 1e-4 constant, 50 × 200 × 32,
+    # Resize + HFlip + Rot ±15°, uniform real sampling (RandomSampler), mean per-class accuracy
     "dafusion": dict(optimizer="adam", lr=1e-4, weight_decay=0.0, schedule="constant", epochs=50, steps_per_epoch=200,
                      batch_size=32, train_aug="dafusion", linear_probe=True, class_balanced=False,
                      headline="mean_per_class"),
@@ -287,17 +289,23 @@ RECIPES: dict[str, dict[str, Any]] = {
     "diagen": dict(optimizer="adam", lr=1e-4, weight_decay=0.0, schedule="constant", epochs=50, steps_per_epoch=200,
                    batch_size=16, train_aug="dafusion", linear_probe=True, class_balanced=True,
                    headline="mean_per_class"),
-    # Diff-II [C]: full fine-tune, SGD momentum 0.9, lr 0.05 (CUB), wd 5e-4, label smoothing 0.1, cosine with 10 %
-    # linear warmup per step, RandomCrop(pad 8) + HFlip, 128 epochs, batch 256, top-1. (Diff-II iterates epochs over
-    # the data; steps_per_epoch here = 1 pass over a 256-image batch [I].)
+    # Diff-II [C] (train_classifier.py): full fine-tune, SGD momentum 0.9, lr 0.05 (CUB), wd 5e-4, label smoothing
+    # 0.1, cosine with 10 % linear warmup per step, RandomCrop(pad 8) + HFlip, 128 epochs OVER THE DATA (a DataLoader
+    # epoch: ⌈#real train / 256⌉ steps) at batch 256, top-1
     "diff_ii": dict(optimizer="sgd", momentum=0.9, lr=0.05, weight_decay=5e-4, label_smoothing=0.1, schedule="cosine",
-                    warmup_frac=0.1, epochs=128, steps_per_epoch=1, batch_size=256, train_aug="pad_crop",
+                    warmup_frac=0.1, epochs=128, epoch_unit="data", batch_size=256, train_aug="pad_crop",
                     linear_probe=False, class_balanced=False, headline="top1"),
-    # SGID [P, App. H unavailable]: linear probing, best configuration "followed by RandAugment"; optimizer,
-    # LR and schedule are [I] (AdamW 1e-3, cosine with 10 % warmup).
-    "sgid": dict(optimizer="adamw", lr=1e-3, weight_decay=1e-2, schedule="cosine", warmup_frac=0.1, epochs=30,
-                 steps_per_epoch=100, batch_size=32, train_aug="randaugment", linear_probe=True, class_balanced=False,
-                 headline="top1"),
+    # SGID [P] Table 1 main rows: ResNet-50 trained FROM SCRATCH (full training), no RandAugment (RA only in the
+    # "+ SGID & RA" row, on the augmented images: synthetic_aug). App. H (training details) is unavailable and there is
+    # no code: optimizer, LR, schedule, epochs and transform are [I] (SGD 0.1 cosine, RRC + HFlip, 100 data epochs).
+    "sgid": dict(optimizer="sgd", momentum=0.9, lr=0.1, weight_decay=5e-4, schedule="cosine", warmup_frac=0.05,
+                 epochs=100, epoch_unit="data", batch_size=128, train_aug="crop", linear_probe=False,
+                 class_balanced=False, headline="top1"),
+    # SGID [P] pre-trained backbones (ViT IN-21k, CLIP-ViT LAION-2B): linear probing (related work); the rest [I]
+    # (AdamW 1e-3, cosine with 10 % warmup, 30 data epochs, RRC + HFlip), no RandAugment in the main rows.
+    "sgid_probe": dict(optimizer="adamw", lr=1e-3, weight_decay=1e-2, schedule="cosine", warmup_frac=0.1, epochs=30,
+                       epoch_unit="data", batch_size=32, train_aug="crop", linear_probe=True, class_balanced=False,
+                       headline="top1"),
 }
 
 
@@ -338,9 +346,13 @@ class DiagenFilterConfig(_Strict):
 class TrainingConfig(_Strict):
     """Downstream classifier training. ``recipe`` names a table of defaults (RECIPES); any key set here wins."""
 
-    recipe: Literal["project", "dafusion", "diagen", "diff_ii", "sgid"] = "project"
+    recipe: Literal["project", "dafusion", "diagen", "diff_ii", "sgid", "sgid_probe"] = "project"
     epochs: int = Field(8, ge=1)
     steps_per_epoch: int = Field(30, ge=1)
+    epoch_unit: Literal["steps", "data"] = Field(
+        "steps", description="steps: an epoch is steps_per_epoch batches (DA-Fusion's 200 iterations); data: an epoch is "
+                             "one pass over the real train images, ⌈#real / batch_size⌉ batches (Diff-II's DataLoader "
+                             "epochs; steps_per_epoch is then unused)")
     batch_size: int = Field(32, ge=1)
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
@@ -353,6 +365,9 @@ class TrainingConfig(_Strict):
     train_aug: Literal["none", "crop", "weak", "dafusion", "pad_crop", "strong", "randaugment"] = Field(
         "crop", description="online train transform: crop = RRC(0.6–1)+HFlip, weak = RRC(0.2–1)+HFlip, "
                             "dafusion = HFlip + Rot ±15°, pad_crop, strong, randaugment (N 2 M 9), none")
+    synthetic_aug: Literal["none", "randaugment"] = Field(
+        "none", description="an extra transform applied to the synthetic images of a batch only, after train_aug "
+                            "(SGID's '+ SGID & RA' row: RandAugment on SGID's augmented images, footnote 7)")
     linear_probe: bool | None = Field(None, description="frozen backbone + linear head; None: models.classifier.freeze_backbone")
     headline: Literal["top1", "mean_per_class"] = Field(
         "top1", description="the metric reported as acc_id/acc_ood (both are always recorded)")
@@ -409,6 +424,11 @@ class MethodConfig(_Strict):
     guidance_scale: float | None = Field(None, ge=0)
     resolution: int | None = Field(None, ge=8)
     images_per_real: int | None = Field(None, ge=1)
+    start_rule: Literal["sdedit", "genie"] | None = Field(
+        None, description="img2img start: sdedit (diffusers img2img) or genie (noise to ⌊1000r⌋, skip t−1 > 1000r); "
+                          "None: the algorithm's (GeNIe's baselines: set genie to share GeNIe's generation setup)")
+    preprocess: Literal["resize", "center_crop"] | None = Field(
+        None, description="init image -> square: resize (squash) or center_crop (Resize + CenterCrop, GeNIe); None: the algorithm's")
     params: dict[str, Any] = Field(default_factory=dict)
     synthetic_probability: float | None = Field(None, ge=0, le=1, description="overrides training.synthetic_probability")
     training: dict[str, Any] = Field(default_factory=dict, description="overrides of training.* for this entry "
@@ -561,14 +581,28 @@ class ExperimentConfig(_Strict):
         return Path(d).expanduser().resolve()
 
     def section_hash(self, *path: str) -> str:
-        """Hash of one config block (for code_version): e.g. section_hash('methods', 'dafusion')."""
-        node: Any = self.model_dump(mode="json")
+        """Hash of one config block (for code_version): e.g. section_hash('methods', 'dafusion'). Keys added later
+        (``_HASH_NEUTRAL``) count only when they differ from their default, so older configs keep their versions."""
+        node: Any = _drop_neutral(self.model_dump(mode="json"))
         for p in path:
             node = node[p]
         return hash_obj(node)[:12]
 
     def config_hash(self) -> str:
-        return hash_obj(self.model_dump(mode="json"))[:16]
+        return hash_obj(_drop_neutral(self.model_dump(mode="json")))[:16]
+
+
+# keys added after configs were first hashed, with their defaults (methods.<entry>.start_rule / preprocess,
+# training.epoch_unit / synthetic_aug, models.classifier.pretrained): left out of the hashes while at the default
+_HASH_NEUTRAL = {"start_rule": None, "preprocess": None, "epoch_unit": "steps", "synthetic_aug": "none", "pretrained": True}
+
+
+def _drop_neutral(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _drop_neutral(v) for k, v in node.items() if not (k in _HASH_NEUTRAL and v == _HASH_NEUTRAL[k])}
+    if isinstance(node, list):
+        return [_drop_neutral(v) for v in node]
+    return node
 
 
 def _format_errors(err: ValidationError, path: str) -> str:

@@ -111,13 +111,6 @@ def test_posterior_sampling_and_weight_decay_options(tiny_bundle):
         learn_concept(tiny_bundle, IMAGES, latents="mode", **kw)
 
 
-def test_concept_config_defaults_follow_dafusion():
-    from augment_dagster.config import ConceptsConfig
-
-    c = ConceptsConfig()
-    assert c.weight_decay == 1e-2 and c.latents == "sample"
-
-
 def test_a_class_name_the_tokenizer_splits_starts_from_the_fallback_word(tiny_bundle):
     tok, emb = tiny_bundle.pipe.tokenizer, tiny_bundle.pipe.text_encoder.get_input_embeddings().weight.detach()
     assert len(tok("circle", add_special_tokens=False)["input_ids"]) == 1

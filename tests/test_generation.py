@@ -316,3 +316,80 @@ def test_center_crop_preprocess_keeps_the_aspect(core):
     z = core.generate_latents(reqs)
     assert not torch.allclose(z[0], z[1], atol=1e-4)
     torch.testing.assert_close(z[0], core.generate_latents(reqs[:1])[0], atol=1e-3, rtol=1e-3)  # batch of 2 vs 1
+
+
+# ---------------------------------------------------------------- the core vs diffusers' own pipelines (METHODS §1, §4)
+def _img2img_pipeline(bundle, core):
+    """diffusers' StableDiffusionImg2ImgPipeline on the tiny model's components with SD-1.x's PNDM (DA-Fusion's
+    reference setup: the pipeline's default scheduler)."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    cls, conf = core.scheduler_class_and_config("pndm")
+    p = bundle.pipe
+    return StableDiffusionImg2ImgPipeline(vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer, unet=p.unet,
+                                          scheduler=cls.from_config(conf), safety_checker=None, feature_extractor=None,
+                                          requires_safety_checker=False).to("cpu")
+
+
+@pytest.mark.parametrize("strength", [0.5, 0.75])
+def test_vae_sample_convention_equals_diffusers_img2img_bit_for_bit(core, tiny_bundle, strength):
+    """DA-Fusion's reference runs StableDiffusionImg2ImgPipeline: z0 is a posterior *sample* (the generator's first
+    draw) and the forward noise is the second draw. vae_encode="sample" gives the pipeline's latents exactly."""
+    im = shape_image(8)
+    seed, steps = 11, 10
+    pipe = _img2img_pipeline(tiny_bundle, core)
+    ref = pipe("a photo of a circle", image=im, strength=strength, num_inference_steps=steps, guidance_scale=7.5,
+               generator=torch.Generator("cpu").manual_seed(seed), output_type="latent").images
+    r = GenRequest("a photo of a circle", seed=seed, init_image=im, strength=strength, num_inference_steps=steps,
+                   guidance_scale=7.5, scheduler="pndm", vae_encode="sample")
+    z = core.generate_latents([r])
+    assert torch.equal(z, ref.float().cpu())
+    # the core's default (the posterior mode, GeNIe's convention; first draw = noise) is another image
+    zm = core.generate_latents([dataclasses.replace(r, vae_encode="mode")])
+    assert not torch.allclose(zm, z, atol=1e-4)
+    # batched with other requests, the sample convention still draws per request: same latents
+    other = dataclasses.replace(r, seed=12, prompt="a photo of a square")
+    torch.testing.assert_close(core.generate_latents([other, r])[1], z[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown vae_encode"):
+        core.generate_latents([dataclasses.replace(r, vae_encode="argmax")])
+
+
+def test_vae_encode_is_a_protocol_setting_recorded_per_unit():
+    from augment_dagster.methods.base import SynthUnit
+    from augment_dagster.methods.protocol import apply_protocol, resolve_protocol
+    from augment_dagster.config import parse_config
+
+    cfg = parse_config({"experiment": "x", "methods": {"dafusion": {}, "diagen": {}, "genie": {}, "real_guidance": {}}})
+    got = {n: resolve_protocol(cfg, n).vae_encode for n in cfg.methods}
+    assert got == {"dafusion": "sample", "diagen": "sample", "genie": "mode", "real_guidance": "mode"}
+    u = SynthUnit(label="a", seed=0, mode="img2img", strength=0.5)
+    mode_key = u.identity()
+    apply_protocol([u], resolve_protocol(cfg, "dafusion"))
+    assert u.vae_encode == "sample" and u.identity()["vae_encode"] == "sample"
+    apply_protocol([u], resolve_protocol(cfg, "genie"))
+    assert "vae_encode" not in u.identity()  # the mode leaves memo keys of every other method as they were
+    t = SynthUnit(label="a", seed=0, mode="txt2img")
+    apply_protocol([t], resolve_protocol(cfg, "dafusion"))
+    assert t.vae_encode == "mode" and "vae_encode" not in t.identity()
+    assert "vae_encode" not in mode_key
+
+
+@pytest.mark.parametrize("name", ["pndm", "ddim", "dpmsolver"])
+def test_init_latents_t_starts_at_that_timestep_of_the_actual_schedule(core, name):
+    """The start of partially inverted latents is looked up in the scheduler's timesteps. PNDM-10's schedule has 11
+    (901, 801, 801, 701, …, 1): init_latents_t=501 must run the 6 steps 501 … 1, not 7 from 601."""
+    ts = _sd1_scheduler(name, 10)
+    z = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for t_start in (501, 500, 250, 150):
+        r = GenRequest("a photo of a circle", seed=0, init_latents=z, init_latents_t=t_start, guidance_scale=1.0,
+                       num_inference_steps=10, scheduler=name)
+        info = core.schedule_info(r)
+        expect = [t for t in ts if t <= t_start]
+        assert info["first_timestep"] == expect[0] and info["denoise_steps"] == len(expect), (name, t_start, info)
+        core.stats.update(unet_calls=0)
+        core.generate_latents([r])
+        assert core.stats["unet_calls"] == len(expect)
+    if name == "pndm":
+        info = core.schedule_info(GenRequest("x", seed=0, init_latents=z, init_latents_t=501, num_inference_steps=10,
+                                             scheduler="pndm"))
+        assert (info["first_timestep"], info["denoise_steps"]) == (501, 6)

@@ -149,6 +149,7 @@ def test_lineage_and_status_cli(env, tmp_path, capsys):
     assert ch["synthetic_id"] == df["synthetic_id"].iloc[0] and ch["guides"][0]["file"].endswith(".png")
     g = ch["generation"]  # DA-Fusion's paper sampler with the experiment's steps; the schedule it ran
     assert g["scheduler"] == "pndm" and g["steps"] == 6 and g["start_rule"] == "sdedit"
+    assert g["vae_encode"] == "sample" and g["preprocess"] == "resize"  # diffusers' img2img pipeline convention
     assert g["denoise_steps"] == int(6 * g["strength"]) + 1  # PLMS runs one step more than int(N·t0)
     assert main(["lineage", "--config", str(cfgp), "0000"]) == 1  # no such prefix: clear error, exit 1
     assert "no synthetic image" in capsys.readouterr().err

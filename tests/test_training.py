@@ -304,3 +304,51 @@ def test_hf_frozen_backbone_keeps_batchnorm_stats(easy, tiny_resnet_dir):
     after = res.model.backbone.state_dict()
     assert any("running_mean" in k for k in before)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_from_scratch_backbone_has_random_weights_and_cannot_be_frozen(easy, tiny_resnet_dir):
+    """models.classifier.pretrained: false (SGID's ResNet-50 rows): the checkpoint's architecture, new random
+    weights, trained in full; a frozen random backbone is refused."""
+    pre = build_classifier(tiny_resnet_dir, 2)
+    torch.manual_seed(1)
+    scratch = build_classifier(tiny_resnet_dir, 2, pretrained=False)
+    a, b = pre.backbone.state_dict(), scratch.backbone.state_dict()
+    assert a.keys() == b.keys()
+    assert any(v.is_floating_point() and v.numel() > 8 and not torch.equal(v, b[k]) for k, v in a.items())
+    with pytest.raises(ValueError, match="cannot be frozen"):
+        build_classifier(tiny_resnet_dir, 2, freeze_backbone=True, pretrained=False)
+    tx, ty, vx, vy = easy
+    res = train_classifier(tx, ty, vx, vy, 2, TrainConfig(backbone=tiny_resnet_dir, pretrained=False, **FAST))
+    assert all(p.requires_grad for p in res.model.backbone.parameters())
+
+
+def test_synthetic_aug_transforms_only_synthetic_images(easy):
+    """training.synthetic_aug (SGID + RA, footnote 7): RandAugment on the synthetic images of a batch only. Without
+    synthetic images it is a no-op (same weights as none); with them the weights change."""
+    tx, ty, vx, vy = easy
+    sx, sy = tx.flip(-1), ty.clone()
+    cfg = dict(backbone="tiny-cnn", train_aug="none", **FAST)
+    real_only = [train_classifier(tx, ty, vx, vy, 2, TrainConfig(synthetic_aug=a, **cfg)).model for a in ("none", "randaugment")]
+    assert all(torch.equal(p, q) for p, q in zip(real_only[0].parameters(), real_only[1].parameters()))
+    mixed = [train_classifier(tx, ty, vx, vy, 2, TrainConfig(synthetic_aug=a, **cfg), synth_x=sx, synth_y=sy, alpha=0.5).model
+             for a in ("none", "randaugment")]
+    assert not all(torch.equal(p, q) for p, q in zip(mixed[0].parameters(), mixed[1].parameters()))
+    with pytest.raises(ValueError, match="unknown synthetic_aug"):
+        TrainConfig(synthetic_aug="cutout").validate()
+
+
+def test_epochs_over_the_data_and_memo_keys_of_older_configs():
+    """epoch_unit: data makes an epoch ⌈n_real / batch⌉ steps (Diff-II); the keys added for it stay out of a
+    classifier's memo key while at their defaults, so earlier configs keep their trained classifiers."""
+    from augment_dagster.config import ClassifierModelConfig, TrainingConfig
+    from augment_dagster.training.stage import _NOT_CLASSIFIER_KEYS, classifier_key_params, steps_per_epoch_for
+
+    t = TrainingConfig(recipe="diff_ii").resolved()
+    assert t.epoch_unit == "data" and steps_per_epoch_for(t, 1000) == 4 and steps_per_epoch_for(t, 256) == 1
+    assert steps_per_epoch_for(TrainingConfig(steps_per_epoch=7), 1000) == 7
+    old = TrainingConfig(recipe="dafusion").resolved()
+    k = classifier_key_params(old, ClassifierModelConfig())
+    assert k == {x: v for x, v in old.model_dump(mode="json", exclude=_NOT_CLASSIFIER_KEYS).items()
+                 if x not in ("epoch_unit", "synthetic_aug")}
+    assert classifier_key_params(old, ClassifierModelConfig(pretrained=False))["pretrained"] is False
+    assert "steps_per_epoch" not in classifier_key_params(t, ClassifierModelConfig())

@@ -1,7 +1,9 @@
 """Stable few-shot splits.
 
 Within each class, images are ranked by hash(seed, image content id); the first K go to train and the
-next V to validation. A new image in one class can only move into that class's split if it ranks
+next V to validation (``fewer_than_k: use_all``: a class short of K + V keeps its K train images and validates on
+the rest; a K of at least the class's size takes the class minus V images when the class has more than V, so
+full-dataset presets still validate on V per class). A new image in one class can only move into that class's split if it ranks
 before the current members, and never changes another class's split.
 
 Class-split benchmarks (``dataset.class_split``; raw_images has ``class_evaluated``): only the evaluated classes
@@ -44,7 +46,12 @@ def few_shot_split(images: pd.DataFrame, shots: int, seed: int, val_per_class: i
                     "splits.fewer_than_k: use_all"
                 )
         ranked = sorted(grp.to_dict("records"), key=lambda r: rank_key(seed, r["image_id"]))
-        n_train = min(shots, max(1, len(ranked) - 1)) if len(ranked) < need else shots
+        if len(ranked) >= need:
+            n_train = shots
+        elif shots >= len(ranked) > val_per_class:  # K = "the whole class" (SGID's full datasets): V still validate
+            n_train = len(ranked) - val_per_class
+        else:  # K shots first, validation gets what is left
+            n_train = min(shots, max(1, len(ranked) - 1))
         for i, r in enumerate(ranked[: n_train + val_per_class]):
             out.append({**r, "role": "train" if i < n_train else "val", "rank": i,
                         "shortfall": max(0, need - len(ranked))})

@@ -48,6 +48,7 @@ class SynthUnit:
     start_rule: str = "sdedit"  # img2img start: "sdedit" | "genie"
     resolution: int | None = None  # None = the model's native size
     preprocess: str = "resize"  # init image -> square: "resize" | "center_crop"
+    vae_encode: str = "mode"  # img2img z0: posterior "mode" (mean) | a posterior "sample" (diffusers' img2img pipeline)
     init_image_id: str | None = None
     init_latents_blob: str | None = None
     # Diff-II: start latents computed from stored ones, e.g. {"op": "circle", "z1": blob, "z2": blob, "alpha": a}
@@ -85,6 +86,7 @@ class SynthUnit:
             **({"start_rule": self.start_rule} if self.start_rule != "sdedit" else {}),
             **({"resolution": self.resolution} if self.resolution is not None else {}),
             **({"preprocess": self.preprocess} if self.preprocess != "resize" else {}),
+            **({"vae_encode": self.vae_encode} if self.vae_encode != "mode" else {}),
         }
 
 

@@ -28,11 +28,21 @@ class DiffIIParams(MethodParams):
                                                                 "this method's M (None: methods.<entry>.images_per_real, "
                                                                 "generation.images_per_real, paper 5)")
     split_ratio: float = Field(0.3, ge=0.0, le=1.0, description="s: suffixed prompt for t >= 1000(1-s)")
+    split_ratio_by_shots: dict[int, float] = Field(
+        default_factory=dict, description="s per K (paper: {5: 0.3, 10: 0.1}); a K not listed uses split_ratio")
     use_concepts: bool = Field(True, description="TI tokens + shared LoRA + inverted starts (else the paper's ablation: "
                                                    "N(0, I) start, template prompt with the class name, base UNet)")
     interpolation: bool = Field(True, description="start from the circle interpolation (else from one inverted latent)")
     suffixes: bool = Field(True, description="use LLM/caption suffixes")
     two_stage: bool = Field(True, description="switch to the plain prompt after the first s·T timesteps (else suffix all along)")
+
+
+def split_ratio_for(p: DiffIIParams, shots: int) -> float:
+    """The two-stage split ratio s of a K-shot split: ``split_ratio_by_shots[K]``, else ``split_ratio``."""
+    for k, v in p.split_ratio_by_shots.items():
+        if not 0.0 <= float(v) <= 1.0:
+            raise ValueError(f"split_ratio_by_shots[{k}] = {v}: must be in [0, 1]")
+    return float(p.split_ratio_by_shots.get(int(shots), p.split_ratio))
 
 
 def plan(inputs: MethodInputs) -> list[SynthUnit]:
@@ -44,7 +54,9 @@ def plan(inputs: MethodInputs) -> list[SynthUnit]:
     tokens = {r.label: r for r in lora[lora["kind"] == "token"].itertuples()} if p.use_concepts else {}
     lora_blob = lora[lora["kind"] == "lora"]["blob"].iloc[0] if p.use_concepts else None
     suffixes = list(suf.sort_values("idx")["suffix"]) if p.suffixes and len(suf) else []
-    switch_t = int(1000 * (1.0 - p.split_ratio))
+    shots = int(inputs.train.groupby("label").size().max()) if len(inputs.train) else 0
+    ratio = split_ratio_for(p, shots)
+    switch_t = int(1000 * (1.0 - ratio))
     rate = p.expansion_rate or inputs.images_per_real  # the resolved M is expansion_rate when set (M_ALIAS)
     units = []
     for label, grp in inputs.train.groupby("label", sort=True):
@@ -67,7 +79,7 @@ def plan(inputs: MethodInputs) -> list[SynthUnit]:
             rng = random.Random(hash_obj("diffii", seed))
             suffix = rng.choice(suffixes) if suffixes else ""
             prompt = f"{base} {suffix}".strip()
-            params = {"index": i, "suffix": suffix, "split_ratio": p.split_ratio, "metaclass": inputs.metaclass}
+            params = {"index": i, "suffix": suffix, "split_ratio": ratio, "metaclass": inputs.metaclass}
             common = dict(label=label, seed=seed, prompt=prompt, guidance_scale=inputs.guidance_scale, steps=inputs.steps,
                           negative_prompt=inputs.negative_prompt, concepts=concepts, lora_blob=lora_blob,
                           embedding_id=concepts.get(name), prompt_source="suffix" if suffix else "template")

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 PROTOCOL_KEYS = ("scheduler", "steps", "guidance_scale", "resolution", "images_per_real")
+# set on a method entry or taken from the algorithm (e.g. GeNIe's baselines on GeNIe's own start and crop)
+ENTRY_ONLY_KEYS = ("start_rule", "preprocess")
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,9 @@ class Protocol:
     resolution: int | None = None
     start_rule: str = "sdedit"
     preprocess: str = "resize"  # init image -> square: "resize" (squash) | "center_crop" (Resize + CenterCrop)
+    # img2img z0: "mode" (posterior mean; GeNIe's latent_dist.mode()) | "sample" (a posterior draw from the unit's
+    # seed before the noise draw: diffusers' StableDiffusionImg2ImgPipeline, which DA-Fusion/DIAGen's code runs)
+    vae_encode: str = "mode"
     note: str = ""  # the rest of the paper protocol, for status / README (e.g. "inversion DDIM 200 at g 1")
     guidance: str | None = None  # set when the method computes g per image (SGID: "f(s*)"); the scale is then unused
     count: str | None = None  # set when M is not "per real image" (GeNIe: "(C−1)·K per class"); M is then unused
@@ -44,6 +49,7 @@ class ResolvedProtocol:
     resolution: int | None
     start_rule: str
     preprocess: str = "resize"
+    vae_encode: str = "mode"
     sources: dict[str, str] = field(default_factory=dict)  # key -> where its value came from
     note: str = ""
     guidance: str | None = None
@@ -57,7 +63,8 @@ class ResolvedProtocol:
         res = f", {self.resolution}px" if self.resolution else ""
         g = self.guidance or f"{self.guidance_scale:g}"
         m = self.count or f"M {self.images_per_real}"
-        return (f"{self.scheduler} {self.steps} steps, g {g}, {m}{res}, start {self.start_rule}"
+        vae = ", z0 posterior sample" if self.vae_encode == "sample" else ""
+        return (f"{self.scheduler} {self.steps} steps, g {g}, {m}{res}, start {self.start_rule}{vae}"
                 + (f"; paper: {self.note}" if self.note else ""))
 
 
@@ -80,9 +87,11 @@ def resolve_protocol(cfg, entry_name: str) -> ResolvedProtocol:
     m_alias = getattr(type(params), "M_ALIAS", None)  # a method's own name for M (Diff-II: expansion_rate)
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
-    for key in PROTOCOL_KEYS:
+    for key in PROTOCOL_KEYS + ENTRY_ONLY_KEYS:
         for where, obj in levels:
             if where == "models.diffusion" and key != "scheduler":
+                continue
+            if key in ENTRY_ONLY_KEYS and where not in (f"methods.{entry_name}", f"paper:{spec.name}", "project"):
                 continue
             v = getattr(obj, key, None)
             if v is None and key == "images_per_real" and obj is params and m_alias:
@@ -95,7 +104,8 @@ def resolve_protocol(cfg, entry_name: str) -> ResolvedProtocol:
     return ResolvedProtocol(
         scheduler=values["scheduler"], steps=int(values["steps"]), guidance_scale=float(values["guidance_scale"]),
         images_per_real=int(values["images_per_real"]), resolution=values["resolution"],
-        start_rule=spec.protocol.start_rule, preprocess=spec.protocol.preprocess, sources=sources, note=spec.protocol.note,
+        start_rule=values["start_rule"], preprocess=values["preprocess"], vae_encode=spec.protocol.vae_encode,
+        sources=sources, note=spec.protocol.note,
         guidance=spec.protocol.guidance, count=spec.protocol.count,
     )
 
@@ -120,6 +130,7 @@ def apply_protocol(units, proto: ResolvedProtocol) -> None:
         u.resolution = proto.resolution
         u.start_rule = proto.start_rule if u.mode == "img2img" else "sdedit"
         u.preprocess = proto.preprocess if u.mode == "img2img" else "resize"
+        u.vae_encode = proto.vae_encode if u.mode == "img2img" else "mode"
 
 
 def protocol_lines(cfg) -> list[str]:

@@ -33,7 +33,7 @@ class RunStats:
 SYNTH_COLUMNS = [
     "synthetic_id", "method", "algorithm", "label", "guide_ids", "prompt", "prompt_segments", "negative_prompt",
     "prompt_source", "seed", "mode", "strength", "guidance_scale", "steps", "scheduler", "start_rule", "resolution",
-    "start_timestep", "first_timestep", "denoise_steps", "preprocess", "switch_prompt", "switch_t",
+    "start_timestep", "first_timestep", "denoise_steps", "preprocess", "vae_encode", "switch_prompt", "switch_t",
     "embedding_id", "concepts", "model_fingerprint", "params_json", "blob", "memo_key", "created_by_run", "compute_seconds",
 ]
 
@@ -74,7 +74,7 @@ def to_request(unit: SynthUnit, load_image: Callable[[str], Any], load_tensor: C
         num_inference_steps=unit.steps, switch_prompt=prompt(unit.switch_prompt), switch_t=unit.switch_t,
         concepts={tok: concept_vector(unit, tok, eid, load_tensor) for tok, eid in unit.concepts.items()} or None,
         weighting=unit.weighting, scheduler=unit.scheduler, start_rule=unit.start_rule, resolution=unit.resolution,
-        preprocess=unit.preprocess,
+        preprocess=unit.preprocess, vae_encode=unit.vae_encode,
     )
 
 
@@ -183,6 +183,7 @@ def run_units(
             "resolution": u.resolution, "start_timestep": rec.get("start_timestep"),
             "first_timestep": rec.get("first_timestep"), "denoise_steps": rec.get("denoise_steps"),
             "preprocess": u.preprocess if spec.uses_diffusion and u.mode == "img2img" else None,
+            "vae_encode": u.vae_encode if spec.uses_diffusion and u.mode == "img2img" else None,
             "switch_prompt": (sw if isinstance(sw, str) or sw is None else "".join(t for t, _ in sw)),
             "switch_t": u.switch_t, "embedding_id": u.embedding_id, "concepts": json.dumps(u.concepts, sort_keys=True),
             "model_fingerprint": model_fp if spec.uses_diffusion else None,

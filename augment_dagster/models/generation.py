@@ -3,12 +3,18 @@
 ONE denoising loop (:meth:`GenerationCore._run`) over a diffusers pipeline's components and a fresh diffusers
 scheduler per batch (``set_timesteps`` / ``scale_model_input`` / ``step`` / ``add_noise``):
 
-* img2img / SDEdit at strength s: encode the image (posterior mean · scaling_factor), ``add_noise`` at the first
-  kept timestep and denoise the remaining ``min(int(N·s), N)`` steps — StableDiffusionImg2ImgPipeline's
-  convention (``strength=0`` returns the VAE reconstruction);
+* img2img / SDEdit at strength s: encode the image (``vae_encode``: the posterior mode/mean, or a *sample* of the
+  posterior) · scaling_factor, ``add_noise`` at the first kept timestep and denoise the remaining
+  ``min(int(N·s), N)`` steps — StableDiffusionImg2ImgPipeline's convention (``strength=0`` returns the VAE
+  reconstruction). Random draws per request come from one ``torch.Generator('cpu').manual_seed(seed)``:
+  ``vae_encode="mode"`` (GeNIe's ``latent_dist.mode()``, the default): the first draw is the forward noise;
+  ``vae_encode="sample"`` (diffusers' img2img pipeline, which DA-Fusion's and DIAGen's reference code run): the
+  first draw samples the posterior (mean + std·ε) and the second is the forward noise, so the core gives the
+  pipeline's latents bit for bit for the same generator seed;
 * txt2img from ``N(0, I)·init_noise_sigma``;
 * denoising given start latents (e.g. DDIM-inverted z_T) over the full schedule, or — with ``init_latents_t`` —
-  from that timestep on (partial inversion);
+  from the first timestep of the scheduler's actual schedule that is ≤ ``init_latents_t`` on (partial inversion;
+  PNDM's schedule has N + 1 timesteps, so the start is found in the timesteps, not computed as (N − n)·order);
 * per-request guidance scale (CFG off when ≤ 1, like diffusers), negative prompt, and a per-request prompt
   switch (Diff-II two-stage: timesteps t ≥ switch_t use ``prompt``, t < switch_t use ``switch_prompt``);
 * prompt embeddings with per-token weights (SGID) and injected concept vectors (textual inversion);
@@ -65,6 +71,7 @@ SCHEDULERS = {
 }
 WEIGHTINGS = ("output", "input_embeddings")
 START_RULES = ("sdedit", "genie")
+VAE_ENCODE = ("mode", "sample")
 PREPROCESS = ("resize", "center_crop")
 # what SD-1.x's scheduler_config.json sets and a scheduler class would not default to on its own
 _SD1_SCHEDULER_EXTRAS = {"pndm": {"skip_prk_steps": True}}
@@ -124,6 +131,9 @@ class GenRequest:
     start_rule: str = "sdedit"  # img2img start: "sdedit" (diffusers img2img) | "genie" (⌊1000r⌋, skip t−1 > 1000r)
     resolution: int | None = None  # pixels (square); None = the bundle's resolution
     preprocess: str = "resize"  # init image -> square: "resize" (squash, DA-Fusion) | "center_crop" (GeNIe: Resize + CenterCrop)
+    # img2img z0: "mode" (posterior mean; the seed's first draw is the noise) | "sample" (diffusers' img2img
+    # pipeline: the first draw samples the posterior, the second is the noise)
+    vae_encode: str = "mode"
 
 
 @dataclass
@@ -349,9 +359,11 @@ class GenerationCore:
             return im.crop((left, top, left + size, top + size))
         return im.resize((size, size), Image.BILINEAR)
 
-    def encode_images(self, images, resolution: int | None = None, preprocess: "str | list[str]" = "resize") -> torch.Tensor:
+    def encode_images(self, images, resolution: int | None = None, preprocess: "str | list[str]" = "resize",
+                      generators: "list[torch.Generator | None] | None" = None) -> torch.Tensor:
         """z0 = posterior mean · scaling_factor of RGB images brought to ``resolution``² (None: the bundle's) by
-        ``preprocess`` (one for all, or one per image; see :meth:`prepare_image`)."""
+        ``preprocess`` (one for all, or one per image; see :meth:`prepare_image`). ``generators``: per image, None
+        (the mean) or a CPU generator that draws a posterior sample mean + std·ε (diffusers' ``latent_dist.sample``)."""
         r = int(resolution or self.bundle.resolution)
         pre = [preprocess] * len(images) if isinstance(preprocess, str) else list(preprocess)
         arr = np.stack([np.asarray(self.prepare_image(im, r, p), dtype=np.float32)
@@ -359,7 +371,15 @@ class GenerationCore:
         vae = self.pipe.vae
         x = torch.from_numpy(arr).permute(0, 3, 1, 2).to(self.device, vae.dtype)
         with torch.inference_mode():
-            z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+            dist = vae.encode(x).latent_dist
+            z = dist.mean
+            if generators is not None and any(g is not None for g in generators):
+                z = z.clone()
+                for i, g in enumerate(generators):
+                    if g is not None:  # diffusers' DiagonalGaussianDistribution.sample, one image at a time
+                        eps = torch.randn(tuple(z.shape[1:]), generator=g, dtype=dist.std.dtype).to(z.device)
+                        z[i] = dist.mean[i] + dist.std[i] * eps
+            z = z * vae.config.scaling_factor
         return z.float()
 
     def decode(self, latents: torch.Tensor) -> list:
@@ -424,6 +444,8 @@ class GenerationCore:
             raise ValueError(f"unknown weighting {r.weighting!r}; choose from {WEIGHTINGS}")
         if r.start_rule not in START_RULES:
             raise ValueError(f"unknown start_rule {r.start_rule!r}; choose from {START_RULES}")
+        if r.vae_encode not in VAE_ENCODE:
+            raise ValueError(f"unknown vae_encode {r.vae_encode!r}; choose from {VAE_ENCODE}")
         name = r.scheduler or self.scheduler_name
         res = int(r.resolution) if r.resolution and int(r.resolution) != int(self.bundle.resolution) else None
         self._latent_shape(res)  # validates the resolution
@@ -432,8 +454,9 @@ class GenerationCore:
         if r.init_latents is not None:
             if r.init_latents_t is None:
                 return _Key(name, res, N, "latents", 0, None, cfg)
-            n = sum(1 for t in ts[::order] if t <= int(r.init_latents_t))
-            return _Key(name, res, N, "latents", (N - n) * order if n else len(ts), None, cfg)
+            # the first timestep of the actual schedule at or below init_latents_t (PNDM has N + 1 timesteps)
+            begin = next((i for i, t in enumerate(ts) if t <= int(r.init_latents_t)), len(ts))
+            return _Key(name, res, N, "latents", begin, None, cfg)
         if r.init_image is not None:
             if r.start_rule == "genie":
                 T = int(self._sched_config.get("num_train_timesteps", 1000))
@@ -462,7 +485,8 @@ class GenerationCore:
         elif k.kind == "latents" and k.begin > 0:
             start = int(r.init_latents_t)
         return {"scheduler": k.scheduler, "resolution": int(k.resolution or self.bundle.resolution),
-                "start_rule": r.start_rule if r.init_image is not None else None, "start_timestep": start,
+                "start_rule": r.start_rule if r.init_image is not None else None,
+                "start_timestep": start,
                 "first_timestep": run[0] if run else None, "denoise_steps": len(run)}
 
     # ------------------------------------------------------------------ generation
@@ -560,10 +584,13 @@ class GenerationCore:
             if len(timesteps) == 0:
                 return z.cpu()
         elif kind in ("image", "genie"):
-            z0 = self.encode_images([r.init_image for r in reqs], key.resolution, [r.preprocess for r in reqs])
+            gens = [torch.Generator("cpu").manual_seed(int(r.seed)) for r in reqs]
+            z0 = self.encode_images([r.init_image for r in reqs], key.resolution, [r.preprocess for r in reqs],
+                                    [g if r.vae_encode == "sample" else None for g, r in zip(gens, reqs)])
             if len(timesteps) == 0:
                 return z0.cpu()
-            noise = torch.stack([self._noise(r.seed, shape) for r in reqs]).to(self.device)
+            # the next draw of each request's generator (the first one with vae_encode "mode")
+            noise = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens]).to(self.device)
             if kind == "image":
                 z = sched.add_noise(z0.to(self.device), noise, timesteps[:1].repeat(B))
             else:  # GeNIe: q(z_t | z0) at t = ⌊1000r⌋, which need not be on the schedule

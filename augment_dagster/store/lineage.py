@@ -125,7 +125,8 @@ def lineage(root: str | os.PathLike, ident: str) -> dict[str, Any]:
         "synthetic_id": sid, "experiment": exp, "split": part, "method": method, "algorithm": first.get("algorithm"),
         "label": first.get("label"), "blob": first.get("blob"),
         "generation": {k: first.get(k) for k in ("mode", "seed", "strength", "guidance_scale", "steps", "scheduler",
-                                                 "start_rule", "start_timestep", "denoise_steps", "resolution")}
+                                                 "start_rule", "start_timestep", "denoise_steps", "resolution",
+                                                 "preprocess", "vae_encode")}
         | {"params": json.loads(first.get("params_json") or "{}")},
         "guides": real, "concept": concept, "prompt": prompt, "model_fingerprint": first.get("model_fingerprint"),
         "dagster_run_id": first.get("created_by_run"), "mlflow_runs": mlflow,

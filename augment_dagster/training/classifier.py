@@ -120,13 +120,13 @@ class HFBackboneClassifier(nn.Module):
     vision tower only."""
 
     def __init__(self, source: str, num_classes: int, freeze_backbone: bool = False, cache_root: str | None = None,
-                 image_size: int | None = None, backbone: nn.Module | None = None):
+                 image_size: int | None = None, backbone: nn.Module | None = None, pretrained: bool = True):
         super().__init__()
         self.source = str(source)
         self.cache_root = str(cache_root) if cache_root is not None else None
         self.use_pooler = True
         if backbone is None:
-            backbone, self.use_pooler = self._load(self.source, self.cache_root)
+            backbone, self.use_pooler = self._load(self.source, self.cache_root, pretrained)
         self.backbone = backbone
         c = backbone.config
         self.image_size = int(image_size or _processor_image_size(self.source, self.cache_root)
@@ -150,11 +150,20 @@ class HFBackboneClassifier(nn.Module):
             self.backbone.eval()
 
     @staticmethod
-    def _load(source: str, cache_root: str | None):
+    def _load(source: str, cache_root: str | None, pretrained: bool = True):
         from transformers import AutoConfig, AutoModel
 
         kw = {"cache_dir": cache_root} if cache_root else {}
         cfg = AutoConfig.from_pretrained(source, **kw)
+        if not pretrained:  # the architecture only, random weights (trained from scratch)
+            if getattr(cfg, "model_type", "") == "clip":
+                from transformers import CLIPVisionModel
+
+                return CLIPVisionModel(cfg.vision_config), True
+            model = AutoModel.from_config(cfg)
+            if hasattr(model, "vision_model") and hasattr(cfg, "vision_config"):
+                model = model.vision_model
+            return model, True
         if getattr(cfg, "model_type", "") == "clip":  # the vision tower of a CLIP checkpoint
             from transformers import CLIPVisionModel
 
@@ -208,23 +217,30 @@ def load_pretrained_backbone(path: str | Path | None = None) -> tuple[dict, dict
     return obj["state_dict"], obj["meta"]
 
 
-def build_classifier(backbone: str, num_classes: int, freeze_backbone: bool = False, cache_root=None) -> nn.Module:
+def build_classifier(backbone: str, num_classes: int, freeze_backbone: bool = False, cache_root=None,
+                     pretrained: bool = True) -> nn.Module:
     """'tiny-cnn' -> :class:`TinyCNN` (random init); 'tiny-pretrained' -> TinyCNN with the shipped backbone
-    pretrained on the built-in ``pretrain`` pool (new head); anything else is a transformers checkpoint."""
+    pretrained on the built-in ``pretrain`` pool (new head); anything else is a transformers checkpoint.
+    ``pretrained=False``: the same architecture with random weights (trained from scratch)."""
     if int(num_classes) < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if backbone == PRETRAINED_BACKBONE:
+    if not pretrained and freeze_backbone:
+        raise ValueError("a backbone with random weights (models.classifier.pretrained: false) cannot be frozen: "
+                         "set training.linear_probe: false")
+    if backbone == PRETRAINED_BACKBONE and pretrained:
         sd, meta = load_pretrained_backbone()
         model = TinyCNN(num_classes, width=int(meta["width"]), freeze_backbone=freeze_backbone)
         model.backbone.load_state_dict(sd)
         model.source = PRETRAINED_BACKBONE
         return model
+    if backbone == PRETRAINED_BACKBONE:
+        return TinyCNN(num_classes, width=int(load_pretrained_backbone()[1]["width"]), freeze_backbone=False)
     if backbone == "tiny-cnn" or backbone.startswith("tiny-cnn:"):
         # 'tiny-cnn' = width 16 (16/32/64 channels: trains in seconds on 2 CPU cores); 'tiny-cnn:<width>' for others
         width = int(backbone.split(":", 1)[1]) if ":" in backbone else 16
         return TinyCNN(num_classes, width=width, freeze_backbone=freeze_backbone)
     try:
-        return HFBackboneClassifier(backbone, num_classes, freeze_backbone, cache_root=cache_root)
+        return HFBackboneClassifier(backbone, num_classes, freeze_backbone, cache_root=cache_root, pretrained=pretrained)
     except Exception as e:  # noqa: BLE001 - any load failure becomes one actionable message
         raise ValueError(
             f"could not load classifier backbone {backbone!r} (config key models.classifier.source): "
@@ -247,6 +263,8 @@ class TrainConfig:
     warmup_frac: float = 0.1  # cosine: fraction of all steps spent in linear warmup
     label_smoothing: float = 0.0
     train_aug: str = "crop"
+    synthetic_aug: str = "none"  # an extra transform on the synthetic images of a batch only (SGID + RA: randaugment)
+    pretrained: bool = True  # False: the backbone's architecture with random weights (from scratch)
     cutmix_prob: float = 0.0
     mixup_alpha: float = 0.0
     class_balanced: bool = True  # real draws ∝ 1/class count (DIAGen) instead of uniform (DA-Fusion)
@@ -262,6 +280,8 @@ class TrainConfig:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
         if self.train_aug not in TRAIN_AUGS:
             raise ValueError(f"unknown train_aug {self.train_aug!r}; valid: {', '.join(TRAIN_AUGS)}")
+        if self.synthetic_aug not in TRAIN_AUGS:
+            raise ValueError(f"unknown synthetic_aug {self.synthetic_aug!r}; valid: {', '.join(TRAIN_AUGS)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
         if self.select_on not in SELECT_ON:
@@ -431,7 +451,7 @@ def train_classifier(real_x: torch.Tensor, real_y: torch.Tensor, val_x: torch.Te
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(cfg.seed)
         model = (model if model is not None else build_classifier(cfg.backbone, num_classes, cfg.freeze_backbone,
-                                                                           cfg.cache_root)).to(dev)
+                                                                           cfg.cache_root, cfg.pretrained)).to(dev)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
@@ -441,8 +461,11 @@ def train_classifier(real_x: torch.Tensor, real_y: torch.Tensor, val_x: torch.Te
         aug = build_train_transform(cfg.train_aug, tuple(real_x.shape[-2:]))
         if aug is not None:
             aug = aug.to(dev)
+        syn_aug = build_train_transform(cfg.synthetic_aug, tuple(real_x.shape[-2:])) if use_syn else None
+        if syn_aug is not None:
+            syn_aug = syn_aug.to(dev)
         # linear probe with a deterministic input pipeline: encode every image once, train the head on features
-        cached = bool(cfg.cache_features and getattr(model, "freeze_backbone", False) and aug is None
+        cached = bool(cfg.cache_features and getattr(model, "freeze_backbone", False) and aug is None and syn_aug is None
                       and cfg.cutmix_prob == 0 and cfg.mixup_alpha == 0)
         if cached and features is not None:
             f_r, f_s, f_v = features
@@ -492,6 +515,10 @@ def train_classifier(real_x: torch.Tensor, real_y: torch.Tensor, val_x: torch.Te
                 if aug is not None:
                     with torch.no_grad():
                         xs = aug(xs).reshape(xs.shape).clamp(0.0, 1.0)
+                if syn_aug is not None and k_syn:  # SGID + RA: RandAugment on the synthetic images only
+                    with torch.no_grad():
+                        m = torch.from_numpy(is_syn).to(dev)
+                        xs[m] = syn_aug(xs[m]).reshape(xs[m].shape).clamp(0.0, 1.0)
                 if cached:
                     y_soft = F.one_hot(ys, num_classes).float()
                 else:

@@ -23,18 +23,46 @@ WEIGHTS_VERSION = "w-1"
 _NOT_CLASSIFIER_KEYS = {"headline", "evaluation", "episodes", "diagen_filter", "recipe"}
 
 
+# keys added after the demo's memo entries were written: they enter a classifier's memo key only when they differ
+# from this default, so the keys of configs that leave them alone stay as they were
+_KEY_DEFAULTS = {"epoch_unit": "steps", "synthetic_aug": "none"}
+
+
+def classifier_key_params(training, classifier_cfg) -> dict[str, Any]:
+    """The training settings that go into a classifier's memo key (see ``_KEY_DEFAULTS``)."""
+    d = training.model_dump(mode="json", exclude=_NOT_CLASSIFIER_KEYS)
+    for k, v in _KEY_DEFAULTS.items():
+        if d.get(k) == v:
+            d.pop(k, None)
+    if d.get("epoch_unit") == "data":
+        d.pop("steps_per_epoch", None)  # unused
+    if not getattr(classifier_cfg, "pretrained", True):
+        d["pretrained"] = False
+    return d
+
+
+def steps_per_epoch_for(training, n_real: int) -> int:
+    """Batches per epoch: ``steps_per_epoch``, or with ``epoch_unit: data`` one pass over the ``n_real`` real
+    train images, ⌈n_real / batch_size⌉ (Diff-II's DataLoader epochs)."""
+    if getattr(training, "epoch_unit", "steps") == "data":
+        return max(1, -(-int(n_real) // int(training.batch_size)))
+    return int(training.steps_per_epoch)
+
+
 def freeze_for(training, classifier_cfg) -> bool:
     lp = getattr(training, "linear_probe", None)
     return bool(classifier_cfg.freeze_backbone if lp is None else lp)
 
 
-def _train_cfg(training, classifier_cfg, seed: int, device: str):
-    """TrainConfig from a *resolved* TrainingConfig (recipe applied) + models.classifier."""
+def _train_cfg(training, classifier_cfg, seed: int, device: str, n_real: int = 0):
+    """TrainConfig from a *resolved* TrainingConfig (recipe applied) + models.classifier; ``n_real`` (the real
+    train images) sizes an epoch when ``epoch_unit`` is ``data``."""
     from .classifier import TrainConfig
 
     return TrainConfig(
         backbone=classifier_cfg.source, freeze_backbone=freeze_for(training, classifier_cfg), epochs=training.epochs,
-        steps_per_epoch=training.steps_per_epoch, batch_size=training.batch_size, lr=training.lr,
+        steps_per_epoch=steps_per_epoch_for(training, n_real), batch_size=training.batch_size, lr=training.lr,
+        synthetic_aug=getattr(training, "synthetic_aug", "none"), pretrained=bool(getattr(classifier_cfg, "pretrained", True)),
         weight_decay=training.weight_decay, optimizer=training.optimizer, momentum=training.momentum,
         schedule=training.schedule, warmup_frac=training.warmup_frac, label_smoothing=training.label_smoothing,
         train_aug=training.train_aug, cutmix_prob=training.cutmix_prob, mixup_alpha=training.mixup_alpha,
@@ -101,7 +129,7 @@ def train_classifier_stage(
     from .episodes import encoder_fingerprint  # the shipped backbone's digest, so retrained weights retrain
 
     key = memo_key(name, CLASSIFIER_VERSION, model=encoder_fingerprint(classifier_cfg.source),
-                   params={"training": training.model_dump(mode="json", exclude=_NOT_CLASSIFIER_KEYS),
+                   params={"training": classifier_key_params(training, classifier_cfg),
                            "freeze": freeze_for(training, classifier_cfg),
                            "alpha": alpha if use_synth else 0.0, "temperature": fit_temperature},
                    inputs={"train": list(zip(train["image_id"], train["label"])), "val": list(zip(val["image_id"], val["label"])),
@@ -126,8 +154,9 @@ def train_classifier_stage(
             kw = dict(synth_x=to_tensor([images.synthetic(b) for b in synth["blob"]], size),
                       synth_y=torch.tensor([idx[l] for l in synth["label"]]),
                       groups=synthetic_groups(train, synth), syn_weights=syn_w, alpha=alpha)
-        cfg = _train_cfg(training, classifier_cfg, seed, device)
-        if (cfg.freeze_backbone and cfg.train_aug == "none" and cfg.cutmix_prob == 0 and cfg.mixup_alpha == 0
+        cfg = _train_cfg(training, classifier_cfg, seed, device, n_real=len(train))
+        if (cfg.freeze_backbone and cfg.train_aug == "none" and cfg.synthetic_aug == "none" and cfg.cutmix_prob == 0
+                and cfg.mixup_alpha == 0 and cfg.pretrained
                 and not cfg.backbone.startswith("tiny-cnn")):
             # linear probe of a fixed pretrained backbone: features from the store, shared by every classifier
             from .episodes import cached_features
