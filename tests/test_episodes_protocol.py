@@ -97,3 +97,125 @@ def test_augmented_per_class_needs_episode_support():
     with pytest.raises(ConfigError, match="augmented_per_class applies to support: episode"):
         parse_config(raw)
     parse_config(_cfg({"real_filter": {}, "sgid": {}}, {"support": "split"}))  # the split variant has no such rule
+
+
+# ---------------------------------------------------------------- in the pipeline: 5-way 1-shot and 5-shot
+PIPE = {
+    "experiment": "epi",
+    "dataset": {"source": "builtin", "builtin": {"classes": SIX, "train_per_class": 7, "test_per_class": 8,
+                                                  "ood_per_class": 1}},
+    "splits": {"shots": [1, 5], "seeds": [0], "val_per_class": 2},
+    "models": {"diffusion": {"source": "tiny-random"}},
+    "generation": {"steps": 2, "batch_size": 64},
+    "training": {"epochs": 1, "steps_per_epoch": 1, "batch_size": 8, "evaluation": ["classifier", "few_shot_episodes"],
+                 "episodes": {"support": "episode", "episodes": 2, "n_way": 5, "queries_per_class": 3,
+                              "caching_epochs": 1}},
+    "methods": {"genie": {}, "img2img_low": {}, "txt2img": {}},
+    "checks": {"enabled": False},
+    "mlflow": {"enabled": False},
+}
+
+
+# the full graph on 2 splits (~100 s on 2 shared cores: 3 methods × 2 episodes, classifiers, set metrics, report)
+@pytest.fixture(scope="module")
+def epi(tmp_path_factory):
+    import os
+
+    import dagster as dg
+
+    from augment_dagster.definitions import build_definitions
+    from augment_dagster.running import materialize_experiment
+
+    root = tmp_path_factory.mktemp("epi")
+    old = os.environ.get("AUGMENT_DATA_DIR")
+    os.environ["AUGMENT_DATA_DIR"] = str(root / "data")
+    cfg = parse_config(PIPE)
+    (root / "dh").mkdir()
+    try:
+        with dg.instance_for_test(temp_dir=str(root / "dh")) as inst:
+            meta = materialize_experiment(build_definitions([cfg]), cfg, inst)
+            yield cfg, meta, root / "data"
+    finally:
+        if old is None:
+            os.environ.pop("AUGMENT_DATA_DIR", None)
+        else:
+            os.environ["AUGMENT_DATA_DIR"] = old
+
+
+def _m(data, *path):
+    return pd.read_parquet(data.joinpath("manifests", "epi", *path[:-1], f"{path[-1]}.parquet"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shots", [1, 5])
+def test_episodes_have_their_own_supports_and_genie_sources_come_from_them(epi, shots):
+    from augment_dagster.training.episodes import episode_splits
+
+    cfg, _, data = epi
+    split = _m(data, "few_shot_split", f"{shots}shot-s0")
+    eps = episode_splits(split, cfg.training.episodes, 0)
+    supports = [set(s["image_id"]) for _, s in eps]
+    assert len(eps) == 2 and supports[0] != supports[1]  # per-episode supports differ
+    assert all(len(s) == 5 * shots for s in supports)
+    test_ids = set(split.loc[split["role"] == "test", "image_id"])
+    assert all(s <= test_ids for s in supports)  # drawn from the evaluation images, never the split's shots
+    g = _m(data, "synthetic", "genie", f"{shots}shot-s0")
+    for e, sup in eps:
+        rows = g[g["episode"] == e]
+        classes = sorted(sup["label"].unique())
+        assert sorted(rows["label"].unique()) == classes
+        assert (rows.groupby("label").size() == 4 * shots).all()  # (N−1)·K per class
+        label_of = dict(zip(sup["image_id"], sup["label"]))
+        for r in rows.itertuples():
+            (src,) = r.guide_ids
+            assert src in label_of and label_of[src] != r.label  # a source: the episode's other classes only
+        # every (source, target) pair of the episode once
+        assert len({(r.label, r.guide_ids[0]) for r in rows.itertuples()}) == len(rows) == 5 * 4 * shots
+    # the split's own set (the classifier protocol) is still (C−1)·K per class from the split's shots
+    split_rows = g[g["episode"] == -1]
+    train_ids = set(split.loc[split["role"] == "train", "image_id"])
+    assert len(split_rows) == 6 * 5 * shots and {r[0] for r in split_rows["guide_ids"]} <= train_ids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shots", [1, 5])
+def test_every_method_has_the_same_per_class_count_per_episode(epi, shots):
+    cfg, _, data = epi
+    counts = {}
+    for m in ("genie", "img2img_low", "txt2img"):
+        df = _m(data, "synthetic", m, f"{shots}shot-s0")
+        per = df[df["episode"] >= 0].groupby(["episode", "label"]).size()
+        counts[m] = per.to_dict()
+        assert set(per) == {4 * shots}, m
+    assert counts["genie"] == counts["img2img_low"] == counts["txt2img"]
+    low = _m(data, "synthetic", "img2img_low", f"{shots}shot-s0")
+    split = _m(data, "few_shot_split", f"{shots}shot-s0")
+    test = split[split["role"] == "test"].set_index("image_id")["label"]
+    ep = low[low["episode"] >= 0]
+    assert all(test[r.guide_ids[0]] == r.label for r in ep.itertuples())  # same-class edits of the episode support
+    # the metrics record the protocol and the per-class count the episodes saw, equal for every method
+    rows = {m: _m(data, "metrics", m, f"{shots}shot-s0").iloc[0] for m in ("genie", "img2img_low", "txt2img", "real_only")}
+    assert len({r["episodic_digest"] for r in rows.values()}) == 1  # paired: the same episodes for every method
+    for m, r in rows.items():
+        assert r["episodic_support"] == "episode" and r["episodic_episodes"] == 2
+        assert json.loads(r["episodic_augmented_per_class"]) == [0 if m == "real_only" else 4 * shots]
+        assert "fresh support per episode" in r["episodic_protocol"]
+
+
+@pytest.mark.slow
+def test_lineage_and_report_name_the_episode_protocol(epi):
+    from augment_dagster.store.lineage import lineage
+
+    cfg, meta, data = epi
+    g = _m(data, "synthetic", "genie", "1shot-s0")
+    sid = g.loc[g["episode"] == 1, "synthetic_id"].iloc[0]
+    assert 1 in set(g.loc[g["synthetic_id"] == sid, "episode"])
+    ch = lineage(data, sid)
+    assert 1 in ch["episodes"] and {"experiment": "epi", "split": "1shot-s0", "method": "genie", "episode": 1} in ch["appears_in"]
+    from augment_dagster.store.lineage import format_lineage
+
+    assert "episode(s) [" in format_lineage(ch)
+    report = (data / "report" / "epi" / "report.md").read_text()
+    assert "fresh support per episode: 5-way" in report
+    md = next(v for k, v in meta.items() if k.startswith("epi/synthetic/genie[5shot"))
+    assert md["episodes"] == 2 and md["episode_per_class"] == [20]

@@ -12,7 +12,7 @@ from .checks import asset_with_checks
 from .evaluation import REAL_ONLY
 
 
-REPORT_VERSION = "rep-2"  # the report's layout: episodic section first, episode-paired tests (bump on change)
+REPORT_VERSION = "rep-3"  # the report's layout: episodic section first, episode-paired tests (bump on change)
 SET_COLS = ["precision", "recall", "diversity", "clip_score", "label_consistency", "gpu_seconds"]
 
 
@@ -59,7 +59,7 @@ def episodic_table(metrics: pd.DataFrame) -> pd.DataFrame:
     return out.iloc[order].reset_index(drop=True)
 
 
-EPISODIC_PROTOCOL = (
+EPISODIC_PROTOCOL = (  # metrics manifests written before episodic_protocol existed (support: split)
     "Protocol: per split, N-way episodes (classes, then queries from the test pool) drawn with a fixed seed — the same "
     "episodes for every method of the split — and a logistic-regression probe on frozen features of the split's real "
     "shots (+ the method's synthetic images of those classes) per episode.")
@@ -110,11 +110,34 @@ def episodic_note(ep: pd.DataFrame) -> str:
     return "\n".join(f"- {p}" for p in parts)
 
 
-def episodic_markdown(ep: pd.DataFrame) -> str:
-    """The report's episodic section: heading, the protocol in one line, the table, the notes ('' when empty)."""
+CLASSIFIER_PROTOCOL = (
+    "Protocol: per split (K shots, seed), a classifier trained on the split's K real shots (+ the method's synthetic "
+    "images made from those shots, drawn with probability α) and tested on the ID and OOD test sets; mean ± std over "
+    "seeds.")
+
+
+def episodic_protocol_lines(metrics: pd.DataFrame | None) -> str:
+    """Which episodic protocol the table's rows ran (``episodic_protocol`` of the metrics rows, per K)."""
+    if metrics is None or "episodic_protocol" not in metrics or not len(metrics):
+        return EPISODIC_PROTOCOL
+    rows = metrics[(metrics.get("episodic_episodes", 0) > 0) & metrics["episodic_protocol"].fillna("").astype(bool)]
+    if not len(rows):
+        return EPISODIC_PROTOCOL
+    lines = [f"- K={int(k)}: {p}" for k, p in sorted({(int(k), p) for k, p in zip(rows["shots"], rows["episodic_protocol"])})]
+    fresh = (rows.get("episodic_support", pd.Series(dtype=str)) == "episode").any()
+    tail = (" Every method of a K ran the same seeded episodes (classes, supports, queries), paired with real_only, "
+            "which fits on the episode's real support alone." if fresh else
+            " The same episodes (classes, then queries) for every method of the split; the support is the split's "
+            "real shots (+ the method's synthetic images of those classes).")
+    return "Protocol (a frozen encoder + logistic regression per episode):" + tail + "\n\n" + "\n".join(lines)
+
+
+def episodic_markdown(ep: pd.DataFrame, metrics: pd.DataFrame | None = None) -> str:
+    """The report's episodic section: heading, the protocol (from the metrics rows), the table, the notes ('' when
+    empty)."""
     if ep.empty:
         return ""
-    return (f"## Episodic few-shot evaluation (GeNIe protocol, mean ± 95 % CI)\n\n{EPISODIC_PROTOCOL}\n\n"
+    return (f"## Episodic few-shot evaluation (GeNIe protocol, mean ± 95 % CI)\n\n{episodic_protocol_lines(metrics)}\n\n"
             f"{md_table(episodic_pretty(ep))}\n\n{episodic_note(ep)}\n\n")
 
 
@@ -209,7 +232,7 @@ def build(exp: Experiment) -> list:
         summary = summarize(allm, setm) if len(allm) else pd.DataFrame()
         table = md_table(pretty(summary))
         episodic = episodic_table(allm)
-        ep_note, ep_md = episodic_note(episodic), episodic_markdown(episodic)
+        ep_note, ep_md = episodic_note(episodic), episodic_markdown(episodic, allm)
         out_dir = exp.data_dir / "report" / exp.name
         from ..report_plots import (
             accuracy_plot_png,
@@ -253,7 +276,8 @@ def build(exp: Experiment) -> list:
         head = (f"{ep_md}![episodic accuracy](episodic_accuracy.png)\n"
                 "![episodic difference to real_only](episodic_difference.png)\n\n"
                 "## Classifier accuracy (over seeds)\n\n") if len(episodic) else ""
-        atomic_write_text(out_dir / "report.md", f"# {exp.name}: methods × shots\n\n{head}{table}\n\n{note}\n\n"
+        atomic_write_text(out_dir / "report.md", f"# {exp.name}: methods × shots\n\n{head}{CLASSIFIER_PROTOCOL}\n\n"
+                          f"{table}\n\n{note}\n\n"
                           "![accuracy](accuracy_vs_shots.png)\n![difference to real_only](difference_to_real_only.png)\n"
                           "![fidelity vs diversity](fidelity_diversity.png)\n"
                           f"![samples ({first_split})](samples.png)\n")
