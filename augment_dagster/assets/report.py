@@ -84,9 +84,10 @@ def episodic_pretty(ep: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def episodic_note(ep: pd.DataFrame) -> str:
+def episodic_note(ep: pd.DataFrame, fresh_support: bool = False) -> str:
     """What the episodic numbers are, what their CI covers and what it does not, and the widest half-width
-    (target <= 0.03): a markdown bullet list."""
+    (target <= 0.03): a markdown bullet list. ``fresh_support``: the episodes drew their own supports and each
+    method generated from them (``support: episode``)."""
     if ep.empty:
         return ""
     parts = []
@@ -98,8 +99,10 @@ def episodic_note(ep: pd.DataFrame) -> str:
     parts.append("Accuracy: mean ± 95% t-interval over all (seed, episode) accuracies pooled. Δ (episodes): method − "
                  "real_only paired episode by episode within each seed, paired t-test over the (seed, episode) "
                  "differences; * = significant after Holm correction over all methods × K (α = 0.05).")
-    parts.append("These intervals cover the sampling of episode classes and queries given each split's synthetic "
-                 "set; they do NOT cover the randomness of generation (or of the split) across seeds. Only the "
+    parts.append(("These intervals cover the sampling of episode classes, supports and queries, and each episode's "
+                  "own synthetic set (generated from its support); they do NOT cover" if fresh_support else
+                  "These intervals cover the sampling of episode classes and queries given each split's synthetic "
+                  "set; they do NOT cover") + " the randomness of generation (or of the split) across seeds. Only the "
                  "seed-level columns do (per-seed mean Δ, paired t-test over seeds, Holm): with few seeds that test "
                  "has little power, and a difference significant over episodes but not over seeds may not survive "
                  "another generation run.")
@@ -129,7 +132,7 @@ def episodic_protocol_lines(metrics: pd.DataFrame | None) -> str:
             "which fits on the episode's real support alone." if fresh else
             " The same episodes (classes, then queries) for every method of the split; the support is the split's "
             "real shots (+ the method's synthetic images of those classes).")
-    return "Protocol (a frozen encoder + logistic regression per episode):" + tail + "\n\n" + "\n".join(lines)
+    return "Protocol: a frozen encoder + logistic regression per episode." + tail + "\n\n" + "\n".join(lines)
 
 
 def episodic_markdown(ep: pd.DataFrame, metrics: pd.DataFrame | None = None) -> str:
@@ -137,8 +140,9 @@ def episodic_markdown(ep: pd.DataFrame, metrics: pd.DataFrame | None = None) -> 
     empty)."""
     if ep.empty:
         return ""
+    fresh = metrics is not None and "episodic_support" in metrics and bool((metrics["episodic_support"] == "episode").any())
     return (f"## Episodic few-shot evaluation (GeNIe protocol, mean ± 95 % CI)\n\n{episodic_protocol_lines(metrics)}\n\n"
-            f"{md_table(episodic_pretty(ep))}\n\n{episodic_note(ep)}\n\n")
+            f"{md_table(episodic_pretty(ep))}\n\n{episodic_note(ep, fresh)}\n\n")
 
 
 def pretty(summary: pd.DataFrame) -> pd.DataFrame:
@@ -232,7 +236,8 @@ def build(exp: Experiment) -> list:
         summary = summarize(allm, setm) if len(allm) else pd.DataFrame()
         table = md_table(pretty(summary))
         episodic = episodic_table(allm)
-        ep_note, ep_md = episodic_note(episodic), episodic_markdown(episodic, allm)
+        fresh = bool(len(allm)) and "episodic_support" in allm and bool((allm["episodic_support"] == "episode").any())
+        ep_note, ep_md = episodic_note(episodic, fresh), episodic_markdown(episodic, allm)
         out_dir = exp.data_dir / "report" / exp.name
         from ..report_plots import (
             accuracy_plot_png,
