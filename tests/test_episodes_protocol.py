@@ -219,3 +219,44 @@ def test_lineage_and_report_name_the_episode_protocol(epi):
     assert "fresh support per episode: 5-way" in report
     md = next(v for k, v in meta.items() if k.startswith("epi/synthetic/genie[5shot"))
     assert md["episodes"] == 2 and md["episode_per_class"] == [20]
+
+
+def _split_for(cfg, shots):
+    from augment_dagster.assets.common import Experiment
+    from augment_dagster.assets.data import dataset_root
+    from augment_dagster.data.imagefolder import scan_imagefolder
+    from augment_dagster.data.splits import few_shot_split
+
+    exp = Experiment(cfg)
+    root = dataset_root(exp)
+    raw = scan_imagefolder(root).images.copy()
+    raw["dataset_root"] = str(root)
+    return exp, few_shot_split(raw, shots, 0, cfg.splits.val_per_class)
+
+
+@pytest.mark.slow
+def test_genie_ada_keeps_one_per_episode_pair_and_the_integrity_count_holds(tmp_path, monkeypatch):
+    """GeNIe-Ada per episode: the r grid for each (source, target) pair of the episode, one kept per pair, Z_T from
+    the episode's support; the synthetic_integrity check's expected rows include the episodes' kept images."""
+    from augment_dagster.assets.checks import expected_synthetic_rows
+    from augment_dagster.assets.synthetic import compute_synthetic
+
+    monkeypatch.setenv("AUGMENT_DATA_DIR", str(tmp_path / "data"))
+    cfg = parse_config({
+        "experiment": "ada", "dataset": {"source": "builtin", "builtin": {"classes": SIX[:4], "train_per_class": 3,
+                                                                           "test_per_class": 4, "ood_per_class": 1}},
+        "splits": {"shots": [1], "seeds": [0], "val_per_class": 1}, "models": {"diffusion": {"source": "tiny-random"}},
+        "generation": {"steps": 2, "batch_size": 64},
+        "training": {"evaluation": ["few_shot_episodes"],
+                     "episodes": {"support": "episode", "episodes": 2, "n_way": 3, "queries_per_class": 2}},
+        "methods": {"genie_ada": {"params": {"encoder": "clip", "ratios": [0.5, 0.9]}}}, "mlflow": {"enabled": False}})
+    exp, split = _split_for(cfg, 1)
+    df, md = compute_synthetic(exp, "genie_ada", "1shot-s0", split, {"real_classifier": None}, "t")
+    ep = df[df["episode"] >= 0]
+    assert set(ep["episode"]) == {0, 1} and (ep.groupby(["episode", "label"]).size() == 2).all()  # (3−1)·1
+    for _, g in ep.groupby("episode"):
+        pairs = [(r.label, r.guide_ids[0]) for r in g.itertuples()]
+        assert len(set(pairs)) == len(pairs) == 6
+        assert all("ada_projections" in json.loads(p) for p in g["params_json"])
+    assert md["filter"].value["episode_candidates"] == 2 * len(ep)  # two ratios per pair, one kept
+    assert expected_synthetic_rows({"filter": md["filter"].value}) == len(df)
