@@ -260,3 +260,20 @@ def test_genie_ada_keeps_one_per_episode_pair_and_the_integrity_count_holds(tmp_
         assert all("ada_projections" in json.loads(p) for p in g["params_json"])
     assert md["filter"].value["episode_candidates"] == 2 * len(ep)  # two ratios per pair, one kept
     assert expected_synthetic_rows({"filter": md["filter"].value}) == len(df)
+
+
+@pytest.mark.slow
+def test_export_leaves_the_episode_images_out(epi, tmp_path, capsys):
+    """Per-episode images come from test-pool supports: `augment export` writes the split's own set only."""
+    import yaml
+
+    from augment_dagster.cli import main
+
+    cfg, _, data = epi
+    path = tmp_path / "epi.yaml"
+    path.write_text(yaml.safe_dump({**PIPE, "data_dir": str(data)}))
+    out = tmp_path / "export"
+    assert main(["export", "--config", str(path), "--method", "genie", "--split", "1shot-s0", "--out", str(out)]) == 0
+    lines = (out / "train" / "metadata.jsonl").read_text().splitlines()
+    assert len(lines) == 6 * 5  # (C−1)·K per class of the split's shots, no episode rows
+    assert "per-episode images" in capsys.readouterr().err
