@@ -256,7 +256,9 @@ def build(exp: Experiment) -> list:
         grid_png = b""
         sp = split[split["partition"] == first_split] if "partition" in split else split
         if len(sp):
-            synth = {k[2:]: (df[df["partition"] == first_split] if "partition" in df else df)
+            from ..training.episodes import split_level
+
+            synth = {k[2:]: split_level(df[df["partition"] == first_split] if "partition" in df else df)
                      for k, df in inputs.items() if k.startswith("y_") and df is not None and len(df)}
             grid_png = png_bytes(comparison_grid(synth, sp, image_source(exp, sp)))
         if len(summary):
