@@ -277,3 +277,22 @@ def test_export_leaves_the_episode_images_out(epi, tmp_path, capsys):
     lines = (out / "train" / "metadata.jsonl").read_text().splitlines()
     assert len(lines) == 6 * 5  # (C−1)·K per class of the split's shots, no episode rows
     assert "per-episode images" in capsys.readouterr().err
+
+
+def test_split_episodes_take_the_evaluation_classes_and_the_split_shots():
+    """episodes.classes restricts the classes episodes draw from (a class-split benchmark's test classes); the
+    support size is the split's K; an unknown class is a clear error."""
+    from augment_dagster.config import EpisodesConfig
+    from augment_dagster.training.episodes import episode_splits, split_episodes
+
+    rows = [{"image_id": f"{c}-{r}-{i}", "label": c, "rank": i, "role": r}
+            for c in SIX for r, n in (("train", 2), ("test", 6)) for i in range(n)]
+    split = pd.DataFrame(rows)
+    e = EpisodesConfig(support="episode", episodes=10, n_way=3, queries_per_class=2, classes=["ring", "star", "cross"])
+    classes, _, test, ty, eps = split_episodes(split, e, 0)
+    assert all([classes[c] for c in cls] == ["cross", "ring", "star"] and len(s) == 6 for cls, _, s in eps)
+    sup = episode_splits(split, e, 0)
+    assert all(set(d["label"]) == {"cross", "ring", "star"} and (d["role"] == "train").all()
+               and d.groupby("label").size().eq(2).all() for _, d in sup)
+    with pytest.raises(ValueError, match=r"\['moon'\] are not classes of the split"):
+        split_episodes(split, EpisodesConfig(support="episode", classes=["moon", "star"]), 0)

@@ -262,7 +262,8 @@ def _episode_support_eval(split, synth, *, images, blobs, memo, ecfg, image_size
     key = memo_key("episodes", EPISODE_SUPPORT_VERSION, model=encoder_fingerprint(ecfg.encoder),
                    params={"episodes": episode_config_identity(ecfg), "image_size": image_size, "shots": shots},
                    inputs={"test": list(zip(test["image_id"], test["label"])),
-                           "synth": sorted(zip(syn["episode"].astype(int), syn["synthetic_id"])) if syn is not None else []},
+                           "synth": sorted((int(e), str(i)) for e, i in zip(syn["episode"], syn["synthetic_id"]))
+                           if syn is not None else []},
                    seed=seed)
     rec = memo.get(key)
     if rec is not None:
