@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 from .errors import UserError
 from .util import hash_obj
@@ -273,6 +274,16 @@ class EpisodesConfig(_Strict):
         None, ge=1, description="support: episode — augmented images per class in every episode, the same for every "
                                 "method of the comparison; None: (n_way − 1)·K (GeNIe: 4 at 5-way 1-shot, 20 at 5-shot)")
     classes: list[str] | None = Field(None, description="evaluation classes the episodes draw from (None: all)")
+
+    @model_serializer(mode="wrap")
+    def _dump_new_keys_when_set(self, handler):
+        """The keys added with ``support: episode`` are dumped only when they differ from their defaults, so a
+        ``support: split`` config keeps its config hash and code versions (no asset turns stale by the upgrade)."""
+        d = handler(self)
+        for k, default in (("support", "split"), ("augmented_per_class", None), ("classes", None)):
+            if k in d and d[k] == default:
+                d.pop(k)
+        return d
 
     @model_validator(mode="after")
     def _augmented_needs_episode_support(self) -> "EpisodesConfig":
