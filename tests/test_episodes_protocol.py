@@ -102,11 +102,12 @@ def test_augmented_per_class_needs_episode_support():
 # ---------------------------------------------------------------- in the pipeline: 5-way 1-shot and 5-shot
 PIPE = {
     "experiment": "epi",
-    "dataset": {"source": "builtin", "builtin": {"classes": SIX, "train_per_class": 7, "test_per_class": 8,
+    # 5 classes: every 5-way episode has all of them, the supports (5 of 8 test images per class) differ
+    "dataset": {"source": "builtin", "builtin": {"classes": SIX[:5], "train_per_class": 7, "test_per_class": 8,
                                                   "ood_per_class": 1}},
     "splits": {"shots": [1, 5], "seeds": [0], "val_per_class": 2},
     "models": {"diffusion": {"source": "tiny-random"}},
-    "generation": {"steps": 2, "batch_size": 64},
+    "generation": {"steps": 2, "batch_size": 64, "images_per_real": 1},
     "training": {"epochs": 1, "steps_per_epoch": 1, "batch_size": 8, "evaluation": ["classifier", "few_shot_episodes"],
                  "episodes": {"support": "episode", "episodes": 2, "n_way": 5, "queries_per_class": 3,
                               "caching_epochs": 1}},
@@ -116,7 +117,7 @@ PIPE = {
 }
 
 
-# the full graph on 2 splits (~100 s on 2 shared cores: 3 methods × 2 episodes, classifiers, set metrics, report)
+# the full graph on 2 splits (3 methods × 2 episodes, classifiers, set metrics, report): ~1.5–3 min on 2 shared cores
 @pytest.fixture(scope="module")
 def epi(tmp_path_factory):
     import os
@@ -174,7 +175,7 @@ def test_episodes_have_their_own_supports_and_genie_sources_come_from_them(epi, 
     # the split's own set (the classifier protocol) is still (C−1)·K per class from the split's shots
     split_rows = g[g["episode"] == -1]
     train_ids = set(split.loc[split["role"] == "train", "image_id"])
-    assert len(split_rows) == 6 * 5 * shots and {r[0] for r in split_rows["guide_ids"]} <= train_ids
+    assert len(split_rows) == 5 * 4 * shots and {r[0] for r in split_rows["guide_ids"]} <= train_ids
 
 
 @pytest.mark.slow
@@ -275,7 +276,7 @@ def test_export_leaves_the_episode_images_out(epi, tmp_path, capsys):
     out = tmp_path / "export"
     assert main(["export", "--config", str(path), "--method", "genie", "--split", "1shot-s0", "--out", str(out)]) == 0
     lines = (out / "train" / "metadata.jsonl").read_text().splitlines()
-    assert len(lines) == 6 * 5  # (C−1)·K per class of the split's shots, no episode rows
+    assert len(lines) == 5 * 4  # (C−1)·K per class of the split's shots, no episode rows
     assert "per-episode images" in capsys.readouterr().err
 
 

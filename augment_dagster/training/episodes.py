@@ -228,7 +228,7 @@ def protocol_text(ecfg, shots: int | None = None) -> str:
         return (f"fresh support per episode: {ecfg.n_way}-way {k}{cls}, {ecfg.queries_per_class} queries per class "
                 f"(disjoint, test pool), {a} augmented images per class generated from the episode's support by "
                 f"every method, {ecfg.episodes} episodes")
-    return (f"split support: {ecfg.n_way}-way{cls} episodes over the split's fixed {k} shots (+ the method's "
+    return (f"split support: {ecfg.n_way}-way{cls} episodes over the split's fixed {k} support (+ the method's "
             f"synthetic images of those classes), {ecfg.queries_per_class} queries per class, {ecfg.episodes} episodes")
 
 
