@@ -153,6 +153,13 @@ def export(cfg: ExperimentConfig, args) -> int:
         print(f"no synthetic set {args.method} for split {args.split} (expected {p}); materialize it first", file=sys.stderr)
         return 1
     df = read_manifest(p)
+    if "episode" in df and (df["episode"] >= 0).any():
+        # support: episode rows are made from episode supports (test-pool images): never a training set
+        from .training.episodes import split_level
+
+        print(f"note: {int((df['episode'] >= 0).sum())} per-episode images (made from the evaluation episodes' "
+              "supports) are left out; the export is the split's own set", file=sys.stderr)
+        df = split_level(df)
     sp_path = manifest_path(root, [cfg.experiment, "few_shot_split"], args.split)
     sp = read_manifest(sp_path)
     raw_path = manifest_path(root, [cfg.experiment, "raw_images"], None)

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 from .errors import UserError
 from .util import hash_obj
@@ -311,16 +312,45 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 class EpisodesConfig(_Strict):
     """GeNIe's episodic few-shot evaluation (METHODS §4): frozen encoder, L2-normalised features, logistic
-    regression per episode. Support = the split's K real shots of the episode's classes (weak transform ×
-    ``caching_epochs``) + each augmented image of those classes once; queries drawn from the test pool."""
+    regression per episode, N classes drawn from the evaluation classes, queries from the test pool.
+
+    ``support: episode`` is the paper's protocol: a fresh K-shot support per episode (disjoint from the queries,
+    from the test pool) and every method's synthetic images generated from that episode's support,
+    ``augmented_per_class`` per class for every method of the comparison. ``support: split`` keeps the split's
+    K shots as the support of every episode and the split's synthetic images (episodes resample classes and
+    queries only): one generation per split instead of one per episode."""
 
     episodes: int = Field(600, ge=1, description="number of episodes (GeNIe: 600 mini / 1000 tiered)")
     n_way: int = Field(5, ge=2, description="classes per episode (capped at the number of classes)")
     queries_per_class: int = Field(16, ge=1)
     caching_epochs: int = Field(5, ge=1, description="weak-transform views of each real support image")
     encoder: str = Field("tiny-pretrained", description="frozen feature encoder: a classifier source (tiny-pretrained, "
-                                                         "a transformers backbone)")
+                                                         "a local folder or a transformers hub id)")
     seed: int = 0
+    support: Literal["split", "episode"] = Field(
+        "split", description="episode: a fresh support per episode and each method's images generated from it "
+                             "(GeNIe §4.1); split: the split's shots and synthetic set for every episode (cheaper)")
+    augmented_per_class: int | None = Field(
+        None, ge=1, description="support: episode — augmented images per class in every episode, the same for every "
+                                "method of the comparison; None: (n_way − 1)·K (GeNIe: 4 at 5-way 1-shot, 20 at 5-shot)")
+    classes: list[str] | None = Field(None, description="evaluation classes the episodes draw from (None: all)")
+
+    @model_serializer(mode="wrap")
+    def _dump_new_keys_when_set(self, handler):
+        """The keys added with ``support: episode`` are dumped only when they differ from their defaults, so a
+        ``support: split`` config keeps its config hash and code versions (no asset turns stale by the upgrade)."""
+        d = handler(self)
+        for k, default in (("support", "split"), ("augmented_per_class", None), ("classes", None)):
+            if k in d and d[k] == default:
+                d.pop(k)
+        return d
+
+    @model_validator(mode="after")
+    def _augmented_needs_episode_support(self) -> "EpisodesConfig":
+        if self.augmented_per_class is not None and self.support != "episode":
+            raise ValueError("augmented_per_class applies to support: episode (per-episode generation); with "
+                             "support: split each method keeps its own count — set support: episode or drop it")
+        return self
 
 
 class DiagenFilterConfig(_Strict):
@@ -555,6 +585,9 @@ class ExperimentConfig(_Strict):
                     loc = ".".join(str(x) for x in err.get("loc", ()))
                     msg = "unknown key" if err.get("type") == "extra_forbidden" else err.get("msg", "")
                     raise ValueError(f"methods.{name}.training.{loc}: {msg}") from None
+        from .training.episodes import check_episode_comparison  # numpy/pandas only
+
+        check_episode_comparison(self)
         return self
 
     # ---- derived -------------------------------------------------------------------------

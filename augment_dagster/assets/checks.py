@@ -126,11 +126,14 @@ def synthetic_outcomes(exp: Experiment, df: pd.DataFrame, split: pd.DataFrame, e
     from ..methods.services import FilterServices
     from .common import clip_bundle, image_source
 
+    from ..training.episodes import split_level
+
     cfg = exp.cfg.checks
+    all_rows, df = df, split_level(df)  # balance and labels: the split's set (per-episode rows: the episodes')
     train = split[split["role"] == "train"]
     held_out = split[split["role"] == "val"]
     classes = sorted(train["label"].unique())
-    out = [q.check_synthetic_integrity(df, expected, lambda b: exp.blobs.get(b, verify=True), classes),
+    out = [q.check_synthetic_integrity(all_rows, expected, lambda b: exp.blobs.get(b, verify=True), classes),
            q.check_class_balance(df, train.groupby("label").size().to_dict(), cfg.balance_tolerance, dropped_per_class)]
     integrity_ok = out[0].passed
     if not (len(df) and integrity_ok and len(classes) >= 2 and len(held_out)):

@@ -139,8 +139,10 @@ def build_method_chain(exp: Experiment, name: str) -> list:
                     "filter's train-transform views of softmax(z/T)[y]) under the diagen_filter (w=q, or the code rule).",
     )
     def weights(context: dg.AssetExecutionContext, synthetic: pd.DataFrame, **rest) -> dg.Output:
+        from ..training.episodes import split_level
         from ..training.filter import confidence_weights
 
+        synthetic = split_level(synthetic)  # per-episode images (support: episode) serve the episodes only
         _, seed = parse_split_key(context.partition_key)
         filt = rest.get("filt")
         frec = filt.iloc[0].to_dict() if filt is not None and len(filt) else {}
@@ -176,8 +178,10 @@ def build_method_chain(exp: Experiment, name: str) -> list:
                     "synthetic drawn ∝ weight within each real image's group (DIAGen Eq. 2); best epoch on val.",
     )
     def classifier(context: dg.AssetExecutionContext, split: pd.DataFrame, synthetic: pd.DataFrame, weights: pd.DataFrame) -> dg.Output:
+        from ..training.episodes import split_level
         from ..training.stage import train_classifier_stage
 
+        synthetic = split_level(synthetic)  # the classifier protocol: the images made from the split's shots
         _, seed = parse_split_key(context.partition_key)
         rec, stats = train_classifier_stage(split, images=image_source(exp, split), blobs=exp.blobs, memo=exp.memo(),
                                             training=cfg.training_for(name), classifier_cfg=cfg.models.classifier,
@@ -202,7 +206,10 @@ def build_method_chain(exp: Experiment, name: str) -> list:
     def set_metrics(context: dg.AssetExecutionContext, split: pd.DataFrame, synthetic: pd.DataFrame, real_clf: pd.DataFrame) -> dg.Output:
         from ..methods.set_metrics import set_metrics as compute
         from ..methods.services import FilterServices
+        from ..training.episodes import split_level
         from .common import clip_bundle
+
+        synthetic = split_level(synthetic)
 
         images = image_source(exp, split)
         services = FilterServices(images, exp.blobs, cfg.training.image_size)
@@ -298,12 +305,19 @@ def build_metrics(exp: Experiment, name: str, clf_key: dg.AssetKey, synth_key: d
         row.update({"episodic_acc": ep["mean"] if ep else float("nan"), "episodic_ci95": ep["ci95"] if ep else float("nan"),
                     "episodic_episodes": int(ep["episodes"]) if ep else 0,
                     "episodic_accs": json.dumps(ep["accs"]) if ep else "[]",
-                    "episodic_digest": str(ep.get("episodes_digest", "")) if ep else ""})
+                    "episodic_digest": str(ep.get("episodes_digest", "")) if ep else "",
+                    # which protocol the episodic numbers are (the report prints it above the table)
+                    "episodic_support": str(ep.get("support", "split")) if ep else "",
+                    "episodic_protocol": str(ep.get("protocol", "")) if ep else "",
+                    "episodic_augmented_per_class": json.dumps(ep.get("augmented_per_class", [])) if ep else "[]"})
         cm_png = confusion_plot_png(np.asarray(res["test"]["confusion"]), classes)
         artifacts = {"confusion_matrix_id.png": cm_png}
         if synthetic is not None and len(synthetic):
             artifacts["synthetic_manifest.parquet"] = synthetic.to_parquet(index=False)
-            grid_imgs = [images.synthetic(b) for b in synthetic.groupby("label").head(4)["blob"].head(32)]
+            from ..training.episodes import split_level
+
+            grid_src = split_level(synthetic) if len(split_level(synthetic)) else synthetic
+            grid_imgs = [images.synthetic(b) for b in grid_src.groupby("label").head(4)["blob"].head(32)]
             from .common import image_grid
             from ..util import png_bytes
 
@@ -340,7 +354,7 @@ def build_metrics(exp: Experiment, name: str, clf_key: dg.AssetKey, synth_key: d
         if ep:
             md["episodic_acc"] = dg.MetadataValue.text(
                 f"{ep['mean']:.4f} ± {ep['ci95']:.4f} ({ep['episodes']} episodes, {ep['n_way']}-way {ep['shots']}-shot, "
-                f"{ep['n_augmented']} augmented)")
+                f"{ep['n_augmented']} augmented; {ep.get('protocol', '')})")
         return output(df, md)
 
     return metrics

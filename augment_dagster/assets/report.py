@@ -12,7 +12,7 @@ from .checks import asset_with_checks
 from .evaluation import REAL_ONLY
 
 
-REPORT_VERSION = "rep-2"  # the report's layout: episodic section first, episode-paired tests (bump on change)
+REPORT_VERSION = "rep-3"  # the report's layout: episodic section first, episode-paired tests (bump on change)
 SET_COLS = ["precision", "recall", "diversity", "clip_score", "label_consistency", "gpu_seconds"]
 
 
@@ -59,7 +59,7 @@ def episodic_table(metrics: pd.DataFrame) -> pd.DataFrame:
     return out.iloc[order].reset_index(drop=True)
 
 
-EPISODIC_PROTOCOL = (
+EPISODIC_PROTOCOL = (  # metrics manifests written before episodic_protocol existed (support: split)
     "Protocol: per split, N-way episodes (classes, then queries from the test pool) drawn with a fixed seed — the same "
     "episodes for every method of the split — and a logistic-regression probe on frozen features of the split's real "
     "shots (+ the method's synthetic images of those classes) per episode.")
@@ -84,9 +84,10 @@ def episodic_pretty(ep: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def episodic_note(ep: pd.DataFrame) -> str:
+def episodic_note(ep: pd.DataFrame, fresh_support: bool = False) -> str:
     """What the episodic numbers are, what their CI covers and what it does not, and the widest half-width
-    (target <= 0.03): a markdown bullet list."""
+    (target <= 0.03): a markdown bullet list. ``fresh_support``: the episodes drew their own supports and each
+    method generated from them (``support: episode``)."""
     if ep.empty:
         return ""
     parts = []
@@ -98,8 +99,10 @@ def episodic_note(ep: pd.DataFrame) -> str:
     parts.append("Accuracy: mean ± 95% t-interval over all (seed, episode) accuracies pooled. Δ (episodes): method − "
                  "real_only paired episode by episode within each seed, paired t-test over the (seed, episode) "
                  "differences; * = significant after Holm correction over all methods × K (α = 0.05).")
-    parts.append("These intervals cover the sampling of episode classes and queries given each split's synthetic "
-                 "set; they do NOT cover the randomness of generation (or of the split) across seeds. Only the "
+    parts.append(("These intervals cover the sampling of episode classes, supports and queries, and each episode's "
+                  "own synthetic set (generated from its support); they do NOT cover" if fresh_support else
+                  "These intervals cover the sampling of episode classes and queries given each split's synthetic "
+                  "set; they do NOT cover") + " the randomness of generation (or of the split) across seeds. Only the "
                  "seed-level columns do (per-seed mean Δ, paired t-test over seeds, Holm): with few seeds that test "
                  "has little power, and a difference significant over episodes but not over seeds may not survive "
                  "another generation run.")
@@ -110,12 +113,36 @@ def episodic_note(ep: pd.DataFrame) -> str:
     return "\n".join(f"- {p}" for p in parts)
 
 
-def episodic_markdown(ep: pd.DataFrame) -> str:
-    """The report's episodic section: heading, the protocol in one line, the table, the notes ('' when empty)."""
+CLASSIFIER_PROTOCOL = (
+    "Protocol: per split (K shots, seed), a classifier trained on the split's K real shots (+ the method's synthetic "
+    "images made from those shots, drawn with probability α) and tested on the ID and OOD test sets; mean ± std over "
+    "seeds.")
+
+
+def episodic_protocol_lines(metrics: pd.DataFrame | None) -> str:
+    """Which episodic protocol the table's rows ran (``episodic_protocol`` of the metrics rows, per K)."""
+    if metrics is None or "episodic_protocol" not in metrics or not len(metrics):
+        return EPISODIC_PROTOCOL
+    rows = metrics[(metrics.get("episodic_episodes", 0) > 0) & metrics["episodic_protocol"].fillna("").astype(bool)]
+    if not len(rows):
+        return EPISODIC_PROTOCOL
+    lines = [f"- K={int(k)}: {p}" for k, p in sorted({(int(k), p) for k, p in zip(rows["shots"], rows["episodic_protocol"])})]
+    fresh = (rows.get("episodic_support", pd.Series(dtype=str)) == "episode").any()
+    tail = (" Every method of a K ran the same seeded episodes (classes, supports, queries), paired with real_only, "
+            "which fits on the episode's real support alone." if fresh else
+            " The same episodes (classes, then queries) for every method of the split; the support is the split's "
+            "real shots (+ the method's synthetic images of those classes).")
+    return "Protocol: a frozen encoder + logistic regression per episode." + tail + "\n\n" + "\n".join(lines)
+
+
+def episodic_markdown(ep: pd.DataFrame, metrics: pd.DataFrame | None = None) -> str:
+    """The report's episodic section: heading, the protocol (from the metrics rows), the table, the notes ('' when
+    empty)."""
     if ep.empty:
         return ""
-    return (f"## Episodic few-shot evaluation (GeNIe protocol, mean ± 95 % CI)\n\n{EPISODIC_PROTOCOL}\n\n"
-            f"{md_table(episodic_pretty(ep))}\n\n{episodic_note(ep)}\n\n")
+    fresh = metrics is not None and "episodic_support" in metrics and bool((metrics["episodic_support"] == "episode").any())
+    return (f"## Episodic few-shot evaluation (GeNIe protocol, mean ± 95 % CI)\n\n{episodic_protocol_lines(metrics)}\n\n"
+            f"{md_table(episodic_pretty(ep))}\n\n{episodic_note(ep, fresh)}\n\n")
 
 
 def pretty(summary: pd.DataFrame) -> pd.DataFrame:
@@ -209,7 +236,8 @@ def build(exp: Experiment) -> list:
         summary = summarize(allm, setm) if len(allm) else pd.DataFrame()
         table = md_table(pretty(summary))
         episodic = episodic_table(allm)
-        ep_note, ep_md = episodic_note(episodic), episodic_markdown(episodic)
+        fresh = bool(len(allm)) and "episodic_support" in allm and bool((allm["episodic_support"] == "episode").any())
+        ep_note, ep_md = episodic_note(episodic, fresh), episodic_markdown(episodic, allm)
         out_dir = exp.data_dir / "report" / exp.name
         from ..report_plots import (
             accuracy_plot_png,
@@ -228,7 +256,9 @@ def build(exp: Experiment) -> list:
         grid_png = b""
         sp = split[split["partition"] == first_split] if "partition" in split else split
         if len(sp):
-            synth = {k[2:]: (df[df["partition"] == first_split] if "partition" in df else df)
+            from ..training.episodes import split_level
+
+            synth = {k[2:]: split_level(df[df["partition"] == first_split] if "partition" in df else df)
                      for k, df in inputs.items() if k.startswith("y_") and df is not None and len(df)}
             grid_png = png_bytes(comparison_grid(synth, sp, image_source(exp, sp)))
         if len(summary):
@@ -253,7 +283,8 @@ def build(exp: Experiment) -> list:
         head = (f"{ep_md}![episodic accuracy](episodic_accuracy.png)\n"
                 "![episodic difference to real_only](episodic_difference.png)\n\n"
                 "## Classifier accuracy (over seeds)\n\n") if len(episodic) else ""
-        atomic_write_text(out_dir / "report.md", f"# {exp.name}: methods × shots\n\n{head}{table}\n\n{note}\n\n"
+        atomic_write_text(out_dir / "report.md", f"# {exp.name}: methods × shots\n\n{head}{CLASSIFIER_PROTOCOL}\n\n"
+                          f"{table}\n\n{note}\n\n"
                           "![accuracy](accuracy_vs_shots.png)\n![difference to real_only](difference_to_real_only.png)\n"
                           "![fidelity vs diversity](fidelity_diversity.png)\n"
                           f"![samples ({first_split})](samples.png)\n")

@@ -4,6 +4,8 @@ Deps come from the method's declared ``needs``; the asset plans units, reuses me
 the rest through the one generation core (batched), then writes the lineage manifest.
 """
 
+import time
+
 import dagster as dg
 import pandas as pd
 
@@ -32,8 +34,6 @@ def compute_synthetic(exp: Experiment, name: str, partition_key: str, split: pd.
 
     Used both by the asset in the run process and by ``augment_dagster.pipes_worker`` out of process."""
     from ..methods.base import MethodInputs
-    from ..methods.runner import run_units
-
     from ..methods.protocol import apply_protocol, resolve_protocol
 
     cfg = exp.cfg
@@ -59,19 +59,35 @@ def compute_synthetic(exp: Experiment, name: str, partition_key: str, split: pd.
     if spec.uses_diffusion:
         apply_protocol(units, proto)
     model_fp = diffusion_fingerprint(exp) if spec.uses_diffusion else ""
-    rows, stats = run_units(
-        spec, name, units, blobs=exp.blobs, memo=exp.memo(), model_fp=model_fp, load_image=images.real,
-        load_tensor=images.tensor, core_factory=lambda lora=None: generation_core(exp, lora), render_params=params,
-        batch_size=g.batch_size if isinstance(g.batch_size, int) else g.max_batch_size, run_id=run_id, progress=True,
-        on_batch_done=(lambda done, total: log(f"{name}: {done}/{total} computed")) if log else None,
-    )
-    filter_md = {}
-    if spec.post_filter is not None:
-        rows, filter_md = spec.post_filter(rows, inputs, services)
-    df = pd.DataFrame(rows, columns=None if rows else SYNTH_COLUMNS)
+    t_plan = time.perf_counter()
+    groups = [(-1, inputs, units)] + episode_groups(exp, name, spec, proto, inputs, split, seed, services)
+    rows_by_group, stats, planned = run_groups(exp, name, spec, groups, model_fp, images, params, run_id, log)
+    rows, filter_md = [], {}
+    ep_kept = ep_candidates = 0
+    filter_seconds = 0.0
+    for (e, g_inputs, g_units), g_rows in zip(groups, rows_by_group):
+        if spec.post_filter is not None:
+            n_in = len(g_rows)
+            tf = time.perf_counter()
+            g_rows, md_g = spec.post_filter(g_rows, g_inputs, services)
+            filter_seconds += time.perf_counter() - tf
+            if e < 0:
+                filter_md = md_g
+            else:
+                g_rows = trim_per_class(g_rows, g_inputs.extra["augmented_per_class"])
+                ep_candidates, ep_kept = ep_candidates + n_in, ep_kept + len(g_rows)
+        rows += [{**r, "episode": e} for r in g_rows]
+    if filter_md and ep_candidates:  # the integrity check compares the rows with "kept": episodes included
+        filter_md = {**filter_md, "kept": int(filter_md.get("kept", 0)) + ep_kept,
+                     "episode_candidates": ep_candidates, "episode_kept": ep_kept}
+    # planning, deduplication and row assembly: the per-episode overhead next to generation and filters
+    plan_seconds = time.perf_counter() - t_plan - stats.seconds - filter_seconds
+    df = pd.DataFrame(rows, columns=None if rows else SYNTH_COLUMNS + ["episode"])
+    df["episode"] = df["episode"].astype("int64")
     df["split"] = partition_key
+    split_df = df[df["episode"] < 0]
     # sample grid: the first image of the first guides of each class
-    sample = df.groupby("label").head(4).head(32)
+    sample = split_df.groupby("label").head(4).head(32)
     md = {
         "computed": dg.MetadataValue.int(stats.computed), "reused": dg.MetadataValue.int(stats.reused),
         "unet_forward_passes": dg.MetadataValue.int(stats.unet_forward_passes),
@@ -82,14 +98,93 @@ def compute_synthetic(exp: Experiment, name: str, partition_key: str, split: pd.
         "diffusion": dg.MetadataValue.bool(spec.uses_diffusion),
         **({"protocol": dg.MetadataValue.json({**{k: v for k, v in proto.as_dict().items() if k != "sources"},
                                                 "sources": proto.sources})} if spec.uses_diffusion else {}),
-        "per_class": dg.MetadataValue.json(df.groupby("label").size().to_dict()),
+        "per_class": dg.MetadataValue.json(split_df.groupby("label").size().to_dict()),
     }
+    if len(groups) > 1:  # support: episode (training.episodes): images made from each episode's fresh support
+        ep_df = df[df["episode"] >= 0]
+        per_ep = ep_df.groupby(["episode", "label"]).size()
+        md.update({"episodes": dg.MetadataValue.int(len(groups) - 1),
+                   "episode_images": dg.MetadataValue.int(len(ep_df)),
+                   "episode_per_class": dg.MetadataValue.json(sorted({int(v) for v in per_ep}) if len(per_ep) else []),
+                   "episode_orchestration_seconds": dg.MetadataValue.float(round(plan_seconds, 3))})
     if filter_md:
         md["filter"] = dg.MetadataValue.json(filter_md)
     from .common import lineage_metadata  # the UI's lineage table + planned units (checked by synthetic_integrity)
-    md.update(lineage_metadata(exp, df, planned_units=len(units)))
+    md.update(lineage_metadata(exp, df, planned_units=planned))
     md.update(sample_grid_metadata(exp, [images.synthetic(b) for b in sample["blob"]], f"synthetic/{name} {partition_key}"))
     return df, md
+
+
+def episode_generation(cfg, name: str):
+    """The method entry's episode config when it generates per episode (few_shot_episodes + support: episode)."""
+    training = cfg.training_for(name)
+    if "few_shot_episodes" in training.evaluation and training.episodes.support == "episode":
+        return training.episodes
+    return None
+
+
+def trim_per_class(items: list, n: int, label=lambda x: x["label"] if isinstance(x, dict) else x.label) -> list:
+    """The first ``n`` items of each class, in plan order (the equal-count rule of ``support: episode``)."""
+    seen: dict[str, int] = {}
+    out = []
+    for it in items:
+        c = label(it)
+        if seen.get(c, 0) < n:
+            seen[c] = seen.get(c, 0) + 1
+            out.append(it)
+    return out
+
+
+def episode_groups(exp: Experiment, name: str, spec, proto, inputs, split: pd.DataFrame, split_seed: int,
+                   services) -> list:
+    """[(episode, inputs, units)] of ``support: episode``: the method plans from each episode's support (its N
+    classes × K fresh shots) exactly as from a split, with M = ⌈A/K⌉ per real image and A =
+    ``augmented_per_class`` images kept per class (a post-filter's survivors are trimmed after it). Units that
+    recur across episodes (same guide, seed, prompt) have one memo key and are generated once."""
+    from dataclasses import replace
+
+    from ..methods.protocol import apply_protocol
+    from ..training.episodes import augmented_per_class, episode_splits
+
+    ecfg = episode_generation(exp.cfg, name)
+    if ecfg is None:
+        return []
+    out = []
+    for e, esplit in episode_splits(split, ecfg, split_seed):
+        k = int(esplit.groupby("label").size().min())
+        a = augmented_per_class(ecfg, k, esplit["label"].nunique())
+        g = replace(inputs, split=esplit, images_per_real=-(-a // k),
+                    extra={**inputs.extra, "episode": e, "augmented_per_class": a})
+        if spec.prepare is not None:
+            g.extra.update(spec.prepare(g, services))
+        units = spec.plan(g)
+        if spec.uses_diffusion:
+            apply_protocol(units, proto)
+        if spec.post_filter is None:
+            units = trim_per_class(units, a)
+        out.append((e, g, units))
+    return out
+
+
+def run_groups(exp: Experiment, name: str, spec, groups: list, model_fp: str, images, params, run_id: str, log):
+    """Run every group's units as one deduplicated batch list through ``run_units``; rows per group, stats and
+    the planned row count (one row per planned unit of each group)."""
+    from ..methods.runner import run_units, unit_key
+
+    g = exp.cfg.generation
+    keyed = [[(unit_key(spec, u, model_fp), u) for u in units] for _, _, units in groups]
+    unique: dict[str, object] = {}
+    for ku in keyed:
+        for k, u in ku:
+            unique.setdefault(k, u)
+    rows, stats = run_units(
+        spec, name, list(unique.values()), blobs=exp.blobs, memo=exp.memo(), model_fp=model_fp, load_image=images.real,
+        load_tensor=images.tensor, core_factory=lambda lora=None: generation_core(exp, lora), render_params=params,
+        batch_size=g.batch_size if isinstance(g.batch_size, int) else g.max_batch_size, run_id=run_id, progress=True,
+        on_batch_done=(lambda done, total: log(f"{name}: {done}/{total} computed")) if log else None,
+    )
+    by_key = {r["memo_key"]: r for r in rows}
+    return [[dict(by_key[k]) for k, _ in ku] for ku in keyed], stats, sum(len(ku) for ku in keyed)
 
 
 def pipes_extras(exp: Experiment, name: str, partition_key: str, run_id: str) -> dict:
@@ -143,6 +238,12 @@ def build_one(exp: Experiment, name: str) -> dg.AssetsDefinition:
         p = resolve_protocol(cfg, name).as_dict()
         p.pop("sources")
         proto_version = "-p" + hash_obj(p)[:8]
+    ecfg = episode_generation(cfg, name)
+    if ecfg is not None:  # support: episode: the episodes (and their supports) decide what is generated
+        from ..training.episodes import episode_config_identity
+        from ..util import hash_obj
+
+        proto_version += "-e" + hash_obj(episode_config_identity(ecfg))[:8]
     kinds = {"pytorch", "diffusers"} if spec.uses_diffusion else {"pytorch", "kornia"}
     mode = cfg.execution.mode if spec.uses_diffusion else "in_process"
     resource_keys = {"pipes_subprocess": {"pipes_subprocess_client"}, "pipes_k8s": {"pipes_k8s_client"}}.get(mode, set())

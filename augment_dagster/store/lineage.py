@@ -130,7 +130,10 @@ def lineage(root: str | os.PathLike, ident: str) -> dict[str, Any]:
         | {"params": json.loads(first.get("params_json") or "{}")},
         "guides": real, "concept": concept, "prompt": prompt, "model_fingerprint": first.get("model_fingerprint"),
         "dagster_run_id": first.get("created_by_run"), "mlflow_runs": mlflow,
-        "appears_in": [{"experiment": r["experiment"], "split": r["partition"], "method": r["method"]} for r in syn],
+        "appears_in": [{"experiment": r["experiment"], "split": r["partition"], "method": r["method"],
+                        **({"episode": int(r["episode"])} if r.get("episode") is not None else {})} for r in syn],
+        # support: episode — the episodes whose support this image was generated from (-1: the split's shots)
+        "episodes": sorted({int(r["episode"]) for r in syn if r.get("episode") is not None}),
     }
 
 
@@ -144,6 +147,9 @@ def format_lineage(ch: dict[str, Any]) -> str:
              f"denoised={g.get('denoise_steps')} params={g['params']}")
     p = ch["prompt"]
     L.append(f"  prompt: {p['prompt']!r} (source: {p['prompt_source']})" + (f"  switch→ {p['switch_prompt']!r} at t<{p['switch_t']}" if p.get("switch_prompt") else ""))
+    eps = [e for e in ch.get("episodes", []) if e >= 0]
+    if eps:
+        L.append(f"  episodes: made from the support of episode(s) {eps}" + (" and the split's shots" if -1 in ch["episodes"] else ""))
     for r in ch["guides"]:
         cid = f" [id {r['class_id']}]" if r.get("class_id") and r.get("class_id") != r["label"] else ""
         L.append(f"  ← guide image {r['image_id'][:16]}… class {r['label']!r}{cid} ({r['split_role'] or r['pool']}): {r['file']}")
