@@ -277,8 +277,13 @@ def evaluation_plan(cfg, t: TrainingConfig) -> dict[str, Any]:
         "val_per_class": cfg.splits.val_per_class,
         "n_way": ep.n_way if episodic else None, "queries": ep.queries_per_class if episodic else None,
         "episodes": ep.episodes if episodic else None, "encoder": ep.encoder if episodic else None,
-        # set by the episodic benchmark (EpisodesConfig.augmented_per_class) where the config has it
-        "augmented_per_class": getattr(ep, "augmented_per_class", None) if episodic else None,
+        # "split": the split's K shots are every episode's support (synthetic images made once per split);
+        # "episode": a fresh support per episode, every method generating from it (GeNIe §4.1)
+        "support": ep.support if episodic else None,
+        # per K: augmented images per class in every episode (support: episode; default (N−1)·K, GeNIe's count)
+        "augmented_per_class": ({k: (ep.augmented_per_class if ep.augmented_per_class is not None
+                                     else (ep.n_way - 1) * k) for k in cfg.splits.shots}
+                                if episodic and ep.support == "episode" else None),
     }
 
 
@@ -309,20 +314,17 @@ def entry_work(cfg, name, algo, params, proto, out, size, t: TrainingConfig, img
     for k in cfg.splits.shots:
         counts = _split_counts(size, k, cfg.splits.val_per_class)
         n_real, C = sum(counts), len(counts)
-        if algo in ("genie", "genie_ada"):
-            aug = out["evaluation"].get("augmented_per_class")
-            if isinstance(aug, dict):  # per K
-                aug = aug.get(k, aug.get(str(k)))
-            if isinstance(aug, str) and "n-1" in aug.replace("−", "-").replace(" ", "").lower():  # "(N−1)·K"
-                aug = (int(out["evaluation"]["n_way"]) - 1) * k
-            if isinstance(aug, (int, float)) and "few_shot_episodes" in out["evaluation"]["kind"]:
-                # generated per episode from that episode's support
-                n_img = int(aug) * int(out["evaluation"]["n_way"]) * int(out["evaluation"]["episodes"])
-            else:  # every train image of every other class is a source, capped by max_per_class
-                per = [n_real - c for c in counts]
-                if params.max_per_class:
-                    per = [min(p, params.max_per_class) for p in per]
-                n_img = sum(per)
+        ev = out["evaluation"]
+        if ev.get("support") == "episode":
+            # generated per episode from that episode's support: A per class × N classes × episodes (an upper
+            # bound: a unit that recurs in another episode is generated once and reused)
+            n_img = int(ev["augmented_per_class"][k]) * int(ev["n_way"]) * int(ev["episodes"])
+        elif algo in ("genie", "genie_ada"):
+            # every train image of every other class is a source, capped by max_per_class
+            per = [n_real - c for c in counts]
+            if params.max_per_class:
+                per = [min(p, params.max_per_class) for p in per]
+            n_img = sum(per)
         elif algo == "diff_ii":
             n_img = n_real * int(getattr(params, "expansion_rate", None) or out["images_per_real"])
         else:
@@ -440,7 +442,9 @@ def format_plan(p: dict[str, Any]) -> str:
                                 "synthetic_probability": None})] + list(p["methods"].items()):
         c, e = m["classifier"], m["evaluation"]
         ep = (f"{'+'.join(e['kind'])}" + (f" {e['n_way']}-way {e['episodes']} ep × {e['queries']} q" if e["n_way"] else "")
-              + (f", {e['augmented_per_class']} aug/class" if e.get("augmented_per_class") else ""))
+              + (f", support per {e['support']}" if e.get("support") else "")
+              + (", aug/class " + "/".join(f"{v} (K={k})" for k, v in e["augmented_per_class"].items())
+                 if e.get("augmented_per_class") else ""))
         epochs = f"{c['epochs']}×{'data' if c['epochs_over_data'] else c['steps_per_epoch']}"
         tr = c["train_transform"] + (f"+syn:{c['synthetic_transform']}" if c["synthetic_transform"] != "none" else "")
         probe = "linear" if c["linear_probe"] else ("full" if c["pretrained"] else "scratch")
