@@ -163,6 +163,13 @@ TABLES: dict[str, list[tuple[str, object]]] = {
         *[(f"methods.{m}.evaluation.{k}", v) for m in ("genie", "genie_ada")
           for k, v in (("n_way", 5), ("queries", 16), ("episodes", 600), ("shots", [1, 5]))],
         ("methods.genie.evaluation.kind", ["classifier", "few_shot_episodes"]),
+        # GeNIe §4.1: a fresh support per episode ("The support-set contains N randomly sampled classes where each
+        # class contains K samples"); "we generate 4 samples per class … in the 5-way, 1-shot setting and 20
+        # samples per class … 5-way, 5-shot"; "the total number of labeled samples in the support set after
+        # augmentation remains the same across all … methodologies" (so the baselines too)
+        *[(f"methods.{m}.evaluation.support", "episode") for m in ("genie", "img2img_low", "txt2img")],
+        *[(f"methods.{m}.evaluation.augmented_per_class", {"1": 4, "5": 20})
+          for m in ("genie", "genie_ada", "img2img_low", "img2img_high", "txt2img")],
     ],
 
     "sgid": [
