@@ -121,7 +121,18 @@ def dataset_size(cfg, classes: int | None = None, train_per_class: int | None = 
         b = ds.builtin
         return {"known": True, "classes": len(b.classes), "train_per_class": {c: b.train_per_class for c in b.classes}}
     root = Path(ds.source).expanduser()
-    if not root.is_dir():
+    if (ds.is_hf or not root.is_dir()) and ds.class_split is not None:
+        try:
+            listed = ds.evaluation_classes() or []
+        except Exception:  # a class-list file that is not here either: fall through to the one-class estimate
+            listed = []
+        if listed:
+            n = int(max(cfg.splits.shots) + cfg.splits.val_per_class)
+            return {"known": True, "assumed": True, "classes": len(listed),
+                    "train_per_class": {c: n for c in listed},
+                    "note": f"{ds.source} not read: {len(listed)} classes from dataset.class_split.{ds.class_split.evaluate}, "
+                            f"each with its K shots + {cfg.splits.val_per_class} val images (--train-per-class M for more)"}
+    if ds.is_hf or not root.is_dir():
         return {"known": False, "classes": None, "train_per_class": {},
                 "note": f"{root} not found: work is for ONE class with K train images (a K of {ASSUMED_POOL}+ counts "
                         f"as {ASSUMED_POOL}); pass --classes N [--train-per-class M] for the whole dataset"}
@@ -465,8 +476,8 @@ def format_plan(p: dict[str, Any]) -> str:
     rows.append(["total", str(w["synthetic_images"]), str(w["unet_image_passes"]), "",
                  str(w["classifier_training_steps"]), _fmt(w["gpu_hours"])])
     L += _table(["entry", "synthetic", "UNet passes", "per image", "clf steps", "GPU-h"], rows)
-    if not w["dataset"].get("known", True):
-        L.append(f"  dataset: {w['dataset'].get('note')}")
+    if w["dataset"].get("note"):
+        L.append(f"  dataset: {w['dataset']['note']}")
     L.append(f"  GPU-hours at {w['assumption']}")
     from collections import Counter
 

@@ -294,3 +294,17 @@ def test_full_dataset_split_keeps_the_validation_images():
     assert n[("b", "train")] == 2 and n[("b", "val")] == 1  # a class no larger than V: as before, 1 val image
     few = few_shot_split(imgs, 4, 0, 10000, fewer_than_k="use_all").groupby(["label", "role"]).size().to_dict()
     assert few[("a", "train")] == 4 and few[("a", "val")] == 37 and few[("b", "train")] == 2 and few[("b", "val")] == 1
+
+
+def test_genie_preset_names_its_benchmark_classes_and_their_words():
+    """GeNIe §4.1 evaluates on mini-ImageNet's novel classes (Ravi & Larochelle's split: 20 test classes); the
+    preset's class split holds exactly those, and the prompts' class words are words, never WordNet ids."""
+    from augment_dagster.config import load_config
+    from augment_dagster.data.classes import class_words
+
+    cfg = load_config(PAPERS / "genie.yaml")
+    ids = cfg.dataset.evaluation_classes()
+    assert len(ids) == 20 and len(set(ids)) == 20 and all(i.startswith("n") and i[1:].isdigit() for i in ids)
+    words = class_words(ids, cfg.dataset.class_names, clean=True)
+    assert not any(w[1:].isdigit() for w in words.values())
+    assert words["n02099601"] == "golden retriever" and words["n07613480"] == "trifle"
