@@ -37,7 +37,7 @@ def _setup(args) -> ExperimentConfig:
     cfg = load_config(args.config)
     data_dir = cfg.resolved_data_dir()
     _usable_dir(data_dir, "the data dir")
-    home = Path(os.environ.get("DAGSTER_HOME") or data_dir / "dagster_home")
+    home = Path(os.environ.get("DAGSTER_HOME") or data_dir / "dagster_home").expanduser().resolve()  # Dagster: absolute
     _usable_dir(home, "DAGSTER_HOME")
     home.mkdir(parents=True, exist_ok=True)
     os.environ["DAGSTER_HOME"] = str(home)
@@ -82,6 +82,40 @@ def check_names(cfg: ExperimentConfig, partitions=None, methods=None) -> None:
     if off:
         raise UnknownNameError(f"--methods {', '.join(off)}: disabled (enabled: false) in {where}",
                                hint="set enabled: true for it in the config, or leave it out of --methods")
+
+
+def _forward_sigterm() -> None:
+    """SIGTERM takes the same path as Ctrl-C (Dagster maps it to its SIGINT handler while a run executes; this
+    covers the moments between runs): the step stops, the run is marked canceled, finished units stay in the memo."""
+    import signal
+
+    def on_term(signo, frame):
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread
+        pass
+
+
+def units_written_since(data_dir: Path, t: float) -> int:
+    """Memo records (finished units of every stage) written at or after ``t`` (seconds since the epoch)."""
+    memo = data_dir / "memo"
+    n = 0
+    if not memo.is_dir():
+        return 0
+    for sub in os.scandir(memo):
+        if sub.is_dir():
+            for f in os.scandir(sub.path):
+                try:
+                    n += f.name.endswith(".json") and f.stat().st_mtime >= t
+                except FileNotFoundError:
+                    pass
+    return n
 
 
 def check_writable(*folders: Path) -> None:
@@ -171,11 +205,27 @@ def cmd_run(args) -> int:
         else:
             print(f"  {what}: {'nothing missing or stale' if not n else f'{n}/{total} assets missing or stale'}", flush=True)
 
-    meta = materialize_experiment(
-        defs, cfg, instance, partitions=args.partition, methods=args.methods, tags=tags, force=args.force,
-        run_config={"loggers": {"console": {"config": {"log_level": level}}}}, on_plan=plan,
-        on_partition=lambda pk, secs, rid: print(f"  partition {pk}: done in {secs:.1f}s (run {rid[:8]}; "
-                                                 f"{time.perf_counter() - t0:.0f}s since start)", flush=True))
+    from .running import RunInterrupted
+
+    started = time.time()
+    _forward_sigterm()
+    try:
+        meta = materialize_experiment(
+            defs, cfg, instance, partitions=args.partition, methods=args.methods, tags=tags, force=args.force,
+            run_config={"loggers": {"console": {"config": {"log_level": level}}}}, on_plan=plan,
+            on_partition=lambda pk, secs, rid: print(f"  partition {pk}: done in {secs:.1f}s (run {rid[:8]}; "
+                                                     f"{time.perf_counter() - t0:.0f}s since start)", flush=True))
+    except (RunInterrupted, KeyboardInterrupt) as e:
+        if args.trace or args.verbose:
+            import traceback
+
+            traceback.print_exception(e, file=sys.stderr)
+        run_id = getattr(e, "run_id", None)
+        kept = units_written_since(cfg.resolved_data_dir(), started)
+        print(f"augment run: interrupted (Ctrl-C / SIGTERM); {kept} finished unit(s) of this run are kept in the memo"
+              + (f"; run {run_id[:8]} is marked canceled" if run_id else ""), file=sys.stderr)
+        print(f"  `augment run --config {args.config}` resumes: finished units are reused", file=sys.stderr)
+        return 130
     # ---- summary
     comp = {"diffusion": [0, 0], "concepts": [0, 0], "classifiers": [0, 0]}
     for key, md in meta.items():
@@ -247,9 +297,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = p.parse_args(argv)
     if not (args.trace or getattr(args, "verbose", False)):
-        from .errors import quiet_user_error_logs
+        from .errors import quiet_interrupt_traces, quiet_user_error_logs
 
         quiet_user_error_logs()
+        quiet_interrupt_traces()
     try:
         return int(args.fn(args) or 0)
     except Exception as e:  # user errors (also when raised inside a Dagster step): one short block, exit 2

@@ -193,7 +193,8 @@ def format_user_error(err: UserError, max_width: int = 300) -> str:
     return "\n".join(lines)
 
 
-_QUIET = {"DagsterAssetCheckFailedError"}  # a blocking check failed: the CLI names the asset and check
+# a blocking check failed: the CLI names the asset and check; an interrupt: the CLI says what was kept
+_QUIET = {"DagsterAssetCheckFailedError", "DagsterExecutionInterruptedError", "KeyboardInterrupt"}
 
 
 def _error_info_names(info) -> list[str]:
@@ -266,3 +267,31 @@ def quiet_user_error_logs() -> None:
             super().handle(record)
 
     logging.setLoggerClass(QuietUserErrors)
+
+
+class _DropInterruptTraces:
+    """A logging filter: drop records whose exception is an interrupt (Ctrl-C / SIGTERM landing while SQLAlchemy
+    closes a pooled connection logs a trace; the CLI says what happened instead)."""
+
+    def filter(self, record) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (exc is not None and (isinstance(exc, KeyboardInterrupt)
+                                         or type(exc).__name__ == "DagsterExecutionInterruptedError"))
+
+
+def quiet_interrupt_traces() -> None:
+    import logging
+
+    names = ["sqlalchemy.pool"]
+    try:
+        from sqlalchemy.pool import impl
+
+        names += [f"{c.__module__}.{c.__name__}" for c in vars(impl).values() if isinstance(c, type)
+                  and c.__module__ == impl.__name__]
+    except ImportError:  # pragma: no cover - SQLAlchemy comes with Dagster
+        pass
+    for name in names:
+        logging.getLogger(name).addFilter(_DropInterruptTraces())
+    if logging.lastResort is not None:
+        logging.lastResort.addFilter(_DropInterruptTraces())
+
