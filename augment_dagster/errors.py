@@ -144,9 +144,12 @@ def system_fault(exc: BaseException) -> SystemFaultError | None:
                                     f"in a step of the run")
         if isinstance(e, OSError) and e.errno in _ERRNO:
             cls, what = _ERRNO[e.errno]
-            where = e.filename or _where()
             if e.filename:
                 where = f"{e.filename}" + (f" (-> {e.filename2})" if e.filename2 else "")
+            elif e.strerror and "/" in str(e.strerror):  # e.g. BlobWriteError: "could not write blob <path>: ..."
+                where = str(e.strerror)
+            else:
+                where = _where()
             return cls(f"{what}: {where}")
     for e in chain:
         text = f"{type(e).__name__}: {e}"

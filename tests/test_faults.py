@@ -36,7 +36,8 @@ GOOD = {
 
 def cli(args, data: Path, env_extra=None, cwd=None, timeout=300):
     env = {**os.environ, "AUGMENT_DATA_DIR": str(data), "DAGSTER_HOME": str(data / "dagster_home"), "HF_HUB_OFFLINE": "1",
-           "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+           "PYTHONUNBUFFERED": "1", "AUGMENT_PROGRESS_EVERY_S": "3600",  # no heartbeat line on a busy machine
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("AUGMENT_CONFIG_DIR", None)
     for k, v in (env_extra or {}).items():
         if v is None:
@@ -346,3 +347,20 @@ def test_seed_level_statistics_are_honest():
     for k, n in ((0, 5), (5, 5), (3, 10)):
         a, b = wilson_interval(k, n)
         assert 0.0 <= a <= k / n <= b <= 1.0
+
+
+def test_mlflow_experiment_opens_in_the_model_training_view(tmp_path, monkeypatch):
+    """MLflow 3 opens an experiment without ``mlflow.experimentKind`` in its GenAI (traces) view; ours carry the
+    model-training kind, also an experiment created before this tag existed (set on its next run)."""
+    from augment_dagster.resources import MlflowTracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    t = MlflowTracker(default_root=str(tmp_path / "mlflow"))
+    rid, err = t.log_run("kind", "m/1shot-s0", params={"p": 1}, metrics={"acc_id": 0.5}, tags={})
+    assert err is None
+    c = t.client()
+    assert c.get_experiment_by_name("kind").tags["mlflow.experimentKind"] == "custom_model_development"
+    old = c.create_experiment("old")  # as the previous code made it
+    assert "mlflow.experimentKind" not in c.get_experiment(old).tags
+    t.log_run("old", "m/1shot-s0", params={"p": 1}, metrics={"acc_id": 0.5}, tags={})
+    assert c.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
