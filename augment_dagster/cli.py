@@ -181,6 +181,10 @@ def cmd_run(args) -> int:
     check_names(cfg, partitions=args.partition, methods=args.methods)
     check_writable(cfg.resolved_data_dir(), Path(os.environ["DAGSTER_HOME"]))
     preflight(cfg)
+    src = Path(cfg.dataset.source).expanduser() if cfg.dataset.source != "builtin" else None
+    if src is not None and src.is_dir() and not (src / "test").is_dir():
+        print(f"augment run: note: {src / 'test'} does not exist, so every ID accuracy (acc_id) will be \"-\"; "
+              "add test/<class>/* images to measure it", file=sys.stderr)
     import dagster as dg
 
     from .definitions import build_definitions

@@ -198,7 +198,9 @@ def export(cfg: ExperimentConfig, args) -> int:
         for r in sp[sp.role == "train"].itertuples():
             rel = Path("train") / _safe(r.label) / f"real-{r.image_id[:24]}{Path(r.path).suffix}"
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(Path(r.dataset_root) / r.path, out / rel)
+            from .store.manifests import resolve_root
+
+            shutil.copyfile(resolve_root(r.dataset_root, root) / r.path, out / rel)
             lines.append(_record(file_name=rel.relative_to("train").as_posix(), label=r.label, synthetic=False,
                                  image_id=r.image_id, weight=1.0))
     with atomic_path(out / "train" / "metadata.jsonl") as tmp:

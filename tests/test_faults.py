@@ -364,3 +364,116 @@ def test_mlflow_experiment_opens_in_the_model_training_view(tmp_path, monkeypatc
     assert "mlflow.experimentKind" not in c.get_experiment(old).tags
     t.log_run("old", "m/1shot-s0", params={"p": 1}, metrics={"acc_id": 0.5}, tags={})
     assert c.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+DUMP = """
+import json, os, sys
+import dagster as dg
+inst = dg.DagsterInstance.get()
+out = {}
+for key in inst.get_asset_keys():
+    recs = inst.fetch_materializations(dg.AssetRecordsFilter(asset_key=key), limit=1000).records
+    for r in sorted(recs, key=lambda r: r.storage_id):
+        m = r.asset_materialization
+        out[key.to_user_string() + "[" + (m.partition or "-") + "]"] = (m.tags or {}).get("dagster/data_version")
+print(json.dumps({"versions": out, "materializations": inst.get_event_records(
+    dg.EventRecordsFilter(event_type=dg.DagsterEventType.ASSET_MATERIALIZATION), limit=100000).__len__()}))
+"""
+
+
+def data_versions(data: Path) -> tuple[dict, int]:
+    env = {**os.environ, "DAGSTER_HOME": str(data / "dagster_home")}
+    r = subprocess.run([sys.executable, "-c", DUMP], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    return d["versions"], d["materializations"]
+
+
+@pytest.mark.slow
+def test_a_copied_data_dir_keeps_every_data_version(finished, tmp_path):
+    """Copy a finished data dir elsewhere, re-execute one split there with --force: every data version stays as
+    it was (nothing depends on where the data dir lies); a plain rerun afterwards materializes only raw_images."""
+    _, cfg, data = finished
+    before, _ = data_versions(data)
+    copy = tmp_path / "elsewhere" / "moved"
+    shutil.copytree(data, copy, symlinks=True)
+    r = cli(["run", "--config", str(cfg), "--force", "--partition", "2shot-s0"], copy)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert units_line(r.stdout)[0] == 0 and units_line(r.stdout)[2] == 0, r.stdout  # every unit reused
+    after, n_after = data_versions(copy)
+    changed = {k: (before[k], after.get(k)) for k in before if after.get(k) != before[k]}
+    assert not changed, changed
+    split = __import__("pandas").read_parquet(copy / "manifests" / "flt" / "few_shot_split" / "2shot-s0.parquet")
+    assert not Path(split["dataset_root"].iloc[0]).is_absolute()  # the builtin dataset lies in the data dir
+    r = cli(["run", "--config", str(cfg)], copy)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    _, n_final = data_versions(copy)
+    assert n_final == n_after + 1, r.stdout  # raw_images only (re-ingested by design; same data version)
+    assert "nothing missing or stale" in r.stdout, r.stdout
+
+
+@pytest.mark.slow
+def test_opening_the_ui_on_a_finished_data_dir_launches_no_run(tmp_path):
+    """`dagster dev` on a finished data dir with automation on: the new-data sensor starts from the stored state
+    (the last raw_images record) and the automation conditions find nothing to do: no run in 60 s."""
+    from test_ui import _port, gql
+
+    cfg = variant(experiment="quiet", automation={"enabled": True, "sensor_interval_s": 5})
+    configs = tmp_path / "configs"
+    write(configs / "quiet.yaml", cfg)
+    data = tmp_path / "data"
+    r = cli(["run", "--config", str(configs / "quiet.yaml")], data, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    port = _port()
+    env = {**os.environ, "DAGSTER_HOME": str(data / "dagster_home"), "AUGMENT_CONFIG_DIR": str(configs),
+           "AUGMENT_DATA_DIR": str(data), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    log = open(tmp_path / "dagster_dev.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "dagster", "dev", "-w", str(ROOT / "workspace.yaml"), "-h", "127.0.0.1",
+                             "-p", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(180):
+            try:
+                health = gql(url, "{ instance { daemonHealth { allDaemonStatuses { daemonType healthy } } } }")
+                st = {d["daemonType"]: d["healthy"] for d in health["instance"]["daemonHealth"]["allDaemonStatuses"]}
+                if st.get("SENSOR"):
+                    break
+            except Exception:  # noqa: BLE001 - not up yet
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail("dagster dev did not come up:\n" + (tmp_path / "dagster_dev.log").read_text()[-3000:])
+        time.sleep(60)
+        runs = gql(url, "{ runsOrError { ... on Runs { results { runId status tags { key value } } } } }")
+        launched = [x for x in runs["runsOrError"]["results"]
+                    if not any(t["key"] == "augment/cli" for t in x["tags"])]  # every run not made by `augment run`
+        assert launched == [], launched
+        loc = gql(url, "{ workspaceOrError { ... on Workspace { locationEntries { name } } } }")[
+            "workspaceOrError"]["locationEntries"][0]["name"]
+        sel = {"repositoryLocationName": loc, "repositoryName": "__repository__", "sensorName": "new_data_sensor_quiet"}
+        sensor = gql(url, """query($s: SensorSelector!) { sensorOrError(sensorSelector: $s) { ... on Sensor {
+            sensorState { status ticks(limit: 20) { status skipReason } } } } }""", {"s": sel})["sensorOrError"]
+        state = sensor["sensorState"]
+        assert state["status"] == "RUNNING" and state["ticks"], sensor  # it ticked, and skipped
+        assert {t["status"] for t in state["ticks"]} == {"SKIPPED"}, state["ticks"]
+        assert any("no change" in (t["skipReason"] or "") for t in state["ticks"]), state["ticks"]
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=8)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
+
+
+def test_no_test_folder_says_why_accuracies_are_dashes():
+    import pandas as pd
+
+    from augment_dagster.assets.report import missing_eval_note
+
+    m = pd.DataFrame({"method": ["real_only"], "n_test": [0], "n_ood": [5]})
+    note = missing_eval_note(m, "/data/birds")
+    assert "acc_id" in note and "/data/birds has no test/ images" in note and "acc_ood" not in note
+    assert missing_eval_note(pd.DataFrame({"n_test": [3], "n_ood": [2]}), "builtin") == ""

@@ -43,12 +43,16 @@ def build(exp: Experiment) -> list:
         root = dataset_root(exp)
         res = scan_imagefolder(root, on_bad_file=cfg.dataset.on_bad_file, max_pixels=cfg.dataset.max_image_pixels)
         df = res.images.copy()
-        df["dataset_root"] = str(root)
         for s in res.skipped:
             context.log.warning(f"skipped bad file {s['path']}: {s['reason']}")
         counts = df.groupby(["label", "pool"]).size().unstack(fill_value=0).reset_index()
+        from ..automation import listing_hash
+        from ..store.manifests import stored_root
+
+        df["dataset_root"] = stored_root(root, exp.data_dir)  # relative inside the data dir: the data dir can move
         md = {
             "dataset_root": dg.MetadataValue.path(str(root)),
+            "listing_hash": dg.MetadataValue.text(listing_hash(root)),  # the new-data sensor starts from it
             "classes": dg.MetadataValue.int(int(df.loc[df.pool == "train", "label"].nunique())),
             "images_per_class": dg.MetadataValue.md(md_table(counts)),
             "skipped_files": dg.MetadataValue.int(len(res.skipped)),

@@ -175,6 +175,18 @@ def comparison_grid(synth: dict[str, pd.DataFrame], split: pd.DataFrame, images,
     return grid
 
 
+def missing_eval_note(metrics: pd.DataFrame, source: str) -> str:
+    """Why an accuracy column is "-": the dataset has no test/ (ID) or ood/ (OOD) images ('' when both exist)."""
+    parts = []
+    for col, folder, what in (("n_test", "test", "acc_id"), ("n_ood", "ood", "acc_ood")):
+        if col in metrics and len(metrics) and (pd.to_numeric(metrics[col], errors="coerce").fillna(0) == 0).all():
+            where = "the built-in dataset" if source == "builtin" else f"{source}"
+            parts.append(f"{what} is \"-\": {where} has no {folder}/ images (expected {folder}/<class>/*); add them "
+                         f"{'(dataset.builtin.' + folder + '_per_class)' if source == 'builtin' else 'to the dataset folder'} "
+                         "to measure it.")
+    return " ".join(parts)
+
+
 def ci_note(summary: pd.DataFrame) -> str:
     """The widest 95% CI half-width per accuracy column (the statistical-power target is <= 0.03)."""
     parts = []
@@ -265,6 +277,8 @@ def build(exp: Experiment) -> list:
             for f in ep_files:
                 (out_dir / f).unlink(missing_ok=True)
         note = ci_note(summary) if len(summary) else ""
+        why = missing_eval_note(allm, cfg.dataset.source)
+        note = f"{note}\n\n{why}" if why else note
         # the episodic section first when present: it is the statistically powered comparison
         head = (f"{ep_md}![episodic accuracy](episodic_accuracy.png)\n"
                 "![episodic difference to real_only](episodic_difference.png)\n\n"
