@@ -307,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
         quiet_interrupt_traces()
     try:
         return int(args.fn(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C outside a run (`augment run` handles its own: see cmd_run)
+        if args.trace or getattr(args, "verbose", False):
+            raise
+        print(f"augment {args.cmd}: interrupted", file=sys.stderr)
+        return 130
     except Exception as e:  # user errors (also when raised inside a Dagster step): one short block, exit 2
         from .errors import find_user_error, format_user_error
 
