@@ -190,6 +190,9 @@ def cheap_cases(d: Path, cfg: Path, data: Path) -> list[tuple]:
          fresh("shots"), {}, ["shots"]),
         ("LLM API key missing", ["run", "--config", w("key", variant(methods={"diagen": {}}, models__llm=llm))],
          fresh("key"), {"AUGMENT_FAULT_KEY": None}, ["AUGMENT_FAULT_KEY"]),
+        ("LLM server not listening", ["run", "--config", w("port", variant(dataset={"source": str(good_ds)},
+                                                                           methods={"diagen": {}}, models__llm=llm))],
+         fresh("port"), {"AUGMENT_FAULT_KEY": "sk-test-not-a-secret"}, ["127.0.0.1:9", "models.llm.base_url"]),
         ("diffusion model folder missing", ["run", "--config", w("model", variant(
             dataset={"source": str(good_ds)}, models__diffusion={"source": str(d / "no_model")}))],
          fresh("model"), {}, ["no_model"]),
@@ -234,11 +237,15 @@ def test_bad_inputs_and_faults_are_short_blocks_and_lose_nothing(finished, tmp_p
     for name, n in counts.items():
         print(f"  {n}  {name}")
     assert len(counts) >= 30, len(counts)
-    # afterwards the good config reuses every unit of the finished data dir
+    # afterwards the good config finds nothing to do, and executing every asset (--force) reuses every unit
     r = cli(["run", "--config", str(cfg)], data)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stdout.count("nothing missing or stale") == 2, r.stdout  # the partition and the report
+    assert units_line(r.stdout) == (0, 0, 0), r.stdout
+    r = cli(["run", "--config", str(cfg), "--force"], data)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     computed, reused, trained = units_line(r.stdout)
-    assert computed == 0 and reused > 0 and trained == 0, r.stdout
+    assert computed == 0 and reused == 4 and trained == 0, r.stdout  # 4 = 2 classes × 2 shots × 1 image per real
 
 
 @pytest.mark.slow
