@@ -490,3 +490,16 @@ def test_no_test_folder_says_why_accuracies_are_dashes():
     note = missing_eval_note(m, "/data/birds")
     assert "acc_id" in note and "/data/birds has no test/ images" in note and "acc_ood" not in note
     assert missing_eval_note(pd.DataFrame({"n_test": [3], "n_ood": [2]}), "builtin") == ""
+
+
+def test_resolve_root_relative_absolute_and_moved_old_layout(tmp_path):
+    from augment_dagster.store.manifests import resolve_root, stored_root
+
+    data = tmp_path / "data"
+    (data / "datasets" / "builtin-x").mkdir(parents=True)
+    assert stored_root(data / "datasets" / "builtin-x", data) == "datasets/builtin-x"
+    assert stored_root(tmp_path / "mine", data) == str((tmp_path / "mine").resolve())
+    assert resolve_root("datasets/builtin-x", data) == data / "datasets" / "builtin-x"
+    # what the previous code stored (absolute), for a data dir that was moved since
+    assert resolve_root("/gone/old/data/datasets/builtin-x", data) == data / "datasets" / "builtin-x"
+    assert resolve_root(str(tmp_path / "mine"), data) == tmp_path / "mine"

@@ -55,5 +55,12 @@ def resolve_root(stored: str | os.PathLike, data_dir: str | os.PathLike) -> Path
     """The dataset folder of a manifest's ``dataset_root`` (relative: under the data dir; absolute as is — also
     what the previous code stored)."""
     p = Path(stored)
-    return p if p.is_absolute() else Path(data_dir) / p
+    if not p.is_absolute():
+        return Path(data_dir) / p
+    if not p.exists() and "datasets" in p.parts:  # a data dir of the previous code, moved: the built-in dataset
+        i = len(p.parts) - 1 - p.parts[::-1].index("datasets")  # lies under <data dir>/datasets/
+        moved = Path(data_dir, *p.parts[i:])
+        if moved.exists():
+            return moved
+    return p
 
