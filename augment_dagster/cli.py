@@ -18,12 +18,27 @@ from .config import DEFAULT_CONFIG_DIR, PROJECT_ROOT, ConfigError, ExperimentCon
 DEFAULT_CONFIG = DEFAULT_CONFIG_DIR / "demo.yaml"
 
 
+def _usable_dir(path: Path, what: str) -> None:
+    """``path`` is a folder or can be made one; else a DataDirError naming it (a file, or under a file)."""
+    from .errors import DataDirError
+
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise DataDirError(f"{what} {path} is not a folder: {p} is a file" if p != path
+                                   else f"{what} {path} is a file, not a folder")
+            return
+
+
 def _setup(args) -> ExperimentConfig:
     if getattr(args, "data_dir", None):
-        os.environ["AUGMENT_DATA_DIR"] = str(Path(args.data_dir).resolve())
+        _usable_dir(Path(args.data_dir).expanduser().resolve(), "--data-dir")
+        os.environ["AUGMENT_DATA_DIR"] = str(Path(args.data_dir).expanduser().resolve())
     cfg = load_config(args.config)
     data_dir = cfg.resolved_data_dir()
-    home = Path(os.environ.get("DAGSTER_HOME") or data_dir / "dagster_home")
+    _usable_dir(data_dir, "the data dir")
+    home = Path(os.environ.get("DAGSTER_HOME") or data_dir / "dagster_home").expanduser().resolve()  # Dagster: absolute
+    _usable_dir(home, "DAGSTER_HOME")
     home.mkdir(parents=True, exist_ok=True)
     os.environ["DAGSTER_HOME"] = str(home)
     if not (home / "dagster.yaml").exists() and (PROJECT_ROOT / "dagster.yaml").exists():
@@ -42,6 +57,84 @@ def preflight(cfg: ExperimentConfig) -> None:
         from .llm import LLMClient
 
         LLMClient.from_config(cfg.models.llm).check_ready()
+
+
+def check_names(cfg: ExperimentConfig, partitions=None, methods=None) -> None:
+    """Every partition / method named on the command line exists in the config; else the error lists the valid ones."""
+    from .errors import UnknownNameError
+
+    where = cfg.source_path or "the config"
+    bad = [p for p in partitions or [] if p not in cfg.splits.keys()]
+    if bad:
+        raise UnknownNameError(f"--partition {', '.join(bad)}: no such split in {where}; valid: "
+                               f"{', '.join(cfg.splits.keys())}")
+    valid = ["real_only", *cfg.methods]
+    bad = [m for m in methods or [] if m not in valid]
+    if bad:
+        import difflib
+
+        near = {m: difflib.get_close_matches(m, valid, n=1) for m in bad}
+        hint = "; ".join(f"did you mean {near[m][0]!r} for {m!r}?" for m in bad if near[m])
+        raise UnknownNameError(f"--methods {', '.join(bad)}: no such method entry in {where}; valid: {', '.join(valid)}",
+                               hint=(hint + " " if hint else "") + "use one of the valid names, or add the entry under "
+                               "methods: in the config")
+    off = [m for m in methods or [] if m in cfg.methods and not cfg.methods[m].enabled]
+    if off:
+        raise UnknownNameError(f"--methods {', '.join(off)}: disabled (enabled: false) in {where}",
+                               hint="set enabled: true for it in the config, or leave it out of --methods")
+
+
+def _forward_sigterm() -> None:
+    """SIGTERM takes the same path as Ctrl-C (Dagster maps it to its SIGINT handler while a run executes; this
+    covers the moments between runs): the step stops, the run is marked canceled, finished units stay in the memo."""
+    import signal
+
+    def on_term(signo, frame):
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread
+        pass
+
+
+def units_written_since(data_dir: Path, t: float) -> int:
+    """Memo records (finished units of every stage) written at or after ``t`` (seconds since the epoch)."""
+    memo = data_dir / "memo"
+    n = 0
+    if not memo.is_dir():
+        return 0
+    for sub in os.scandir(memo):
+        if sub.is_dir():
+            for f in os.scandir(sub.path):
+                try:
+                    n += f.name.endswith(".json") and f.stat().st_mtime >= t
+                except FileNotFoundError:
+                    pass
+    return n
+
+
+def check_writable(*folders: Path) -> None:
+    """A run writes under the data dir and DAGSTER_HOME: probe both now, so a read-only or not-permitted folder is
+    one short error naming it, before any work (the probe's OSError becomes a SystemFaultError)."""
+    import tempfile
+
+    from .errors import system_fault
+
+    for d in folders:
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=d, prefix=".augment-probe-"):
+                pass
+        except OSError as e:
+            fault = system_fault(e)
+            if fault is None:
+                raise
+            raise type(fault)(f"{str(fault).split(':')[0]}: cannot write in {d}") from e
 
 
 def _pid_alive(pid: int) -> bool:
@@ -85,13 +178,13 @@ def _active_run_ids(instance) -> set[str]:
 
 def cmd_run(args) -> int:
     cfg = _setup(args)
-    from .llm import MissingAPIKeyError
-
-    try:
-        preflight(cfg)
-    except MissingAPIKeyError as e:
-        print(f"augment run: {e}", file=sys.stderr)
-        return 2
+    check_names(cfg, partitions=args.partition, methods=args.methods)
+    check_writable(cfg.resolved_data_dir(), Path(os.environ["DAGSTER_HOME"]))
+    preflight(cfg)
+    src = Path(cfg.dataset.source).expanduser() if cfg.dataset.source != "builtin" else None
+    if src is not None and src.is_dir() and not (src / "test").is_dir():
+        print(f"augment run: note: {src / 'test'} does not exist, so every ID accuracy (acc_id) will be \"-\"; "
+              "add test/<class>/* images to measure it", file=sys.stderr)
     import dagster as dg
 
     from .definitions import build_definitions
@@ -101,10 +194,6 @@ def cmd_run(args) -> int:
     for rid in release_dead_runs(instance):
         print(f"  released GPU slot / marked failed: run {rid[:8]} (its process is gone)")
     exp = cfg.experiment
-    bad = [p for p in args.partition or [] if p not in cfg.splits.keys()]
-    if bad:
-        print(f"unknown partition(s) {bad}; this config has {cfg.splits.keys()}", file=sys.stderr)
-        return 2
     import socket
 
     from .running import materialize_experiment
@@ -120,11 +209,27 @@ def cmd_run(args) -> int:
         else:
             print(f"  {what}: {'nothing missing or stale' if not n else f'{n}/{total} assets missing or stale'}", flush=True)
 
-    meta = materialize_experiment(
-        defs, cfg, instance, partitions=args.partition, methods=args.methods, tags=tags, force=args.force,
-        run_config={"loggers": {"console": {"config": {"log_level": level}}}}, on_plan=plan,
-        on_partition=lambda pk, secs, rid: print(f"  partition {pk}: done in {secs:.1f}s (run {rid[:8]}; "
-                                                 f"{time.perf_counter() - t0:.0f}s since start)", flush=True))
+    from .running import RunInterrupted
+
+    started = time.time()
+    _forward_sigterm()
+    try:
+        meta = materialize_experiment(
+            defs, cfg, instance, partitions=args.partition, methods=args.methods, tags=tags, force=args.force,
+            run_config={"loggers": {"console": {"config": {"log_level": level}}}}, on_plan=plan,
+            on_partition=lambda pk, secs, rid: print(f"  partition {pk}: done in {secs:.1f}s (run {rid[:8]}; "
+                                                     f"{time.perf_counter() - t0:.0f}s since start)", flush=True))
+    except (RunInterrupted, KeyboardInterrupt) as e:
+        if args.trace or args.verbose:
+            import traceback
+
+            traceback.print_exception(e, file=sys.stderr)
+        run_id = getattr(e, "run_id", None)
+        kept = units_written_since(cfg.resolved_data_dir(), started)
+        print(f"augment run: interrupted (Ctrl-C / SIGTERM); {kept} finished unit(s) of this run are kept in the memo"
+              + (f"; run {run_id[:8]} is marked canceled" if run_id else ""), file=sys.stderr)
+        print(f"  `augment run --config {args.config}` resumes: finished units are reused", file=sys.stderr)
+        return 130
     # ---- summary
     comp = {"diffusion": [0, 0], "concepts": [0, 0], "classifiers": [0, 0]}
     for key, md in meta.items():
@@ -198,11 +303,17 @@ def main(argv: list[str] | None = None) -> int:
 
     args = p.parse_args(argv)
     if not (args.trace or getattr(args, "verbose", False)):
-        from .errors import quiet_user_error_logs
+        from .errors import quiet_interrupt_traces, quiet_user_error_logs
 
         quiet_user_error_logs()
+        quiet_interrupt_traces()
     try:
         return int(args.fn(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C outside a run (`augment run` handles its own: see cmd_run)
+        if args.trace or getattr(args, "verbose", False):
+            raise
+        print(f"augment {args.cmd}: interrupted", file=sys.stderr)
+        return 130
     except Exception as e:  # user errors (also when raised inside a Dagster step): one short block, exit 2
         from .errors import find_user_error, format_user_error
 

@@ -65,8 +65,10 @@ def lineage(cfg: ExperimentConfig, args) -> int:
     try:
         ch = chain(cfg.resolved_data_dir(), args.ident)
     except LineageError as e:
-        print(str(e), file=sys.stderr)
-        return 1
+        from .errors import UnknownNameError
+
+        raise UnknownNameError(str(e), hint="give a synthetic id (or a unique prefix) from a manifest, "
+                                            "e.g. from `augment export` or the Dagster UI") from None
     print(json.dumps(ch, indent=2, default=str) if args.json else format_lineage(ch))
     return 0
 
@@ -147,6 +149,9 @@ def export(cfg: ExperimentConfig, args) -> int:
     from .store.manifests import manifest_version
     from .util import atomic_path
 
+    from .cli import check_names
+
+    check_names(cfg, partitions=[args.split], methods=[args.method])
     root = cfg.resolved_data_dir()
     p = manifest_path(root, [cfg.experiment, "synthetic", args.method], args.split)
     if not p.exists():
@@ -210,7 +215,9 @@ def export(cfg: ExperimentConfig, args) -> int:
             if hf_rows:
                 (out / rel).write_bytes(png_bytes(src.real(r.image_id)))
             else:
-                shutil.copyfile(Path(r.dataset_root) / r.path, out / rel)
+                from .store.manifests import resolve_root
+
+                shutil.copyfile(resolve_root(r.dataset_root, root) / r.path, out / rel)
             lines.append(_record(file_name=rel.relative_to("train").as_posix(), label=r.label, synthetic=False,
                                  image_id=r.image_id, weight=1.0))
     with atomic_path(out / "train" / "metadata.jsonl") as tmp:

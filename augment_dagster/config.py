@@ -649,15 +649,49 @@ def _format_errors(err: ValidationError, path: str) -> str:
     return "\n".join(lines)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key written twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: let the base loader report it
+                continue
+            if first is not None:
+                raise ConfigError(f"key {key!r} is written twice (lines {first} and {key_node.start_mark.line + 1}); "
+                                  "the second block would silently replace the first — merge them into one")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | os.PathLike) -> ExperimentConfig:
     """Load and validate a YAML experiment config; errors name the file and the key."""
+    from .errors import ConfigFileError
+
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigFileError(f"config file {path} does not exist", hint="the file is missing: check the --config path "
+                              "(the shipped examples are in assets_config/, e.g. assets_config/demo.yaml)")
+    if path.is_dir():
+        yamls = sorted(p.name for p in path.glob("*.yaml"))[:5]
+        raise ConfigFileError(f"--config {path} is a folder, not a YAML file"
+                              + (f" (it holds {', '.join(yamls)})" if yamls else ""),
+                              hint="pass one experiment YAML file, e.g. --config " + str(path / (yamls[0] if yamls else "demo.yaml")))
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigFileError(f"config file {path} is not UTF-8 text (byte {e.start}): not a YAML file?") from None
+    except OSError as e:
+        raise ConfigFileError(f"config file {path} cannot be read: {e.strerror}") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping with at least 'experiment:'")
     return parse_config(raw, str(path))

@@ -22,6 +22,17 @@ HINTS = {
     "NotEnoughPromptsError": "check the LLM's answers (models.llm), or set models.llm.provider: offline",
     "ModelSourceError": "point the named models.* source at a local folder or a reachable hub id (or use source: tiny)",
     "AssetCheckFailed": "inspect the asset's Checks tab in `dagster dev`, or its manifest; fix the input and rerun",
+    "ConfigFileError": "check the --config path (a YAML file, e.g. assets_config/demo.yaml)",
+    "DataDirError": "point --data-dir (or $AUGMENT_DATA_DIR) at a folder you can write to",
+    "DiskFullError": "free space on that disk (or point --data-dir at a larger one), then rerun `augment run`: "
+                     "finished units are reused",
+    "ReadOnlyStorageError": "make the folder writable (or point --data-dir / DAGSTER_HOME at a writable folder), "
+                            "then rerun `augment run`",
+    "PermissionDeniedError": "fix the folder's owner/permissions (or point --data-dir at a folder you own), "
+                             "then rerun `augment run`",
+    "OutOfMemoryError": "lower generation.batch_size / training.batch_size (or use a smaller model), then rerun "
+                        "`augment run`: finished units are reused",
+    "UnknownNameError": "use one of the names listed above",
 }
 
 
@@ -29,6 +40,11 @@ class UserError(Exception):
     """Base of errors caused by input a user can fix. ``hint`` is the "what to do" line (class default)."""
 
     hint: str = ""
+
+    def __init__(self, *args, hint: str | None = None):
+        super().__init__(*args)
+        if hint:
+            self.hint = hint
 
     def advice(self) -> str:
         return self.hint or HINTS.get(type(self).__name__, "") or next(
@@ -46,6 +62,102 @@ class _TextUserError(UserError):
         super().__init__(message)
         self.cls_name = cls_name
         self.hint = HINTS.get(cls_name, "")
+
+
+class ConfigFileError(UserError):
+    """The --config path is missing, a folder or not readable text."""
+
+
+class DataDirError(UserError):
+    """The data dir (or DAGSTER_HOME) is not a usable folder."""
+
+
+class UnknownNameError(UserError):
+    """A method, partition or other name given on the command line does not exist in the config."""
+
+
+class SystemFaultError(UserError):
+    """A fault of the machine a user can fix (disk full, read-only storage, permissions, memory), found in the
+    cause chain of a failure (also inside a Dagster step or Dagster's own storage)."""
+
+
+class DiskFullError(SystemFaultError):
+    pass
+
+
+class ReadOnlyStorageError(SystemFaultError):
+    pass
+
+
+class PermissionDeniedError(SystemFaultError):
+    pass
+
+
+class OutOfMemoryError(SystemFaultError):
+    pass
+
+
+# errno -> (class, what happened)
+_ERRNO = {28: (DiskFullError, "no space left on the device"), 122: (DiskFullError, "disk quota exceeded"),
+          30: (ReadOnlyStorageError, "the storage is read-only"), 13: (PermissionDeniedError, "permission denied"),
+          1: (PermissionDeniedError, "operation not permitted"), 12: (OutOfMemoryError, "out of memory")}
+# text of errors that arrive without an errno (sqlite through SQLAlchemy, torch allocators, Dagster failure text)
+_FAULT_TEXT = [
+    (re.compile(r"\[Errno 28\]|No space left on device|database or disk is full|\bSQLITE_FULL\b", re.I),
+     DiskFullError, "no space left on the device"),
+    (re.compile(r"disk I/O error", re.I), DiskFullError,
+     "the Dagster database could not write (sqlite: disk I/O error — usually a full disk)"),
+    (re.compile(r"\[Errno 30\]|Read-only file system|attempt to write a readonly database", re.I), ReadOnlyStorageError,
+     "the storage is read-only"),
+    (re.compile(r"\[Errno 13\]|Permission denied", re.I), PermissionDeniedError, "permission denied"),
+    (re.compile(r"\bMemoryError\b|\bOutOfMemoryError\b|CUDA out of memory|can't allocate memory|"
+                r"Cannot allocate memory", re.I), OutOfMemoryError, "out of memory"),
+    (re.compile(r"unable to open database file", re.I), ReadOnlyStorageError,
+     "the Dagster database cannot be opened (folder missing, read-only or not permitted)"),
+]
+
+
+def _where() -> str:
+    import os
+
+    parts = []
+    if os.environ.get("AUGMENT_DATA_DIR"):
+        parts.append(f"data dir {os.environ['AUGMENT_DATA_DIR']}")
+    if os.environ.get("DAGSTER_HOME"):
+        parts.append(f"DAGSTER_HOME {os.environ['DAGSTER_HOME']}")
+    return ", ".join(parts) or "the data dir"
+
+
+def system_fault(exc: BaseException) -> SystemFaultError | None:
+    """Disk full / read-only / permission denied / out of memory behind ``exc`` (its cause/context chain or the
+    text Dagster kept of a step failure), as a :class:`SystemFaultError` naming the file or folder; else None."""
+    seen, e = set(), exc
+    chain = []
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        nxt = getattr(e, "user_exception", None)
+        e = nxt if isinstance(nxt, BaseException) and id(nxt) not in seen else (e.__cause__ or e.__context__)
+    for e in chain:
+        if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+            return OutOfMemoryError(f"out of memory ({type(e).__name__}: {str(e)[:120] or 'allocation failed'}) "
+                                    f"in a step of the run")
+        if isinstance(e, OSError) and e.errno in _ERRNO:
+            cls, what = _ERRNO[e.errno]
+            if e.filename:
+                where = f"{e.filename}" + (f" (-> {e.filename2})" if e.filename2 else "")
+            elif e.strerror and "/" in str(e.strerror):  # e.g. BlobWriteError: "could not write blob <path>: ..."
+                where = str(e.strerror)
+            else:
+                where = _where()
+            return cls(f"{what}: {where}")
+    for e in chain:
+        text = f"{type(e).__name__}: {e}"
+        for rx, cls, what in _FAULT_TEXT:
+            if rx.search(text):
+                m = re.search(r"\[Errno \d+\] [^:'\n]*: '([^']+)'", text)
+                return cls(f"{what}: {m.group(1) if m else _where()}")
+    return None
 
 
 def find_user_error(exc: BaseException) -> UserError | None:
@@ -67,7 +179,7 @@ def find_user_error(exc: BaseException) -> UserError | None:
         return _TextUserError(m.group(1), m.group(2).strip())
     if type(exc).__name__ == "DagsterAssetCheckFailedError":  # "1 blocking asset check failed ...:\n<asset>: <check>"
         return _TextUserError("AssetCheckFailed", " ".join(text.split()) or "a blocking asset check failed")
-    return None
+    return system_fault(exc)
 
 
 def format_user_error(err: UserError, max_width: int = 300) -> str:
@@ -84,7 +196,8 @@ def format_user_error(err: UserError, max_width: int = 300) -> str:
     return "\n".join(lines)
 
 
-_QUIET = {"DagsterAssetCheckFailedError"}  # a blocking check failed: the CLI names the asset and check
+# a blocking check failed: the CLI names the asset and check; an interrupt: the CLI says what was kept
+_QUIET = {"DagsterAssetCheckFailedError", "DagsterExecutionInterruptedError", "KeyboardInterrupt"}
 
 
 def _error_info_names(info) -> list[str]:
@@ -94,6 +207,21 @@ def _error_info_names(info) -> list[str]:
         names.append(getattr(info, "cls_name", "") or "")
         info, seen = getattr(info, "cause", None) or getattr(info, "context", None), seen + 1
     return names
+
+
+def _error_info_is_fault(info) -> bool:
+    seen = 0
+    while info is not None and seen < 20:
+        text = f"{getattr(info, 'cls_name', '')}: {getattr(info, 'message', '')}"
+        if any(rx.search(text) for rx, _, _ in _FAULT_TEXT):
+            return True
+        info, seen = getattr(info, "cause", None) or getattr(info, "context", None), seen + 1
+    return False
+
+
+def _is_user_info(info) -> bool:
+    return (any(n in HINTS or n in _QUIET or n in _user_class_names() for n in _error_info_names(info))
+            or _error_info_is_fault(info))
 
 
 def is_user_error_log(record) -> bool:
@@ -106,10 +234,10 @@ def is_user_error_log(record) -> bool:
     kind = getattr(event, "event_type_value", "")
     if kind == "STEP_FAILURE":
         info = getattr(getattr(event, "step_failure_data", None), "error", None)
-        return any(n in HINTS or n in _QUIET or n in _user_class_names() for n in _error_info_names(info))
+        return _is_user_info(info)
     if kind in ("RUN_FAILURE", "PIPELINE_FAILURE"):  # the run-level echo of the step's error
         info = getattr(getattr(event, "event_specific_data", None), "error", None)
-        return info is None or any(n in HINTS or n in _QUIET or n in _user_class_names() for n in _error_info_names(info))
+        return info is None or _is_user_info(info)
     return False
 
 
@@ -142,3 +270,31 @@ def quiet_user_error_logs() -> None:
             super().handle(record)
 
     logging.setLoggerClass(QuietUserErrors)
+
+
+class _DropInterruptTraces:
+    """A logging filter: drop records whose exception is an interrupt (Ctrl-C / SIGTERM landing while SQLAlchemy
+    closes a pooled connection logs a trace; the CLI says what happened instead)."""
+
+    def filter(self, record) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (exc is not None and (isinstance(exc, KeyboardInterrupt)
+                                         or type(exc).__name__ == "DagsterExecutionInterruptedError"))
+
+
+def quiet_interrupt_traces() -> None:
+    import logging
+
+    names = ["sqlalchemy.pool"]
+    try:
+        from sqlalchemy.pool import impl
+
+        names += [f"{c.__module__}.{c.__name__}" for c in vars(impl).values() if isinstance(c, type)
+                  and c.__module__ == impl.__name__]
+    except ImportError:  # pragma: no cover - SQLAlchemy comes with Dagster
+        pass
+    for name in names:
+        logging.getLogger(name).addFilter(_DropInterruptTraces())
+    if logging.lastResort is not None:
+        logging.lastResort.addFilter(_DropInterruptTraces())
+

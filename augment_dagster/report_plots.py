@@ -1,5 +1,6 @@
 """The report's plots, grouped by method family (no Dagster): each family has its own colour ramp, each method
-its own (colour, marker); legends sit outside the axes; error bars are 95% t-intervals over seeds.
+its own (colour, marker); legends sit outside the axes; accuracy error bars are 95% percentile-bootstrap
+intervals over seeds (inside [0, 1]; none below 3 seeds, said on the plot); differences are 95% paired t-intervals.
 
 * ``accuracy_plot_png``: accuracy vs shots (ID, OOD), methods dodged around each K so the bars stay apart.
 * ``difference_plot_png``: each method minus real_only, paired over seeds, with its 95% CI; filled markers
@@ -113,7 +114,7 @@ def _axes(fig, n: int):
 
 
 def accuracy_plot_png(summary: pd.DataFrame, algorithms: dict[str, str] | None = None, panels=_ACC_PANELS,
-                      ylabel: str = "top-1 accuracy (mean, 95% CI over seeds)") -> bytes:
+                      ylabel: str = "top-1 accuracy (mean, 95% bootstrap CI over seeds)") -> bytes:
     """Accuracy vs K, one panel per ``(mean column, CI column, title, significance column or None)`` (default:
     ID and OOD); error bars = the CI column (none where NaN); a ``*`` above a point whose significance column is
     set (a difference to real_only that survives Holm)."""
@@ -132,16 +133,27 @@ def accuracy_plot_png(summary: pd.DataFrame, algorithms: dict[str, str] | None =
             off = ((st[m]["order"] - (n - 1) / 2) / max(1, n - 1)) * width if n > 1 else 0.0
             y = pd.to_numeric(g[mcol], errors="coerce")
             err = pd.to_numeric(g[ccol], errors="coerce").fillna(0.0) if ccol in g else None
+            lo_col, hi_col = mcol.replace("_mean", "_lo"), mcol.replace("_mean", "_hi")
+            if lo_col != mcol and lo_col in g and hi_col in g:  # a bounded (asymmetric) interval: inside [0, 1]
+                lo, hi = pd.to_numeric(g[lo_col], errors="coerce"), pd.to_numeric(g[hi_col], errors="coerce")
+                below, above = (y - lo).clip(lower=0).fillna(0.0), (hi - y).clip(lower=0).fillna(0.0)
+                err = pd.concat([below, above], axis=1).T.to_numpy()
+                err_up = above
+            else:
+                err_up = err
             ax.errorbar(g["shots"] + off, y, yerr=err, color=st[m]["color"], marker=st[m]["marker"], markersize=5,
                         capsize=2, linewidth=1.0, elinewidth=0.8, alpha=0.95)
             if scol and scol in g:
-                for k, v, e, sg in zip(g["shots"], y, err if err is not None else [0.0] * len(g), g[scol]):
+                for k, v, e, sg in zip(g["shots"], y, err_up if err_up is not None else [0.0] * len(g), g[scol]):
                     if isinstance(sg, str) and sg.strip() and v == v:
                         ax.annotate("*", (k + off, v + e), xytext=(0, 1), textcoords="offset points", ha="center",
                                     va="bottom", fontsize=10, fontweight="bold", color=st[m]["color"])
         ax.set_xlabel("shots per class (K)")
         ax.set_xticks(shots)
         ax.set_title(title)
+        if mcol.endswith("_mean") and "seeds" in summary and (pd.to_numeric(summary["seeds"]) < 3).any():
+            ax.text(0.5, 0.02, "no interval where a (method, K) has < 3 seeds", transform=ax.transAxes,
+                    ha="center", va="bottom", fontsize=7, color="0.35")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(ylabel)
     _legend(fig, axes[-1], st, methods)

@@ -53,6 +53,11 @@ class ManifestIOManager(dg.ConfigurableIOManager):
         return read_manifest(self._path(key, None))
 
 
+# MLflow 3's UI opens an experiment in its GenAI (traces) view unless this tag says what kind it is; the value
+# its "Model training" view is chosen by (mlflow/server/js: ExperimentKind.CUSTOM_MODEL_DEVELOPMENT)
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 class MlflowTracker(dg.ConfigurableResource):
     """A thin MLflow client wrapper. Failures (server down, bad URI) never fail the asset: they are
     returned as an error string that the asset reports in its metadata, and ``augment report --relog``
@@ -83,13 +88,19 @@ class MlflowTracker(dg.ConfigurableResource):
     def experiment_id(self, client, name: str) -> str:
         exp = client.get_experiment_by_name(name)
         if exp is not None:
+            if (exp.tags or {}).get(EXPERIMENT_KIND_TAG) is None:  # made by an older version: set it once
+                try:
+                    client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+                except Exception:  # noqa: BLE001 - a read-only server: the view is only a default
+                    pass
             return exp.experiment_id
         uri = self.resolved_uri()
         artifact_location = None
         if uri.startswith("sqlite:") or uri.startswith("file:"):
             artifact_location = (Path(self.default_root).resolve() / "artifacts" / name).as_uri()
         try:
-            return client.create_experiment(name, artifact_location=artifact_location)
+            return client.create_experiment(name, artifact_location=artifact_location,
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except Exception:
             exp = client.get_experiment_by_name(name)  # created concurrently
             if exp is None:

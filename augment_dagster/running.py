@@ -128,6 +128,42 @@ def _heartbeat_line(instance, plan_tag: dict, pk: str, i: int, n_parts: int, n_s
     return line
 
 
+class RunInterrupted(Exception):
+    """Ctrl-C / SIGTERM stopped a run of ``materialize_experiment``; ``run_id`` (None if no run had started) is
+    marked canceled in the instance. Every unit written before the signal is in the memo (a unit's record is
+    written right after its bytes), so the next run reuses it."""
+
+    def __init__(self, run_id: str | None):
+        super().__init__(f"interrupted (run {run_id or '-'})")
+        self.run_id = run_id
+
+
+def is_interrupt(e: BaseException) -> bool:
+    """A Ctrl-C / SIGTERM as Dagster or Python raises it (also wrapped in a step failure)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, KeyboardInterrupt) or type(e).__name__ == "DagsterExecutionInterruptedError":
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def mark_canceled(instance, attempt_tag: dict) -> str | None:
+    """Mark the run carrying ``attempt_tag`` canceled (Dagster records an interrupt it did not request as a
+    failure): the UI then shows it as stopped by the user, not as a failure to debug."""
+    import dagster as dg
+
+    runs = instance.get_runs(filters=dg.RunsFilter(tags=attempt_tag), limit=1)
+    if not runs:
+        return None
+    run = runs[0]
+    if run.status != dg.DagsterRunStatus.CANCELED:
+        instance.report_run_canceled(run, message="interrupted by the user (SIGINT/SIGTERM); finished units are kept "
+                                                  "in the memo and reused by the next `augment run`")
+    return run.run_id
+
+
 def materialize_experiment(defs, cfg, instance, *, partitions: list[str] | None = None, methods: list[str] | None = None,
                            tags: dict[str, str] | None = None, run_config: dict | None = None,
                            on_partition: Callable[[str, float, str], None] | None = None,
@@ -152,8 +188,15 @@ def materialize_experiment(defs, cfg, instance, *, partitions: list[str] | None 
     meta: dict[str, dict] = {}
 
     def run(selection, partition=None, extra_tags=None):
-        r = dg.materialize(assets, selection=selection, partition_key=partition, instance=instance, resources=resources,
-                           tags={**(tags or {}), **(extra_tags or {})}, run_config=run_config)
+        attempt = {"augment/attempt": f"{partition or '-'}-{time.time_ns()}"}
+        try:
+            r = dg.materialize(assets, selection=selection, partition_key=partition, instance=instance,
+                               resources=resources, tags={**(tags or {}), **(extra_tags or {}), **attempt},
+                               run_config=run_config)
+        except BaseException as e:
+            if is_interrupt(e):
+                raise RunInterrupted(mark_canceled(instance, attempt)) from e
+            raise
         for ev in r.get_asset_materialization_events():
             mat = ev.event_specific_data.materialization
             key = mat.asset_key.to_user_string() + (f"[{mat.partition}]" if mat.partition else "")

@@ -373,7 +373,9 @@ def test_pipeline_filter_temperature_and_q_views(piped):
     model, meta = load_classifier(blobs.get(frec["blob"]))
     assert meta["train_aug"] == "randaugment" and frec["views"] == 5
     split = _manifest(data, "few_shot_split", "2shot-s0")
-    images = ImageSource(split["dataset_root"].iloc[0], split, blobs)
+    from augment_dagster.store.manifests import resolve_root
+
+    images = ImageSource(resolve_root(split["dataset_root"].iloc[0], data), split, blobs)
     es, tset = split_val(split[split["role"] == "val"])
     assert len(es) == len(tset) == 6 and frec["n_t"] == 6
     idx = label_index(meta["classes"])

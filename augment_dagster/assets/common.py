@@ -202,9 +202,11 @@ def captioner_bundle(exp: Experiment):
 def image_source(exp: Experiment, raw_or_split: pd.DataFrame):
     from ..data.images import ImageSource
 
+    from ..store.manifests import resolve_root
+
     root = raw_or_split["dataset_root"].iloc[0] if "dataset_root" in raw_or_split and len(raw_or_split) else "."
-    return ImageSource(root, raw_or_split, exp.blobs, exp.cfg.dataset.max_image_pixels,
-                       hf_image_column=exp.cfg.dataset.hf.image_column)
+    return ImageSource(resolve_root(root, exp.data_dir) if not str(root).startswith("hf:") else root, raw_or_split,
+                       exp.blobs, exp.cfg.dataset.max_image_pixels, hf_image_column=exp.cfg.dataset.hf.image_column)
 
 
 # ---------------------------------------------------------------- lineage and MLflow links in the UI

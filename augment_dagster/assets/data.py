@@ -54,8 +54,6 @@ def build(exp: Experiment) -> list:
         root = dataset_root(exp)
         res = ingest(cfg.dataset, root)
         df = res.images.copy()
-        where = cfg.dataset.source if root is None else str(root)
-        df["dataset_root"] = where
         for s in res.skipped:
             context.log.warning(f"skipped bad file {s['path']}: {s['reason']}")
         for d in res.duplicates:
@@ -63,8 +61,15 @@ def build(exp: Experiment) -> list:
         for n in res.notes:
             context.log.info(n)
         counts = df.groupby(["label", "pool"]).size().unstack(fill_value=0).reset_index()
+        from ..automation import dataset_folder, listing_hash
+        from ..store.manifests import stored_root
+
+        # relative inside the data dir (the data dir can move); a Hugging Face source is its `hf:` locator
+        df["dataset_root"] = cfg.dataset.source if root is None else stored_root(root, exp.data_dir)
+        watched = root if root is not None else dataset_folder(cfg)
         md = {
-            "dataset_root": dg.MetadataValue.path(where),
+            "dataset_root": dg.MetadataValue.path(cfg.dataset.source if root is None else str(root)),
+            "listing_hash": dg.MetadataValue.text(listing_hash(watched) if watched is not None else "hub"),  # the new-data sensor starts from it
             "classes": dg.MetadataValue.int(int(df.loc[df.pool == "train", "label"].nunique())),
             "images_per_class": dg.MetadataValue.md(md_table(counts)),
             "skipped_files": dg.MetadataValue.int(len(res.skipped)),

@@ -198,7 +198,7 @@ def build_method_chain(exp: Experiment, name: str) -> list:
         partitions_def=exp.partitions,
         ins={"split": dg.AssetIn(key=exp.key("few_shot_split")), "synthetic": dg.AssetIn(key=exp.key("synthetic", name)),
              "real_clf": dg.AssetIn(key=exp.key("real_classifier"))},
-        code_version=exp.code_version(("models", "clip")), kinds={"pytorch", "transformers"},
+        code_version=exp.code_version(("models", "clip")) + "-t2", kinds={"pytorch", "transformers"},  # t2: compute_seconds + device
         automation_condition=CONTENT_AUTOMATION,
         description=f"Synthetic-set metrics of {name} on CLIP image features: improved precision/recall (k=3) vs the real "
                     "ID test images, diversity, CLIP score, label consistency, original-vs-augmented similarity.",
@@ -228,8 +228,10 @@ def build_method_chain(exp: Experiment, name: str) -> list:
                                          classifier_blob=real_clf.iloc[0]["blob"], services=services)
             rec = memo.put(key, {"summary": summary, "per_class": json.loads(per_class.to_json(orient="records"))})
         summary, per_class = dict(rec["summary"]), pd.DataFrame(rec["per_class"])
-        summary.update({"method": name, "split": context.partition_key,
-                        "gpu_seconds": float(synthetic["compute_seconds"].sum()) if "compute_seconds" in synthetic and len(synthetic) else 0.0})
+        from ..util import pick_device
+
+        summary.update({"method": name, "split": context.partition_key, "device": pick_device(exp.device),
+                        "compute_seconds": float(synthetic["compute_seconds"].sum()) if "compute_seconds" in synthetic and len(synthetic) else 0.0})
         df = pd.DataFrame([summary])
         md = {k: dg.MetadataValue.float(float(v)) for k, v in summary.items() if isinstance(v, float) and v == v}
         if len(per_class):
@@ -294,7 +296,7 @@ def build_metrics(exp: Experiment, name: str, clf_key: dg.AssetKey, synth_key: d
             "best_epoch": int(rec["best_epoch"]), "n_synthetic": int(rec["n_synthetic"]),
             "per_class_id": json.dumps(res["test"]["per_class"]), "per_class_ood": json.dumps(res["ood"]["per_class"]),
             "confusion_id": json.dumps(np.asarray(res["test"]["confusion"]).tolist()),
-            "classifier_blob": rec["blob"], "synthetic_gpu_seconds": float("nan"),
+            "classifier_blob": rec["blob"], "synthetic_compute_seconds": float("nan"),
         }
         ep = None
         if episodic:  # real_only runs them whenever a method does: the un-augmented baseline (GeNIe's "Weak")

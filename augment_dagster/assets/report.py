@@ -12,8 +12,8 @@ from .checks import asset_with_checks
 from .evaluation import REAL_ONLY
 
 
-REPORT_VERSION = "rep-3"  # the report's layout: episodic section first, episode-paired tests (bump on change)
-SET_COLS = ["precision", "recall", "diversity", "clip_score", "label_consistency", "gpu_seconds"]
+REPORT_VERSION = "rep-4"  # the report's layout: rep-4: protocol per table, compute_seconds, bounded intervals, <3 seeds notes (bump on change)
+SET_COLS = ["precision", "recall", "diversity", "clip_score", "label_consistency", "compute_seconds"]
 
 
 def summarize(metrics: pd.DataFrame, setm: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -22,6 +22,8 @@ def summarize(metrics: pd.DataFrame, setm: pd.DataFrame | None = None) -> pd.Dat
     from ..metrics import mean_std
 
     if setm is not None and len(setm):
+        if "gpu_seconds" in setm and "compute_seconds" not in setm:  # written before the rename (set_metrics -t2)
+            setm = setm.rename(columns={"gpu_seconds": "compute_seconds"})
         keep = ["method", "split"] + [c for c in SET_COLS if c in setm]
         metrics = metrics.merge(setm[keep], on=["method", "split"], how="left")
     rows = []
@@ -75,11 +77,13 @@ def episodic_pretty(ep: pd.DataFrame) -> pd.DataFrame:
     out = ep[["method", "shots", "seeds", "episodes"]].copy()
     out["episodic acc (95% CI)"] = [fmt_pm(m, h) for m, h in zip(ep["episodic_acc"], ep["episodic_ci95"])]
     out["CI half-width"] = ["-" if h != h else f"{h:.3f}" for h in ep["episodic_ci95"]]
-    out["Δ vs real_only (episodes)"] = [fmt_diff(d, h, sg) for d, h, sg in zip(ep["diff"], ep["diff_ci95"], ep["sig"])]
+    zv, szv = ep.get("zero_var", [False] * len(ep)), ep.get("seed_zero_var", [False] * len(ep))
+    out["Δ vs real_only (episodes)"] = [fmt_diff(d, h, sg, zero_var=z is True) for d, h, sg, z in
+                                        zip(ep["diff"], ep["diff_ci95"], ep["sig"], zv)]
     out["p (Holm)"] = [fmt_p(p) for p in ep["p_holm"]]
     out["per-seed Δ"] = [", ".join(f"{x:+.3f}" for x in v) if len(v) else "-" for v in ep["seed_diffs"]]
-    out["Δ over seeds (95% CI)"] = [fmt_diff(d, h, sg) for d, h, sg in
-                                    zip(ep["seed_diff"], ep["seed_diff_ci95"], ep["seed_sig"])]
+    out["Δ over seeds (95% CI)"] = [fmt_diff(d, h, sg, zero_var=z is True) for d, h, sg, z in
+                                    zip(ep["seed_diff"], ep["seed_diff_ci95"], ep["seed_sig"], szv)]
     out["p seeds (Holm)"] = [fmt_p(p) for p in ep["seed_p_holm"]]
     return out
 
@@ -105,7 +109,8 @@ def episodic_note(ep: pd.DataFrame, fresh_support: bool = False) -> str:
                   "set; they do NOT cover") + " the randomness of generation (or of the split) across seeds. Only the "
                  "seed-level columns do (per-seed mean Δ, paired t-test over seeds, Holm): with few seeds that test "
                  "has little power, and a difference significant over episodes but not over seeds may not survive "
-                 "another generation run.")
+                 "another generation run. With fewer than 3 seeds the seed-level columns give no interval and no "
+                 "test (one degree of freedom says nothing).")
     unpaired = int(ep["unpaired_seeds"].sum()) if "unpaired_seeds" in ep else 0
     if unpaired:
         parts.append(f"{unpaired} (method, K, seed) cell(s) ran other episodes than real_only (a per-method episode "
@@ -148,16 +153,19 @@ def episodic_markdown(ep: pd.DataFrame, metrics: pd.DataFrame | None = None) -> 
 def pretty(summary: pd.DataFrame) -> pd.DataFrame:
     if summary.empty:
         return summary
-    from ..metrics.stats import fmt_p, fmt_pm
+    from ..metrics.stats import fmt_diff, fmt_interval, fmt_p
 
     out = summary[["method", "shots", "seeds"]].copy()
-    for c in ("acc_id", "acc_ood"):  # mean ± 95% CI half-width over seeds; vs real_only: paired diff, Holm p
-        ci = summary[f"{c}_ci95"] if f"{c}_ci95" in summary else [float("nan")] * len(summary)
-        out[f"{c} (95% CI)"] = [fmt_pm(m, h) for m, h in zip(summary[f"{c}_mean"], ci)]
+    nan = [float("nan")] * len(summary)
+    for c in ("acc_id", "acc_ood"):  # mean [95% bootstrap interval over seeds]; vs real_only: paired diff, Holm p
+        lo, hi = summary.get(f"{c}_lo", nan), summary.get(f"{c}_hi", nan)
+        out[f"{c} (95% CI)"] = [fmt_interval(m, a, b, n) for m, a, b, n in
+                                zip(summary[f"{c}_mean"], lo, hi, summary.get(f"{c}_n", summary["seeds"]))]
         if f"{c}_diff" in summary:
+            zv = summary.get(f"{c}_zero_var", [False] * len(summary))
             out[f"Δ{c[3:]} vs real_only"] = [
-                "-" if d != d else fmt_pm(d, h).replace(f"{d:.3f}", f"{d:+.3f}", 1) + (" *" if sg else "")
-                for d, h, sg in zip(summary[f"{c}_diff"], summary[f"{c}_diff_ci95"], summary[f"{c}_sig"])]
+                fmt_diff(d, h, sg, zero_var=bool(z) if z == z else False)
+                for d, h, sg, z in zip(summary[f"{c}_diff"], summary[f"{c}_diff_ci95"], summary[f"{c}_sig"], zv)]
             out[f"p{c[3:]} (Holm)"] = [fmt_p(p) for p in summary[f"{c}_p_holm"]]
     out["n_synthetic"] = summary["n_synthetic"]
     for c in SET_COLS:
@@ -194,6 +202,18 @@ def comparison_grid(synth: dict[str, pd.DataFrame], split: pd.DataFrame, images,
     return grid
 
 
+def missing_eval_note(metrics: pd.DataFrame, source: str) -> str:
+    """Why an accuracy column is "-": the dataset has no test/ (ID) or ood/ (OOD) images ('' when both exist)."""
+    parts = []
+    for col, folder, what in (("n_test", "test", "acc_id"), ("n_ood", "ood", "acc_ood")):
+        if col in metrics and len(metrics) and (pd.to_numeric(metrics[col], errors="coerce").fillna(0) == 0).all():
+            where = "the built-in dataset" if source == "builtin" else f"{source}"
+            parts.append(f"{what} is \"-\": {where} has no {folder}/ images (expected {folder}/<class>/*); add them "
+                         f"{'(dataset.builtin.' + folder + '_per_class)' if source == 'builtin' else 'to the dataset folder'} "
+                         "to measure it.")
+    return " ".join(parts)
+
+
 def ci_note(summary: pd.DataFrame) -> str:
     """The widest 95% CI half-width per accuracy column (the statistical-power target is <= 0.03)."""
     parts = []
@@ -202,11 +222,19 @@ def ci_note(summary: pd.DataFrame) -> str:
         if col in summary and summary[col].notna().any():
             r = summary.loc[summary[col].idxmax()]
             parts.append(f"{c}: {r[col]:.3f} ({r['method']}, K={int(r['shots'])})")
+    from ..metrics.stats import MIN_SEEDS_FOR_CI
+
+    few = ""
+    if "seeds" in summary and (summary["seeds"] < MIN_SEEDS_FOR_CI).any():
+        few = (f"No interval and no test where a (method, K) has fewer than {MIN_SEEDS_FOR_CI} seeds (here "
+               f"{int(summary['seeds'].min())}): a 95% interval from 2 values has one degree of freedom (t = 12.7) and "
+               "says nothing about the accuracy; add seeds under splits.seeds for intervals and paired tests.")
     if not parts:
-        return "95% CIs need at least 2 seeds per (method, K)."
-    return ("Accuracy: mean ± 95% t-interval half-width over seeds. Widest half-width — " + "; ".join(parts)
-            + ". Δ: method − real_only paired over seeds (95% CI); * = significant after Holm correction "
-              "(paired t-test, α = 0.05, over all methods × K).")
+        return few or f"95% intervals need at least {MIN_SEEDS_FOR_CI} seeds per (method, K)."
+    return ("Accuracy: mean [95% percentile-bootstrap interval over seeds; it stays inside [0, 1]]. Widest half-width — "
+            + "; ".join(parts) + ". Δ: method − real_only paired over seeds (95% t-interval); * = significant after "
+            "Holm correction (paired t-test, α = 0.05, over all methods × K); a Δ that is the same in every seed has "
+            "no variance and is not tested." + (" " + few if few else ""))
 
 
 def build(exp: Experiment) -> list:
@@ -279,6 +307,8 @@ def build(exp: Experiment) -> list:
             for f in ep_files:
                 (out_dir / f).unlink(missing_ok=True)
         note = ci_note(summary) if len(summary) else ""
+        why = missing_eval_note(allm, cfg.dataset.source)
+        note = f"{note}\n\n{why}" if why else note
         # the episodic section first when present: it is the statistically powered comparison
         head = (f"{ep_md}![episodic accuracy](episodic_accuracy.png)\n"
                 "![episodic difference to real_only](episodic_difference.png)\n\n"

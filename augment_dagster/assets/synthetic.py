@@ -93,7 +93,8 @@ def compute_synthetic(exp: Experiment, name: str, partition_key: str, split: pd.
         "unet_forward_passes": dg.MetadataValue.int(stats.unet_forward_passes),
         **({"unet_batch_size": dg.MetadataValue.int(stats.unet_batch_size),
             "oom_backoffs": dg.MetadataValue.int(stats.oom_backoffs)} if stats.unet_batch_size else {}),
-        "gpu_seconds": dg.MetadataValue.float(round(stats.compute_seconds, 3)),
+        "compute_seconds": dg.MetadataValue.float(round(stats.compute_seconds, 3)),
+        "device": dg.MetadataValue.text(_device(exp) if spec.uses_diffusion else "cpu"),
         "images": dg.MetadataValue.int(len(df)),
         "diffusion": dg.MetadataValue.bool(spec.uses_diffusion),
         **({"protocol": dg.MetadataValue.json({**{k: v for k, v in proto.as_dict().items() if k != "sources"},
@@ -269,3 +270,11 @@ def build_one(exp: Experiment, name: str) -> dg.AssetsDefinition:
 
 def build(exp: Experiment) -> list:
     return [build_one(exp, name) for name in exp.cfg.enabled_methods()]
+
+
+def _device(exp: Experiment) -> str:
+    """The device the generation ran on (models.device resolved: 'auto' -> cuda or cpu)."""
+    from ..util import pick_device
+
+    return pick_device(exp.device)
+

@@ -146,12 +146,20 @@ def run_units(
                 images = spec.render(cu, {u.init_image_id: load_image(u.init_image_id) for u in cu}, render_params)
             per_unit = (time.perf_counter() - tb) / max(1, len(chunk))
             for i, u, im, inf in zip(chunk, cu, images, info):
-                digest = blobs.put(png_bytes(im), "png")
-                rec = {"blob": digest, "fn": f"synthetic/{spec.name}", "method": method_name, "created_by_run": run_id,
-                       "created_at": time.time(), "seconds": per_unit,
-                       **{k: inf.get(k) for k in ("start_timestep", "first_timestep", "denoise_steps")},
-                       **({"unet_batch": inf["unet_batch"]} if inf.get("unet_batch") else {})}
-                rec = memo.put(keys[i], rec)
+                rec = None
+                try:
+                    digest = blobs.put(png_bytes(im), "png")
+                    rec = {"blob": digest, "fn": f"synthetic/{spec.name}", "method": method_name,
+                           "created_by_run": run_id, "created_at": time.time(), "seconds": per_unit,
+                           **{k: inf.get(k) for k in ("start_timestep", "first_timestep", "denoise_steps")},
+                           **({"unet_batch": inf["unet_batch"]} if inf.get("unet_batch") else {})}
+                    rec = memo.put(keys[i], rec)
+                except BaseException:
+                    # an interrupt (Ctrl-C, SIGTERM) between a unit's bytes and its record: record it before
+                    # unwinding, so every unit whose bytes are written is reused by the next run
+                    if rec is not None and keys[i] not in memo:
+                        memo.put(keys[i], rec)
+                    raise
                 records[i] = rec
             stats.computed += len(chunk)
             if bar is not None:

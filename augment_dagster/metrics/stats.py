@@ -1,6 +1,9 @@
 """Confidence intervals and paired tests for the report (no Dagster, no torch).
 
-* ``t_interval``: mean and 95% t-interval half-width over independent samples (seeds, or episodes).
+* ``t_interval``: mean and 95% t-interval half-width over independent samples (episodes).
+* ``bootstrap_mean_interval``: the seed-level accuracy interval (percentile bootstrap of the mean: stays inside
+  [0, 1]); ``wilson_interval`` for a single proportion. Seed-level intervals and tests need ``MIN_SEEDS_FOR_CI``
+  (3) seeds; with fewer none is given (the report says why).
 * ``paired_t``: a method vs the reference (real_only) paired by seed (same split, same test set): mean
   difference, its 95% half-width and the two-sided p-value of the paired t-test.
 * ``holm``: Holm-Bonferroni adjusted p-values, so "significant" holds for the whole table, not per cell.
@@ -98,24 +101,58 @@ def t_interval(values: Iterable[float], conf: float = 0.95, use_scipy: bool = Tr
     return float(v.mean()), t_quantile(0.5 + conf / 2, n - 1, use_scipy) * sem, n
 
 
-def paired_t(a: Mapping, b: Mapping, conf: float = 0.95, use_scipy: bool = True) -> dict[str, float]:
+MIN_SEEDS_FOR_CI = 3  # a seed-level interval from 2 values has 1 degree of freedom: t = 12.7, uninformative
+
+
+def paired_t(a: Mapping, b: Mapping, conf: float = 0.95, use_scipy: bool = True, min_n: int = 2) -> dict[str, float]:
     """``a`` vs ``b`` (each {pair key, e.g. seed: value}) on their common keys: mean of a-b, half-width of its
-    ``conf`` interval, p-value of the two-sided paired t-test, n pairs. NaN where n < 2; a zero-variance
-    difference gives p = 0 (if the mean differs) or 1."""
+    ``conf`` interval, p-value of the two-sided paired t-test, n pairs. Interval and p are NaN where n < ``min_n``
+    (at least 2). A zero-variance difference (every pair differs by the same amount) has no t-test: interval and
+    p are NaN and ``zero_var`` is True — the report says so instead of printing "± 0.000, p < 0.001"."""
     keys = sorted(k for k in a if k in b and a[k] == a[k] and b[k] == b[k])
     d = np.asarray([a[k] - b[k] for k in keys], dtype=np.float64)
     n = len(d)
-    out = {"diff": float(d.mean()) if n else float("nan"), "diff_ci95": float("nan"), "p": float("nan"), "n": n}
-    if n < 2:
+    out = {"diff": float(d.mean()) if n else float("nan"), "diff_ci95": float("nan"), "p": float("nan"), "n": n,
+           "zero_var": False}
+    if n < max(2, min_n):
         return out
     sd = float(d.std(ddof=1))
     sem = sd / math.sqrt(n)
+    if sem <= 1e-12 * max(1.0, abs(out["diff"])):
+        out["zero_var"] = True
+        return out
     out["diff_ci95"] = t_quantile(0.5 + conf / 2, n - 1, use_scipy) * sem
-    if sem == 0.0:
-        out["p"] = 0.0 if out["diff"] != 0 else 1.0
-    else:
-        out["p"] = t_sf_two_sided(out["diff"] / sem, n - 1, use_scipy)
+    out["p"] = t_sf_two_sided(out["diff"] / sem, n - 1, use_scipy)
     return out
+
+
+def bootstrap_mean_interval(values: Iterable[float], conf: float = 0.95, n_boot: int = 4000, seed: int = 0,
+                            min_n: int = MIN_SEEDS_FOR_CI) -> tuple[float, float, float, int]:
+    """(mean, lower, upper, n): the percentile bootstrap interval of the mean over the non-NaN values (e.g. one
+    accuracy per seed). It never leaves the range of the values, so an accuracy interval stays inside [0, 1]
+    (a t-interval over 2-3 accuracies does not). lower/upper are NaN when n < ``min_n``."""
+    v = np.asarray([x for x in values if x == x], dtype=np.float64)
+    n = len(v)
+    if n == 0:
+        return float("nan"), float("nan"), float("nan"), 0
+    if n < min_n:
+        return float(v.mean()), float("nan"), float("nan"), n
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, n, size=(n_boot, n))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - conf) / 2, 1 - (1 - conf) / 2])
+    return float(v.mean()), float(lo), float(hi), n
+
+
+def wilson_interval(correct: float, n: int, conf: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion (``correct`` of ``n``): inside [0, 1], sensible at 0 % and 100 %."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    z = float(_sps.norm.ppf(0.5 + conf / 2)) if _sps is not None else 1.959963984540054
+    p = correct / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, mid - half), min(1.0, mid + half)
 
 
 def holm(pvalues: Iterable[float]) -> list[float]:
@@ -130,9 +167,11 @@ def holm(pvalues: Iterable[float]) -> list[float]:
 
 
 def compare_to_reference(metrics: pd.DataFrame, cols: Iterable[str] = ("acc_id", "acc_ood"), reference: str = "real_only",
-                         by: str = "shots", pair: str = "seed", alpha: float = 0.05) -> pd.DataFrame:
-    """One row per (method, ``by``): for each column ``c``: ``c_ci95`` (t-interval half-width over ``pair``),
-    ``c_n``, and vs ``reference`` at the same ``by``: ``c_diff``, ``c_diff_ci95``, ``c_p`` (paired t over
+                         by: str = "shots", pair: str = "seed", alpha: float = 0.05,
+                         min_n: int = MIN_SEEDS_FOR_CI) -> pd.DataFrame:
+    """One row per (method, ``by``): for each column ``c``: ``c_lo``/``c_hi`` (95% percentile-bootstrap interval
+    of the mean over ``pair``, inside the values' range; NaN with fewer than ``min_n`` of them), ``c_ci95``
+    (half its width), ``c_n``, ``c_zero_var`` (the difference is the same in every pair: no test), and vs ``reference`` at the same ``by``: ``c_diff``, ``c_diff_ci95``, ``c_p`` (paired t over
     ``pair``), ``c_p_holm`` (Holm over every method × ``by`` of that column) and ``c_sig`` (Holm p < alpha:
     "+" better, "-" worse, "" not significant or not testable)."""
     rows = []
@@ -143,13 +182,17 @@ def compare_to_reference(metrics: pd.DataFrame, cols: Iterable[str] = ("acc_id",
             if c not in g:
                 continue
             vals = pd.to_numeric(g[c], errors="coerce")
-            _, half, n = t_interval(vals)
-            row[f"{c}_ci95"], row[f"{c}_n"] = half, n
+            _, lo, hi, n = bootstrap_mean_interval(vals, min_n=min_n)
+            row[f"{c}_lo"], row[f"{c}_hi"], row[f"{c}_n"] = lo, hi, n
+            row[f"{c}_ci95"] = (hi - lo) / 2 if lo == lo else float("nan")  # half the width (for a ± summary)
             if method == reference or c not in ref:
-                row.update({f"{c}_diff": float("nan"), f"{c}_diff_ci95": float("nan"), f"{c}_p": float("nan")})
+                row.update({f"{c}_diff": float("nan"), f"{c}_diff_ci95": float("nan"), f"{c}_p": float("nan"),
+                            f"{c}_zero_var": False})
                 continue
-            t = paired_t(dict(zip(g[pair], vals)), dict(zip(ref[pair], pd.to_numeric(ref[c], errors="coerce"))))
-            row.update({f"{c}_diff": t["diff"], f"{c}_diff_ci95": t["diff_ci95"], f"{c}_p": t["p"]})
+            t = paired_t(dict(zip(g[pair], vals)), dict(zip(ref[pair], pd.to_numeric(ref[c], errors="coerce"))),
+                         min_n=min_n)
+            row.update({f"{c}_diff": t["diff"], f"{c}_diff_ci95": t["diff_ci95"], f"{c}_p": t["p"],
+                        f"{c}_zero_var": t["zero_var"]})
         rows.append(row)
     out = pd.DataFrame(rows)
     for c in cols:
@@ -159,6 +202,16 @@ def compare_to_reference(metrics: pd.DataFrame, cols: Iterable[str] = ("acc_id",
         out[f"{c}_sig"] = ["" if not (ph == ph and ph < alpha) else ("+" if d > 0 else "-")
                            for ph, d in zip(out[f"{c}_p_holm"], out[f"{c}_diff"])]
     return out
+
+
+def fmt_interval(mean: float, lo: float, hi: float, n: int | None = None, digits: int = 3,
+                 min_n: int = MIN_SEEDS_FOR_CI) -> str:
+    """``0.412 [0.380, 0.444]``; ``0.412 (n=2: no interval)`` below ``min_n`` values; ``-`` without a mean."""
+    if mean is None or mean != mean:
+        return "-"
+    if lo is None or lo != lo or hi is None or hi != hi:
+        return f"{mean:.{digits}f}" + (f" (n={int(n)}: no interval)" if n is not None and n == n and 0 < n < min_n else "")
+    return f"{mean:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
 def fmt_pm(mean: float, half: float, digits: int = 3) -> str:
@@ -205,7 +258,7 @@ def episodic_compare(metrics: pd.DataFrame, reference: str = "real_only", by: st
       ``seed_sig`` — the only test here that covers the generation randomness across seeds.
     """
     cols = ["method", by, "seeds", "episodes", "episodic_acc", "episodic_ci95", "diff", "diff_ci95", "p", "n_pairs",
-            "unpaired_seeds", "seed_diffs", "seed_diff", "seed_diff_ci95", "seed_p", "seed_n"]
+            "unpaired_seeds", "seed_diffs", "seed_diff", "seed_diff_ci95", "seed_p", "seed_n", "zero_var", "seed_zero_var"]
     if accs_col not in metrics or not len(metrics):
         return pd.DataFrame(columns=cols + ["p_holm", "sig", "seed_p_holm", "seed_sig"])
 
@@ -229,7 +282,7 @@ def episodic_compare(metrics: pd.DataFrame, reference: str = "real_only", by: st
         row = {"method": method, by: level, "seeds": len(mine), "episodes": n, "episodic_acc": mean,
                "episodic_ci95": half, "diff": float("nan"), "diff_ci95": float("nan"), "p": float("nan"), "n_pairs": 0,
                "unpaired_seeds": 0, "seed_diffs": [], "seed_diff": float("nan"), "seed_diff_ci95": float("nan"),
-               "seed_p": float("nan"), "seed_n": 0}
+               "seed_p": float("nan"), "seed_n": 0, "zero_var": False, "seed_zero_var": False}
         if method != reference:
             ref = cells(metrics[(metrics["method"] == reference) & (metrics[by] == level)])
             a_ep, b_ep, a_seed, b_seed = {}, {}, {}, {}
@@ -242,10 +295,10 @@ def episodic_compare(metrics: pd.DataFrame, reference: str = "real_only", by: st
                 a_seed[s], b_seed[s] = float(np.mean(a)), float(np.mean(b))
             row["unpaired_seeds"] = len(mine) - len(a_seed)
             t = paired_t(a_ep, b_ep, conf, use_scipy)
-            row.update(diff=t["diff"], diff_ci95=t["diff_ci95"], p=t["p"], n_pairs=t["n"])
-            ts = paired_t(a_seed, b_seed, conf, use_scipy)
+            row.update(diff=t["diff"], diff_ci95=t["diff_ci95"], p=t["p"], n_pairs=t["n"], zero_var=t["zero_var"])
+            ts = paired_t(a_seed, b_seed, conf, use_scipy, min_n=MIN_SEEDS_FOR_CI)
             row.update(seed_diffs=[a_seed[s] - b_seed[s] for s in sorted(a_seed)], seed_diff=ts["diff"],
-                       seed_diff_ci95=ts["diff_ci95"], seed_p=ts["p"], seed_n=ts["n"])
+                       seed_diff_ci95=ts["diff_ci95"], seed_p=ts["p"], seed_n=ts["n"], seed_zero_var=ts["zero_var"])
         rows.append(row)
     out = pd.DataFrame(rows, columns=cols)
     for p_col, sig_col, d_col in (("p", "sig", "diff"), ("seed_p", "seed_sig", "seed_diff")):
@@ -255,9 +308,12 @@ def episodic_compare(metrics: pd.DataFrame, reference: str = "real_only", by: st
     return out
 
 
-def fmt_diff(diff: float, half: float, sig: str = "", digits: int = 3) -> str:
-    """``+0.021 ± 0.010 *`` (signed; ``*`` when ``sig``); ``-`` when there is no difference."""
+def fmt_diff(diff: float, half: float, sig: str = "", digits: int = 3, zero_var: bool = False) -> str:
+    """``+0.021 ± 0.010 *`` (signed; ``*`` when ``sig``); ``-`` when there is no difference; ``+0.000 (same in
+    every pair: no variance, no test)`` when ``zero_var``."""
     if diff is None or diff != diff:
         return "-"
+    if zero_var is True:
+        return f"{diff:+.{digits}f} (same in every pair: no variance, no test)"
     s = f"{diff:+.{digits}f}" if half is None or half != half else f"{diff:+.{digits}f} ± {half:.{digits}f}"
     return s + (" *" if sig else "")

@@ -104,7 +104,9 @@ def lineage(root: str | os.PathLike, ident: str) -> dict[str, Any]:
                 r[0]["hf_row"] = int(r[0]["hf_row"])
                 r[0]["file"] = describe_row(r[0])
             else:
-                r[0]["file"] = str(Path(r[0]["dataset_root"]) / r[0]["path"])
+                from .manifests import resolve_root
+
+                r[0]["file"] = str(resolve_root(r[0]["dataset_root"], root) / r[0]["path"])
             sp = _rows(con, "SELECT role, rank FROM splits WHERE image_id = ? AND experiment = ? AND \"partition\" = ?", [g, exp, part])
             r[0]["split_role"] = sp[0]["role"] if sp else None
             real.append(r[0])

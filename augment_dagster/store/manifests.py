@@ -32,9 +32,35 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
     return pd.read_parquet(p)
 
 
-def manifest_version(df: pd.DataFrame, ignore: Sequence[str] = ("created_by_run", "mlflow_run_id", "mlflow_error", "compute_seconds", "reused", "train_seconds")) -> str:
-    """Deterministic content hash of a manifest, ignoring run-specific columns."""
+def manifest_version(df: pd.DataFrame, ignore: Sequence[str] = ("created_by_run", "mlflow_run_id", "mlflow_error", "compute_seconds", "reused", "train_seconds", "dataset_root")) -> str:
+    """Deterministic content hash of a manifest, ignoring run-specific columns and where the dataset lies
+    (``dataset_root``: a moved data dir or dataset folder keeps every data version)."""
     cols = [c for c in df.columns if c not in ignore]
     d = df[cols]
     records = d.astype(object).where(pd.notna(d), None).to_dict(orient="list")
     return hash_obj(cols, records)[:24]
+
+
+def stored_root(root: str | os.PathLike, data_dir: str | os.PathLike) -> str:
+    """``root`` as a manifest stores it: relative (posix) when inside the data dir, so the data dir can be moved or
+    copied; absolute otherwise (a user's dataset folder)."""
+    root, data_dir = Path(root).resolve(), Path(data_dir).resolve()
+    try:
+        return root.relative_to(data_dir).as_posix()
+    except ValueError:
+        return str(root)
+
+
+def resolve_root(stored: str | os.PathLike, data_dir: str | os.PathLike) -> Path:
+    """The dataset folder of a manifest's ``dataset_root`` (relative: under the data dir; absolute as is — also
+    what the previous code stored)."""
+    p = Path(stored)
+    if not p.is_absolute():
+        return Path(data_dir) / p
+    if not p.exists() and "datasets" in p.parts:  # a data dir of the previous code, moved: the built-in dataset
+        i = len(p.parts) - 1 - p.parts[::-1].index("datasets")  # lies under <data dir>/datasets/
+        moved = Path(data_dir, *p.parts[i:])
+        if moved.exists():
+            return moved
+    return p
+
