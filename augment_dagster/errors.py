@@ -182,7 +182,7 @@ def find_user_error(exc: BaseException) -> UserError | None:
     return system_fault(exc)
 
 
-def format_user_error(err: UserError, max_width: int = 300) -> str:
+def format_user_error(err: UserError, max_width: int = 2400) -> str:
     """One short block (at most 5 lines): what and where (the message names the file/key/URL), what to do."""
     name = getattr(err, "cls_name", None) or type(err).__name__
     msg = " ".join(str(err).split())

@@ -142,6 +142,27 @@ def cheap_cases(d: Path, cfg: Path, data: Path) -> list[tuple]:
     badt = sorted((trunc / "circle").iterdir())[1]
     badt.write_bytes(badt.read_bytes()[:40])
     good_ds = _dataset(d, "ds-good")
+    # ingestion rows (data hygiene): a 1x1 image, an animated GIF, a train image also in test/, two bad files,
+    # a file name that is not UTF-8, the same image in two classes
+    from PIL import Image
+
+    tiny = _dataset(d, "ds-tiny")
+    Image.new("RGB", (1, 1), (9, 9, 9)).save(tiny / "circle" / "one_pixel.png")
+    gif = _dataset(d, "ds-gif")
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 255, 0))]
+    frames[0].save(gif / "square" / "moving.gif", save_all=True, append_images=frames[1:], duration=50)
+    leak = _dataset(d, "ds-leak")
+    leaked = sorted((leak / "circle").iterdir())[0]
+    shutil.copyfile(leaked, leak / "test" / "circle" / "leaked_copy.png")
+    two = _dataset(d, "ds-two")
+    two_a, two_b = sorted((two / "circle").iterdir())[0], sorted((two / "square").iterdir())[1]
+    two_a.write_bytes(b"garbage")
+    two_b.write_bytes(b"")
+    nonutf = _dataset(d, "ds-nonutf8")
+    os.rename(sorted((nonutf / "circle").iterdir())[0], os.path.join(os.fsencode(nonutf / "circle"), b"caf\xe9.png"))
+    dup = _dataset(d, "ds-dup")
+    dup_src = sorted((dup / "circle").iterdir())[1]
+    shutil.copyfile(dup_src, dup / "square" / "copied_from_circle.png")
     g = str(cfg)
     llm = {"provider": "openai", "model": "m", "base_url": "http://127.0.0.1:9/v1", "api_key_env": "AUGMENT_FAULT_KEY",
            "fallback_to_offline": False, "max_retries": 0, "timeout_s": 2}
@@ -185,6 +206,18 @@ def cheap_cases(d: Path, cfg: Path, data: Path) -> list[tuple]:
          fresh("zero"), {}, [bad0.name]),
         ("truncated image", ["run", "--config", w("trunc", variant(dataset={"source": str(trunc)}))],
          fresh("trunc"), {}, [badt.name]),
+        ("a 1x1 image", ["run", "--config", w("tiny", variant(dataset={"source": str(tiny)}))], fresh("tiny"), {},
+         ["one_pixel.png"]),
+        ("an animated GIF", ["run", "--config", w("gif", variant(dataset={"source": str(gif)}))], fresh("gif"), {},
+         ["moving.gif"]),
+        ("a train image also in test/", ["run", "--config", w("leak", variant(dataset={"source": str(leak)}))],
+         fresh("leak"), {}, [leaked.name, "leaked_copy.png"]),
+        ("two bad files: both named", ["run", "--config", w("two", variant(dataset={"source": str(two)}))],
+         fresh("two"), {}, [two_a.name, two_b.name]),
+        ("a file name that is not UTF-8", ["run", "--config", w("nonutf", variant(dataset={"source": str(nonutf)}))],
+         fresh("nonutf"), {}, ["caf\\xe9.png"]),
+        ("the same image in two classes", ["run", "--config", w("dup", variant(dataset={"source": str(dup)}))],
+         fresh("dup"), {}, [dup_src.name, "copied_from_circle.png"]),
         ("more shots than images", ["run", "--config", w("shots", variant(dataset={"source": str(good_ds)},
                                                                            splits__shots=[50]))],
          fresh("shots"), {}, ["shots"]),
