@@ -151,7 +151,7 @@ def test_lineage_and_status_cli(env, tmp_path, capsys):
     assert g["scheduler"] == "pndm" and g["steps"] == 6 and g["start_rule"] == "sdedit"
     assert g["vae_encode"] == "sample" and g["preprocess"] == "resize"  # diffusers' img2img pipeline convention
     assert g["denoise_steps"] == int(6 * g["strength"]) + 1  # PLMS runs one step more than int(N·t0)
-    assert main(["lineage", "--config", str(cfgp), "0000"]) == 1  # no such prefix: clear error, exit 1
+    assert main(["lineage", "--config", str(cfgp), "0000"]) == 2  # no such prefix: a user error, exit 2
     assert "no synthetic image" in capsys.readouterr().err
     con = connect(data)
     views = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
