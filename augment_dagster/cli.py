@@ -84,6 +84,8 @@ def _active_run_ids(instance) -> set[str]:
 
 
 def cmd_run(args) -> int:
+    if getattr(args, "devices", None):
+        os.environ["AUGMENT_DEVICES"] = args.devices  # slots.py; the partition workers inherit it
     cfg = _setup(args)
     from .llm import MissingAPIKeyError
 
@@ -123,8 +125,9 @@ def cmd_run(args) -> int:
     meta = materialize_experiment(
         defs, cfg, instance, partitions=args.partition, methods=args.methods, tags=tags, force=args.force,
         run_config={"loggers": {"console": {"config": {"log_level": level}}}}, on_plan=plan,
-        on_partition=lambda pk, secs, rid: print(f"  partition {pk}: done in {secs:.1f}s (run {rid[:8]}; "
-                                                 f"{time.perf_counter() - t0:.0f}s since start)", flush=True))
+        on_partition=lambda pk, secs, rid, slot=None: print(
+            f"  partition {pk}: done in {secs:.1f}s (run {rid[:8]}{'; ' + slot if slot else ''}; "
+            f"{time.perf_counter() - t0:.0f}s since start)", flush=True))
     # ---- summary
     comp = {"diffusion": [0, 0], "concepts": [0, 0], "classifiers": [0, 0]}
     for key, md in meta.items():
@@ -165,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--partition", action="append", help="only these split keys (e.g. 4shot-s0); repeatable")
     sp.add_argument("--methods", nargs="*", help="only these method entries")
     sp.add_argument("--verbose", "-v", action="store_true", help="show Dagster's step logs")
+    sp.add_argument("--devices", help="device slots, overriding execution.devices: auto, a count (1 = one worker) "
+                                      "or a list such as cuda:0,cuda:2 (sets $AUGMENT_DEVICES)")
     sp.add_argument("--force", action="store_true",
                     help="execute every asset, not only missing/stale ones (finished units are still reused)")
     sp.set_defaults(fn=cmd_run)
