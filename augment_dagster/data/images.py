@@ -14,22 +14,34 @@ from .imagefolder import decode_image
 
 
 class ImageSource:
-    """Resolves image ids to PIL images: real ones from the dataset tree, synthetic ones from blobs."""
+    """Resolves image ids to PIL images: real ones from the dataset tree, synthetic ones from blobs.
 
-    def __init__(self, dataset_root: str | Path, images: pd.DataFrame, blobs: BlobStore, max_pixels: int = 40_000_000):
+    Decoded real images are kept in a small LRU (``cache_size`` images: a generation batch's guides are decoded
+    once), not for the whole dataset: memory stays bounded by the batch, not by the number of classes/images."""
+
+    def __init__(self, dataset_root: str | Path, images: pd.DataFrame, blobs: BlobStore, max_pixels: int = 40_000_000,
+                 cache_size: int = 256):
+        from collections import OrderedDict
+
         self.root = Path(dataset_root)
         self.paths = dict(zip(images["image_id"], images["path"]))
         self.blobs = blobs
         self.max_pixels = max_pixels
-        self._cache: dict[str, Any] = {}
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, Any] = OrderedDict()
 
     def real(self, image_id: str):
-        if image_id not in self._cache:
-            if image_id not in self.paths:
-                raise KeyError(f"real image {image_id} is not in the raw_images manifest; rematerialize raw_images")
-            p = self.root / self.paths[image_id]
-            self._cache[image_id] = decode_image(p.read_bytes(), str(p), self.max_pixels)
-        return self._cache[image_id]
+        im = self._cache.get(image_id)
+        if im is not None:
+            self._cache.move_to_end(image_id)
+            return im
+        if image_id not in self.paths:
+            raise KeyError(f"real image {image_id} is not in the raw_images manifest; rematerialize raw_images")
+        p = self.root / self.paths[image_id]
+        im = self._cache[image_id] = decode_image(p.read_bytes(), str(p), self.max_pixels)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return im
 
     def synthetic(self, blob: str):
         return decode_image(self.blobs.get(blob), f"blob {blob}")
