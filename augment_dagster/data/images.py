@@ -59,5 +59,15 @@ def to_tensor(images: list, size: int):
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
+def map_image_batches(fn, items: list, load, size: int, batch_size: int = 256):
+    """``fn(to_tensor(images of a chunk))`` over chunks of ``batch_size`` items, outputs concatenated: only one
+    chunk's pixels are in memory at a time (not the whole set's). With ``fn`` = ``predict_logits`` /
+    ``extract_features`` (which run in chunks of 256 themselves) the result is the same as on the whole tensor."""
+    import torch
+
+    outs = [fn(to_tensor([load(x) for x in items[i:i + batch_size]], size)) for i in range(0, len(items), batch_size)]
+    return torch.cat(outs) if outs else None
+
+
 def label_index(class_names: list[str]) -> dict[str, int]:
     return {c: i for i, c in enumerate(class_names)}
