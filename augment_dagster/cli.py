@@ -26,8 +26,9 @@ def _setup(args) -> ExperimentConfig:
     home = Path(os.environ.get("DAGSTER_HOME") or data_dir / "dagster_home")
     home.mkdir(parents=True, exist_ok=True)
     os.environ["DAGSTER_HOME"] = str(home)
-    if not (home / "dagster.yaml").exists() and (PROJECT_ROOT / "dagster.yaml").exists():
-        shutil.copy(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
+    from .scaleout import write_instance_yaml  # the project's dagster.yaml; PostgreSQL with $AUGMENT_POSTGRES_URL
+
+    write_instance_yaml(home, PROJECT_ROOT / "dagster.yaml")
     if cfg.models.diffusion.source.startswith("tiny"):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return cfg
@@ -110,6 +111,7 @@ def cmd_run(args) -> int:
     import socket
 
     from .running import materialize_experiment
+    from .scaleout import redact
 
     t0 = time.perf_counter()
     tags = {"augment/cli": "run", "augment/pid": str(os.getpid()), "augment/host": socket.gethostname()}
@@ -149,7 +151,7 @@ def cmd_run(args) -> int:
         print("\n" + rep.read_text())
         print(f"report: {rep.parent}")
     print("look further:  DAGSTER_HOME=%s dagster dev -w workspace.yaml   |   mlflow ui --backend-store-uri %s"
-          % (os.environ["DAGSTER_HOME"], defs.resources["mlflow"].resolved_uri()))
+          % (os.environ["DAGSTER_HOME"], redact(defs.resources["mlflow"].resolved_uri())))
     return 0
 
 

@@ -183,6 +183,10 @@ def materialize_experiment(defs, cfg, instance, *, partitions: list[str] | None 
     from . import slots as _slots  # device slots (slots.py): several partitions at once, one worker per slot
 
     n_slots = len(_slots.resolve(cfg)) if todo else 0
+    if todo:
+        from .parallel import ensure_pool_limit
+
+        ensure_pool_limit(instance, n_slots)  # the gpu pool admits one step per device slot
     if n_slots > 1 and len(todo) > 1 and getattr(instance, "_ref", None) is not None:
         from .parallel import run_partitions
 
