@@ -112,6 +112,7 @@ def lease(cfg, prefer: int | None = None, poll_s: float = 0.2) -> Slot:
         slots = resolve(cfg)
         d = lock_dir(cfg.resolved_data_dir())
         order = sorted(slots, key=lambda s: (s.index != prefer, s.index))
+        waited = False
         while True:
             for s in order:
                 fh = open(d / f"{s.index}.lock", "a+")
@@ -127,6 +128,12 @@ def lease(cfg, prefer: int | None = None, poll_s: float = 0.2) -> Slot:
                 _held.update(slot=s, fh=fh)
                 _pin(s)
                 return s
+            if not waited:  # say once why nothing happens (another run or worker holds every slot)
+                import sys
+
+                holders = "; ".join(f"{p.stem}: {p.read_text().strip() or '?'}" for p in sorted(d.glob("*.lock")))
+                print(f"[slots] every device slot is leased ({holders}); waiting for one", file=sys.stderr, flush=True)
+                waited = True
             time.sleep(poll_s)
 
 
