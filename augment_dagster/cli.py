@@ -41,8 +41,9 @@ def _setup(args) -> ExperimentConfig:
     _usable_dir(home, "DAGSTER_HOME")
     home.mkdir(parents=True, exist_ok=True)
     os.environ["DAGSTER_HOME"] = str(home)
-    if not (home / "dagster.yaml").exists() and (PROJECT_ROOT / "dagster.yaml").exists():
-        shutil.copy(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
+    from .scaleout import write_instance_yaml  # the project's dagster.yaml; PostgreSQL with $AUGMENT_POSTGRES_URL
+
+    write_instance_yaml(home, PROJECT_ROOT / "dagster.yaml")
     if cfg.models.diffusion.source.startswith("tiny"):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return cfg
@@ -177,6 +178,8 @@ def _active_run_ids(instance) -> set[str]:
 
 
 def cmd_run(args) -> int:
+    if getattr(args, "devices", None):
+        os.environ["AUGMENT_DEVICES"] = args.devices  # slots.py; the partition workers inherit it
     cfg = _setup(args)
     check_names(cfg, partitions=args.partition, methods=args.methods)
     check_writable(cfg.resolved_data_dir(), Path(os.environ["DAGSTER_HOME"]))
@@ -197,6 +200,7 @@ def cmd_run(args) -> int:
     import socket
 
     from .running import materialize_experiment
+    from .scaleout import redact
 
     t0 = time.perf_counter()
     tags = {"augment/cli": "run", "augment/pid": str(os.getpid()), "augment/host": socket.gethostname()}
@@ -217,8 +221,9 @@ def cmd_run(args) -> int:
         meta = materialize_experiment(
             defs, cfg, instance, partitions=args.partition, methods=args.methods, tags=tags, force=args.force,
             run_config={"loggers": {"console": {"config": {"log_level": level}}}}, on_plan=plan,
-            on_partition=lambda pk, secs, rid: print(f"  partition {pk}: done in {secs:.1f}s (run {rid[:8]}; "
-                                                     f"{time.perf_counter() - t0:.0f}s since start)", flush=True))
+            on_partition=lambda pk, secs, rid, slot=None: print(
+                f"  partition {pk}: done in {secs:.1f}s (run {rid[:8]}{'; ' + slot if slot else ''}; "
+                f"{time.perf_counter() - t0:.0f}s since start)", flush=True))
     except (RunInterrupted, KeyboardInterrupt) as e:
         if args.trace or args.verbose:
             import traceback
@@ -251,7 +256,7 @@ def cmd_run(args) -> int:
         print("\n" + rep.read_text())
         print(f"report: {rep.parent}")
     print("look further:  DAGSTER_HOME=%s dagster dev -w workspace.yaml   |   mlflow ui --backend-store-uri %s"
-          % (os.environ["DAGSTER_HOME"], defs.resources["mlflow"].resolved_uri()))
+          % (os.environ["DAGSTER_HOME"], redact(defs.resources["mlflow"].resolved_uri())))
     return 0
 
 
@@ -270,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--partition", action="append", help="only these split keys (e.g. 4shot-s0); repeatable")
     sp.add_argument("--methods", nargs="*", help="only these method entries")
     sp.add_argument("--verbose", "-v", action="store_true", help="show Dagster's step logs")
+    sp.add_argument("--devices", help="device slots, overriding execution.devices: auto, a count (1 = one worker) "
+                                      "or a list such as cuda:0,cuda:2 (sets $AUGMENT_DEVICES)")
     sp.add_argument("--force", action="store_true",
                     help="execute every asset, not only missing/stale ones (finished units are still reused)")
     sp.set_defaults(fn=cmd_run)

@@ -520,11 +520,26 @@ class ExecutionConfig(_Strict):
     mode: Literal["in_process", "pipes_subprocess", "pipes_k8s"] = "in_process"
     executor: Literal["in_process", "multiprocess", "k8s_job", "celery"] = "in_process"
     max_concurrent: int = Field(2, ge=1, description="multiprocess executor: processes (each imports torch)")
+    devices: Literal["auto"] | list[str] = Field(
+        "auto", description="device slots (augment_dagster/slots.py): 'auto' = every visible CUDA device, or on a "
+        "CPU-only machine one slot per cpu_threads cores; or a list such as [cuda:0, cuda:2]. $AUGMENT_DEVICES / "
+        "`augment run --devices` override it (e.g. 1 = one slot)")
+    cpu_threads: int = Field(1, ge=1, description="torch threads of every worker, fixed so that results do not "
+                             "depend on the number of slots")
     python: str | None = Field(None, description="pipes_subprocess: interpreter for the worker (None: this one)")
     k8s: K8sExecutionConfig = Field(default_factory=K8sExecutionConfig)
     celery_gpu_queue: str = Field("gpu", description="celery queue that GPU assets are routed to (run one worker with concurrency 1 on it)")
     celery_broker: str = Field("redis://127.0.0.1:6379/0", description="celery executor: broker URL")
     celery_backend: str = Field("redis://127.0.0.1:6379/1", description="celery executor: result backend URL")
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, v):
+        if isinstance(v, list):
+            bad = [d for d in v if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", str(d))]
+            if bad or not v:
+                raise ValueError(f"execution.devices: {bad or v} are not devices; use auto or a list such as [cuda:0, cuda:1]")
+        return v
 
     @model_validator(mode="after")
     def _k8s_image(self) -> "ExecutionConfig":

@@ -74,6 +74,10 @@ class MlflowTracker(dg.ConfigurableResource):
             return os.environ["MLFLOW_TRACKING_URI"]
         if self.tracking_uri:
             return self.tracking_uri
+        if os.environ.get("AUGMENT_POSTGRES_URL"):  # several hosts: beside the Dagster instance (scaleout.py)
+            from .scaleout import mlflow_postgres_uri, postgres_url
+
+            return mlflow_postgres_uri(postgres_url())
         Path(self.default_root).mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{Path(self.default_root).resolve() / 'mlflow.db'}"
 
@@ -83,7 +87,12 @@ class MlflowTracker(dg.ConfigurableResource):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(self.http_retries))
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(self.http_timeout_s))
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-        return MlflowClient(tracking_uri=self.resolved_uri())
+        uri = self.resolved_uri()
+        if uri.startswith("postgresql") and os.environ.get("AUGMENT_POSTGRES_URL"):
+            from .scaleout import ensure_mlflow_schema
+
+            ensure_mlflow_schema(os.environ["AUGMENT_POSTGRES_URL"])
+        return MlflowClient(tracking_uri=uri)
 
     def experiment_id(self, client, name: str) -> str:
         exp = client.get_experiment_by_name(name)
@@ -96,7 +105,7 @@ class MlflowTracker(dg.ConfigurableResource):
             return exp.experiment_id
         uri = self.resolved_uri()
         artifact_location = None
-        if uri.startswith("sqlite:") or uri.startswith("file:"):
+        if uri.startswith(("sqlite:", "file:", "postgresql")):  # artifacts in the (shared) data dir
             artifact_location = (Path(self.default_root).resolve() / "artifacts" / name).as_uri()
         try:
             return client.create_experiment(name, artifact_location=artifact_location,

@@ -137,6 +137,9 @@ class RunInterrupted(Exception):
         super().__init__(f"interrupted (run {run_id or '-'})")
         self.run_id = run_id
 
+    def __reduce__(self):  # raised in a partition worker process, re-raised in the CLI's
+        return (RunInterrupted, (self.run_id,))
+
 
 def is_interrupt(e: BaseException) -> bool:
     """A Ctrl-C / SIGTERM as Dagster or Python raises it (also wrapped in a step failure)."""
@@ -162,6 +165,26 @@ def mark_canceled(instance, attempt_tag: dict) -> str | None:
         instance.report_run_canceled(run, message="interrupted by the user (SIGINT/SIGTERM); finished units are kept "
                                                   "in the memo and reused by the next `augment run`")
     return run.run_id
+def materialize_selection(defs, instance, selection, partition, tags, run_config, meta: dict, data_versions: dict | None):
+    """One Dagster run of ``selection`` (in-process executor); its materializations' metadata go to ``meta``."""
+    import dagster as dg
+
+    attempt = {"augment/attempt": f"{partition or '-'}-{time.time_ns()}"}  # finds this run to mark it canceled
+    try:
+        r = dg.materialize(list(defs.assets) + list(defs.asset_checks or []), selection=selection, partition_key=partition,
+                           instance=instance, resources=dict(defs.resources), tags={**tags, **attempt},
+                           run_config=run_config)
+    except BaseException as e:
+        if is_interrupt(e):
+            raise RunInterrupted(mark_canceled(instance, attempt)) from e
+        raise
+    for ev in r.get_asset_materialization_events():
+        mat = ev.event_specific_data.materialization
+        key = mat.asset_key.to_user_string() + (f"[{mat.partition}]" if mat.partition else "")
+        meta[key] = {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
+        if data_versions is not None:
+            data_versions[key] = mat.tags.get("dagster/data_version") if mat.tags else None
+    return r
 
 
 def materialize_experiment(defs, cfg, instance, *, partitions: list[str] | None = None, methods: list[str] | None = None,
@@ -178,7 +201,6 @@ def materialize_experiment(defs, cfg, instance, *, partitions: list[str] | None 
     import dagster as dg
 
     assets = list(defs.assets) + list(defs.asset_checks or [])  # the checks of the selected assets run with them
-    resources = dict(defs.resources)
     exp = cfg.experiment
     head, report = dg.AssetKey([exp, "raw_images"]), dg.AssetKey([exp, "report"])
     part_keys = [k for a in assets for k in a.keys if k not in (head, report)]
@@ -188,41 +210,50 @@ def materialize_experiment(defs, cfg, instance, *, partitions: list[str] | None 
     meta: dict[str, dict] = {}
 
     def run(selection, partition=None, extra_tags=None):
-        attempt = {"augment/attempt": f"{partition or '-'}-{time.time_ns()}"}
-        try:
-            r = dg.materialize(assets, selection=selection, partition_key=partition, instance=instance,
-                               resources=resources, tags={**(tags or {}), **(extra_tags or {}), **attempt},
-                               run_config=run_config)
-        except BaseException as e:
-            if is_interrupt(e):
-                raise RunInterrupted(mark_canceled(instance, attempt)) from e
-            raise
-        for ev in r.get_asset_materialization_events():
-            mat = ev.event_specific_data.materialization
-            key = mat.asset_key.to_user_string() + (f"[{mat.partition}]" if mat.partition else "")
-            meta[key] = {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
-            if data_versions is not None:
-                data_versions[key] = mat.tags.get("dagster/data_version") if mat.tags else None
-        return r
+        return materialize_selection(defs, instance, selection, partition, {**(tags or {}), **(extra_tags or {})},
+                                     run_config, meta, data_versions)
 
     run([head])
     pks = list(partitions or cfg.splits.keys())
     spent: list[float] = []
     index = None if force else StalenessIndex(defs, instance, part_keys)  # a partition's runs touch only its records
-    for i, pk in enumerate(pks):
+    todo = []
+    for pk in pks:
         sel = part_keys if force else stale_keys(defs, instance, part_keys, pk, index)
         if on_plan is not None:
             on_plan(pk, len(sel), len(part_keys))
-        if not sel:
-            continue
-        t1 = time.perf_counter()
-        plan_tag = {"augment/plan": f"{pk}-{time.time_ns()}"}
-        line = _heartbeat_line(instance, plan_tag, pk, i, len(pks), len(sel), t1, spent)
-        with Heartbeat(line):  # a line at least every 30 s even while a step has no loop of its own
-            r = run(sel, pk, extra_tags=plan_tag)
-        spent.append(time.perf_counter() - t1)
-        if on_partition is not None:
-            on_partition(pk, spent[-1], r.run_id)
+        if sel:
+            todo.append((pk, sel))
+    from . import slots as _slots  # device slots (slots.py): several partitions at once, one worker per slot
+
+    n_slots = len(_slots.resolve(cfg)) if todo else 0
+    if todo:
+        from .parallel import ensure_pool_limit
+
+        ensure_pool_limit(instance, n_slots)  # the gpu pool admits one step per device slot
+    if n_slots > 1 and len(todo) > 1 and getattr(instance, "_ref", None) is not None:
+        from .parallel import run_partitions
+
+        run_partitions(cfg, instance, todo, n_slots, tags=tags or {}, run_config=run_config, meta=meta,
+                       data_versions=data_versions, on_partition=on_partition, n_parts=len(pks))
+        todo = []
+    held = _slots.current() is not None
+    if todo and not held:
+        _slots.lease(cfg)  # one slot: this process computes on it (same device and thread count as a worker)
+    try:
+        for pk, sel in todo:
+            i = pks.index(pk)
+            t1 = time.perf_counter()
+            plan_tag = {"augment/plan": f"{pk}-{time.time_ns()}"}
+            line = _heartbeat_line(instance, plan_tag, pk, i, len(pks), len(sel), t1, spent)
+            with Heartbeat(line):  # a line at least every 30 s even while a step has no loop of its own
+                r = run(sel, pk, extra_tags=plan_tag)
+            spent.append(time.perf_counter() - t1)
+            if on_partition is not None:
+                on_partition(pk, spent[-1], r.run_id)
+    finally:
+        if todo and not held:
+            _slots.release()
     if not partitions and not methods:
         sel = [report] if force else stale_keys(defs, instance, [report], None)
         if on_plan is not None:

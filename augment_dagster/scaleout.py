@@ -3,6 +3,9 @@ clients. Imports neither torch nor the optional ``dagster-k8s`` / ``dagster-cele
 """
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -129,3 +132,94 @@ def to_pipes_metadata(md: dict[str, Any]) -> dict[str, Any]:
         raw = v.value
         out[k] = {"raw_value": str(raw) if t in ("path", "notebook") else raw, "type": t}
     return out
+
+
+# ---------------------------------------------------------------- several hosts: PostgreSQL (README "Many hosts")
+POSTGRES_ENV = "AUGMENT_POSTGRES_URL"
+MLFLOW_SCHEMA = "mlflow"  # MLflow's tables beside Dagster's in the same database (each has its own alembic_version)
+_STORAGE_BLOCK = f"""
+# {POSTGRES_ENV} is set: runs, events and schedules live in PostgreSQL (dagster-postgres), so steps on other
+# hosts share this instance. The URL (it may hold a password) is read from the environment, never written here.
+storage:
+  postgres:
+    postgres_url:
+      env: {POSTGRES_ENV}
+"""
+
+
+def postgres_url() -> str | None:
+    """``$AUGMENT_POSTGRES_URL`` with the psycopg2 driver named (``postgresql+psycopg2://``): SQLAlchemy 2.1 maps
+    a bare ``postgresql://`` to psycopg 3, which the ``postgres`` extra does not install. The variable is rewritten
+    in this process's environment so the Dagster instance (and every step process) reads the same URL."""
+    url = os.environ.get(POSTGRES_ENV) or None
+    if url and re.match(r"postgres(ql)?://", url):
+        url = "postgresql+psycopg2://" + url.split("://", 1)[1]
+        os.environ[POSTGRES_ENV] = url
+    return url
+
+
+def redact(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``: safe to print or log."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        p = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    if p.password is None:
+        return url
+    host = p.hostname or ""
+    netloc = f"{p.username}:***@{host}" + (f":{p.port}" if p.port else "")
+    return urlunsplit((p.scheme, netloc, p.path, p.query, p.fragment))
+
+
+def write_instance_yaml(home: Path, template: Path) -> Path:
+    """``<DAGSTER_HOME>/dagster.yaml``: the project's template the first time; with ``$AUGMENT_POSTGRES_URL`` set,
+    a PostgreSQL ``storage`` block is added unless the file already configures storage (a user-supplied
+    dagster.yaml is left as it is). Written atomically."""
+    from .util import atomic_write_text
+
+    target = home / "dagster.yaml"
+    text = target.read_text() if target.exists() else (template.read_text() if template.exists() else "")
+    new = text
+    if postgres_url() and not re.search(r"^(storage|run_storage|event_log_storage):", text, re.M):
+        _require_postgres_extra()
+        new = text.rstrip("\n") + "\n" + _STORAGE_BLOCK
+    if new != text or not target.exists():
+        atomic_write_text(target, new)
+    return target
+
+
+def _require_postgres_extra() -> None:
+    try:
+        import dagster_postgres  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"{POSTGRES_ENV} is set, but the optional package 'dagster-postgres' is missing ({e}); install "
+                          "it with `pip install 'augment-dagster[postgres]'`, or unset the variable for the local sqlite "
+                          "instance") from None
+
+
+def mlflow_postgres_uri(url: str) -> str:
+    """MLflow's tracking URI in the same PostgreSQL database, in its own schema (``search_path=mlflow``)."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    p = urlsplit(url)
+    scheme = "postgresql+psycopg2" if p.scheme in ("postgres", "postgresql") else p.scheme
+    q = dict(parse_qsl(p.query))
+    q.setdefault("options", f"-csearch_path={MLFLOW_SCHEMA}")
+    return urlunsplit((scheme, p.netloc, p.path, urlencode(q), p.fragment))
+
+
+_SCHEMA_DONE: set[str] = set()
+
+
+def ensure_mlflow_schema(url: str) -> None:
+    """Create MLflow's schema in the PostgreSQL database once (MLflow creates its tables in it)."""
+    if url in _SCHEMA_DONE:
+        return
+    import psycopg2
+
+    _SCHEMA_DONE.add(url)
+    base = url.replace("postgresql+psycopg2://", "postgresql://", 1)
+    with psycopg2.connect(base.split("?")[0]) as conn, conn.cursor() as cur:
+        cur.execute(f"CREATE SCHEMA IF NOT EXISTS {MLFLOW_SCHEMA}")

@@ -1,4 +1,5 @@
-"""bench/demo.py on a tiny config: a cold run then a no-op rerun, both as processes; figures printed and written."""
+"""bench/demo.py on a tiny config: a cold run, a no-op rerun and a one-worker cold run, all as processes; figures
+printed and written."""
 import importlib.util
 import json
 from pathlib import Path
@@ -27,7 +28,7 @@ def test_cold_then_noop_rerun_figures(tmp_path, capsys):
     cfg = {
         "experiment": "bd", "dataset": {"source": "builtin", "builtin": {"classes": ["circle", "square"], "train_per_class": 6,
                                                                           "test_per_class": 2, "ood_per_class": 0}},
-        "splits": {"shots": [2], "seeds": [0], "val_per_class": 1}, "models": {"diffusion": {"source": "tiny-random"}},
+        "splits": {"shots": [2], "seeds": [0, 1], "val_per_class": 1}, "models": {"diffusion": {"source": "tiny-random"}},
         "generation": {"images_per_real": 1, "steps": 2, "batch_size": 8},
         "training": {"epochs": 1, "steps_per_epoch": 1, "batch_size": 8},
         "methods": {"real_guidance": {}}, "mlflow": {"enabled": False},
@@ -40,6 +41,20 @@ def test_cold_then_noop_rerun_figures(tmp_path, capsys):
     assert res["cold_s"] > res["rerun_s"] > 0 and res["ratio"] == pytest.approx(res["rerun_s"] / res["cold_s"], rel=0.05)
     assert res["max_rss_mb"] > 50
     assert "synthetic" in res["stage_seconds_cold"] and "classifier" in res["stage_seconds_cold"]
-    assert "rerun / cold" in capsys.readouterr().out
+    # the same config cold with one worker (--devices 1): the same report
+    assert res["cold_one_worker_s"] > 0 and res["slots_ratio"] == pytest.approx(res["cold_s"] / res["cold_one_worker_s"], rel=0.05)
+    assert res["reports_identical"] is True
+    printed = capsys.readouterr().out
+    assert "rerun / cold" in printed and "default / one" in printed and "identical" in printed
+    one_log = (tmp_path / "w" / "cold_one_worker.log").read_text()
+    assert "slot 0 (cpu)" in one_log and "slot 1" not in one_log
     rerun_log = (tmp_path / "w" / "rerun.log").read_text()
     assert "diffusion units: 0 computed" in rerun_log and "nothing missing or stale" in rerun_log
+
+
+def test_report_comparison_ignores_only_timing_columns():
+    b = load_bench()
+    rep = "# r\n| method | acc | gpu_seconds |\n|---|---|---|\n| dafusion | 0.5 | 0.31 |\n\nafter | 0.31"
+    assert b.without_timings(rep) == b.without_timings(rep.replace("| 0.31 |", "| 0.17 |"))
+    assert b.without_timings(rep) != b.without_timings(rep.replace("| 0.5 |", "| 0.6 |"))
+    assert b.without_timings(rep) != b.without_timings(rep.replace("after | 0.31", "after | 0.17"))

@@ -131,6 +131,6 @@ def test_progress_lines_name_asset_and_partition_inside_dagster(world, monkeypat
     cfg = cfg_for(data, {"real_guidance": {}})
     materialize_experiment(build_definitions([cfg]), cfg, inst)
     err = capfd.readouterr().err
-    assert "[progress] plan/synthetic/real_guidance [2shot-s0]: 6/6 img (100%)" in err
-    assert "[progress] plan/real_classifier [2shot-s0] classifier training: 2/2 steps (100%)" in err
+    assert "[progress] plan/synthetic/real_guidance [2shot-s0, slot 0 (cpu)]: 6/6 img (100%)" in err
+    assert "[progress] plan/real_classifier [2shot-s0, slot 0 (cpu)] classifier training: 2/2 steps (100%)" in err
     assert "ETA 0s" in err

@@ -39,7 +39,12 @@ def _progress_scope() -> tuple[str | None, str | None]:
         ctx = dg.AssetExecutionContext.get()
     except dg.DagsterInvariantViolationError:
         return None, None
-    return ctx.asset_key.to_user_string(), (ctx.partition_key if ctx.has_partition_key else None)
+    from ..slots import current
+
+    part, slot = (ctx.partition_key if ctx.has_partition_key else None), current()
+    if slot is not None:  # progress lines name the slot: "[4shot-s0, slot 1 (cpu)]"
+        part = f"{part}, {slot.label()}" if part else slot.label()
+    return ctx.asset_key.to_user_string(), part
 
 
 _register_progress_scope(_progress_scope)
@@ -88,7 +93,10 @@ class Experiment:
 
     @property
     def device(self) -> str:
-        return self.cfg.models.device
+        """The device of this process's slot (slots.py; a lease is taken on first use)."""
+        from ..slots import device_for
+
+        return device_for(self.cfg)
 
 
 def output(df: pd.DataFrame, metadata: dict[str, Any] | None = None, version_extra: Any = None) -> dg.Output:
@@ -99,8 +107,17 @@ def output(df: pd.DataFrame, metadata: dict[str, Any] | None = None, version_ext
 
         v = hash_obj(v, version_extra)[:24]
     md = {"rows": dg.MetadataValue.int(len(df))}
+    md.update(slot_metadata())
     md.update(metadata or {})
     return dg.Output(df, data_version=dg.DataVersion(v), metadata=md)
+
+
+def slot_metadata() -> dict[str, dg.MetadataValue]:
+    """The device slot the step ran on (slots.py), if it holds one: ``slot`` and ``slot_device``."""
+    from ..slots import computed_on
+
+    on = computed_on()
+    return {} if on is None else {"slot": dg.MetadataValue.int(on["slot"]), "slot_device": dg.MetadataValue.text(on["device"])}
 
 
 def image_grid(images: list, labels: list[str] | None = None, per_row: int = 8, cell: int = 64):

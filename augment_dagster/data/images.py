@@ -20,7 +20,7 @@ class ImageSource:
     images are kept (least recently used dropped), so a large test set is never held in memory at once."""
 
     def __init__(self, dataset_root: str | Path, images: pd.DataFrame, blobs: BlobStore, max_pixels: int = 40_000_000,
-                 hf_image_column: str = "image", cache_size: int = 512):
+                 hf_image_column: str = "image", cache_size: int = 256):
         self.root = Path(dataset_root)
         self.paths = dict(zip(images["image_id"], images["path"]))
         self.blobs = blobs
@@ -53,7 +53,7 @@ class ImageSource:
         data, name = self.real_bytes(image_id)
         im = decode_image(data, name, self.max_pixels)
         self._cache[image_id] = im
-        if len(self._cache) > self.cache_size:
+        while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return im
 
@@ -71,6 +71,16 @@ def to_tensor(images: list, size: int):
 
     arr = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32) for im in images]) / 255.0
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def map_image_batches(fn, items: list, load, size: int, batch_size: int = 256):
+    """``fn(to_tensor(images of a chunk))`` over chunks of ``batch_size`` items, outputs concatenated: only one
+    chunk's pixels are in memory at a time (not the whole set's). With ``fn`` = ``predict_logits`` /
+    ``extract_features`` (which run in chunks of 256 themselves) the result is the same as on the whole tensor."""
+    import torch
+
+    outs = [fn(to_tensor([load(x) for x in items[i:i + batch_size]], size)) for i in range(0, len(items), batch_size)]
+    return torch.cat(outs) if outs else None
 
 
 def label_index(class_names: list[str]) -> dict[str, int]:

@@ -53,7 +53,10 @@ def set_metrics(synth: pd.DataFrame, split: pd.DataFrame, *, images, clip, class
         model, meta = load_classifier_blob(services.blobs, classifier_blob)
         cidx = {c: i for i, c in enumerate(meta["classes"])}
         with torch.no_grad():
-            pred = predict_logits(model, to_tensor([images.synthetic(b) for b in syn["blob"]], services.image_size)).argmax(1).numpy()
+            from ..data.images import map_image_batches  # one chunk of decoded images at a time
+
+            pred = map_image_batches(lambda x: predict_logits(model, x), list(syn["blob"]), images.synthetic,
+                                     services.image_size).argmax(1).numpy()
         out["label_consistency"] = float(np.mean([pred[i] == cidx.get(l, -1) for i, l in enumerate(syn["label"])]))
     # original-vs-augmented similarity (only where a guide image exists)
     guided = [(i, g[0]) for i, g in enumerate(syn["guide_ids"]) if g is not None and len(g) > 0]

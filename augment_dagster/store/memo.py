@@ -13,6 +13,9 @@ from typing import Any
 from ..util import atomic_write_text, canonical_json, hash_obj
 
 
+COMPUTED_ON = "_computed_on"
+
+
 def memo_key(fn: str, version: str, *, model: str = "", params: Any = None, inputs: Any = None, seed: Any = None) -> str:
     """The memo key of one unit of work. Every argument that changes the output must be in here."""
     return hash_obj({"fn": fn, "version": version, "model": model, "params": params, "inputs": inputs, "seed": seed})
@@ -39,13 +42,24 @@ class Memo:
             self.misses += 1
             return None
         self.hits += 1
+        rec.pop(COMPUTED_ON, None)
         return rec
+
+    def computed_on(self, key: str) -> dict[str, Any] | None:
+        """Where the unit was computed (``{"slot", "device", "host"}``; slots.py), if recorded."""
+        try:
+            return json.loads(self._path(key).read_text(encoding="utf-8")).get(COMPUTED_ON)
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
 
     def put(self, key: str, record: dict[str, Any]) -> dict[str, Any]:
         """Store ``record``; returns it as a later ``get`` will (JSON round trip), so a cold run and a cached
         rerun build byte-identical manifests."""
+        from ..slots import computed_on
+
         text = canonical_json(record)
-        atomic_write_text(self._path(key), text)
+        on = computed_on()  # the device slot, kept in the file only: never in a key, never in a manifest row
+        atomic_write_text(self._path(key), canonical_json({**record, COMPUTED_ON: on}) if on else text)
         return json.loads(text)
 
     def __contains__(self, key: str) -> bool:

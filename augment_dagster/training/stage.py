@@ -239,7 +239,10 @@ def evaluate(model, meta, images: ImageSource, rows: pd.DataFrame, image_size: i
             head = model.head
             logits = head(f.to(head.weight.device, head.weight.dtype)).float().cpu()
         else:
-            logits = predict_logits(model, to_tensor([images.real(i) for i in rows["image_id"]], image_size))
+            from ..data.images import map_image_batches  # one chunk of decoded test images at a time
+
+            logits = (map_image_batches(lambda x: predict_logits(model, x), list(rows["image_id"]), images.real, image_size)
+                      if len(rows) else predict_logits(model, torch.zeros(0, 3, image_size, image_size)))
     preds = logits.argmax(1)
     pc = per_class_accuracy(preds, y, len(classes))
     return {"n": int(len(rows)), "accuracy": float(accuracy(preds, y)),
