@@ -250,7 +250,10 @@ def materialize_experiment(defs, cfg, instance, *, partitions: list[str] | None 
                 r = run(sel, pk, extra_tags=plan_tag)
             spent.append(time.perf_counter() - t1)
             if on_partition is not None:
-                on_partition(pk, spent[-1], r.run_id)
+                from .parallel import _call  # the slot for callbacks that take it (the CLI's "done" line names it)
+
+                slot = _slots.current()
+                _call(on_partition, pk, spent[-1], r.run_id, slot.label() if slot is not None else None)
     finally:
         if todo and not held:
             _slots.release()

@@ -216,7 +216,7 @@ def cheap_cases(d: Path, cfg: Path, data: Path) -> list[tuple]:
          fresh("two"), {}, [two_a.name, two_b.name]),
         ("a file name that is not UTF-8", ["run", "--config", w("nonutf", variant(dataset={"source": str(nonutf)}))],
          fresh("nonutf"), {}, ["caf\\xe9.png"]),
-        ("the same image in two classes", ["run", "--config", w("dup", variant(dataset={"source": str(dup)}))],
+        ("the same image in two classes", ["run", "--config", w("dupimg", variant(dataset={"source": str(dup)}))],
          fresh("dup"), {}, [dup_src.name, "copied_from_circle.png"]),
         ("more shots than images", ["run", "--config", w("shots", variant(dataset={"source": str(good_ds)},
                                                                            splits__shots=[50]))],
