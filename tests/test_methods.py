@@ -103,7 +103,7 @@ def test_diagen_resample_per_image_draws_fresh_noise_per_unit():
     import torch
 
     from augment_dagster.methods.runner import to_request
-    from augment_dagster.methods.diagen import noisy_vector
+    from augment_dagster.models.text import noisy_vector
 
     spec, inp = inputs("diagen", {"resample_per_image": True}, M=4, concepts=concepts(), class_prompts=prompts())
     units = [u for u in spec.plan(inp) if u.label == "circle"]
@@ -297,3 +297,18 @@ def test_confidence_weights_uniform_fallback_for_an_all_zero_class():
     w, fb = uniform_fallback(labels, np.array([0.2, 0.0, 0.0, 0.0, np.nan]))
     assert list(fb) == [False, False, True, True, True]
     assert np.allclose(w, [0.2, 0.0, 1.0, 1.0, 1.0])
+
+
+def test_stage_table_feeds_method_inputs_and_needs():
+    """Every stage of the one stage table is a MethodInputs field; a MethodSpec naming another stage is refused."""
+    import dataclasses
+
+    from augment_dagster.methods.base import MethodSpec
+    from augment_dagster.stages import STAGES
+
+    fields = {f.name for f in dataclasses.fields(MethodInputs)}
+    assert set(STAGES) <= fields
+    for name in available_methods():
+        assert set(get_method(name).needs) <= set(STAGES)
+    with pytest.raises(ValueError, match="unknown needs \\['nope'\\]"):
+        MethodSpec("x", "1", "x", get_method("txt2img").Params, lambda i: [], needs=("captions", "nope"))

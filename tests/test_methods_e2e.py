@@ -130,7 +130,7 @@ def test_noise_draws_reproducible_by_seed(tmp_path):
 
 def test_lora_and_token_are_the_only_trainable_parts(tmp_path):
     """Diff-II concepts: the LoRA weights change, the base UNet weights and all other token rows do not."""
-    from augment_dagster.methods.concept_lora import learn_concepts_lora
+    from augment_dagster.stages.concept_lora import learn_concepts_lora
     from augment_dagster.models.loading import load_diffusion
     from augment_dagster.data.builtin import generate_pool
 
@@ -139,7 +139,7 @@ def test_lora_and_token_are_the_only_trainable_parts(tmp_path):
     ims = {c: [im for im, _ in generate_pool("train", c, 2, 0, 32)] for c in ("circle", "star")}
     r = learn_concepts_lora(b, ims, {"circle": "<circle>", "star": "<star>"}, steps=4, rank=2, batch_size=2, lr=1e-2)
     assert r.lora_state and all("lora" in k for k in r.lora_state)
-    from augment_dagster.methods.concepts import LORA_TARGETS
+    from augment_dagster.stages.concepts import LORA_TARGETS
 
     assert any(k.endswith("lora_B.weight") and float(v.abs().sum()) > 0 for k, v in r.lora_state.items())
     assert all(torch.equal(base_unet[k], v) for k, v in b.pipe.unet.state_dict().items())
@@ -186,7 +186,7 @@ def test_diff_ii_one_image_class_starts_from_noise():
 
 
 def test_diff_ii_suffixes_from_one_greedy_caption_per_image():
-    from augment_dagster.methods.suffixes import greedy_captions
+    from augment_dagster.stages.suffixes import greedy_captions
 
     caps = pd.DataFrame([{"image_id": i, "idx": k, "strategy": s, "caption": f"{i} {s} {k}"}
                          for i in ("b1", "a0") for k, s in enumerate(["greedy", "beam", "nucleus", "nucleus"])])
@@ -327,7 +327,7 @@ def test_each_method_on_its_papers_protocol_in_one_experiment(tmp_path):
 
 
 def test_inversion_pool_checks_the_reconstruction_of_the_sampled_images_only(tmp_path):
-    from augment_dagster.methods.inversion import inversion_stage
+    from augment_dagster.stages.inversion import inversion_stage
     from augment_dagster.store import BlobStore, Memo
 
     train = pd.DataFrame([{"image_id": f"{c}{i}", "label": c} for c in "ab" for i in range(3)])

@@ -26,7 +26,7 @@ def _reqs(n: int, **kw):
 
 
 def _trained_lora(bundle):
-    from augment_dagster.methods.concepts import train_concepts
+    from augment_dagster.stages.concepts import train_concepts
 
     ims = [shape_image(s) for s in range(2)]
     res = train_concepts(bundle, {"a": ims}, {"a": "<lora-a>"}, {"a": ["a photo of a {}"]}, steps=2, lr=5e-2,
@@ -36,7 +36,7 @@ def _trained_lora(bundle):
 
 
 def test_lora_bundle_is_an_adapter_on_the_same_unet(tiny_bundle):
-    from augment_dagster.methods.concept_lora import bundle_with_lora
+    from augment_dagster.stages.concept_lora import bundle_with_lora
     from augment_dagster.models.adapters import adapter_names
 
     unet = tiny_bundle.pipe.unet
@@ -273,7 +273,7 @@ def test_runner_records_the_batch_size_used_and_keys_ignore_it(tiny_bundle, tmp_
 
 
 def test_lora_adapter_weights_are_frozen_for_inference(tiny_bundle):
-    from augment_dagster.methods.concept_lora import bundle_with_lora
+    from augment_dagster.stages.concept_lora import bundle_with_lora
     from augment_dagster.models.adapters import remove
 
     lb = bundle_with_lora(tiny_bundle, _trained_lora(tiny_bundle), key="e" * 64)

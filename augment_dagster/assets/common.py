@@ -185,7 +185,7 @@ def generation_core(exp: Experiment, lora_blob: str | None = None):
     g = exp.cfg.generation
     bundle = diffusion_bundle(exp)
     if lora_blob:
-        from ..methods.concept_lora import bundle_with_lora
+        from ..stages.concept_lora import bundle_with_lora
         from ..store.tensors import tensor_dict_from_bytes
 
         bundle = bundle_with_lora(bundle, tensor_dict_from_bytes(exp.blobs.get(lora_blob)), key=lora_blob)

@@ -50,7 +50,7 @@ def compute_synthetic(exp: Experiment, name: str, partition_key: str, split: pd.
     )
     services = None
     if spec.prepare is not None or spec.post_filter is not None:
-        from ..methods.services import FilterServices
+        from ..stages.services import FilterServices
 
         services = FilterServices(images, exp.blobs, cfg.training.image_size, clip_factory=lambda: clip_bundle(exp))
     if spec.prepare is not None:

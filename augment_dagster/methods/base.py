@@ -14,10 +14,9 @@ from typing import Any, Callable, Literal
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
+from .. import stages
+from ..util import stable_int
 from .protocol import PROJECT_DEFAULT, Protocol
-
-# Upstream stages a method may need; assets/synthetic.py wires them as asset deps.
-STAGES = ("concepts", "captions", "class_prompts", "prompt_suffixes", "concept_lora", "inversion_pool", "real_classifier")
 
 
 class MethodParams(BaseModel):
@@ -134,32 +133,28 @@ class MethodSpec:
     # for non-diffusion methods: render(units, images_by_id, params) -> list[PIL.Image]
     render: Callable[..., list] | None = None
     # optional post-filter after generation: post_filter(rows, inputs, services) -> (kept rows, metadata);
-    # services: methods.services.FilterServices (classifier features, CLIP zero-shot, image access)
+    # services: stages.services.FilterServices (classifier features, CLIP zero-shot, image access)
     post_filter: Callable[..., Any] | None = None
     # synthetic probability α when the config entry sets none (DIAGen: 0.7); None = training default
     default_alpha: float | None = None
     # the paper's generation protocol (sampler, steps, CFG, M, start rule); unset keys use the project default
     protocol: Protocol = PROJECT_DEFAULT
     # optional, before plan: prepare(inputs, services) -> dict merged into inputs.extra (e.g. GeNIe's train
-    # confusion matrix); services: methods.services.FilterServices
+    # confusion matrix); services: stages.services.FilterServices
     prepare: Callable[..., dict] | None = None
 
     def __post_init__(self):
-        bad = [n for n in self.needs if n not in STAGES]
+        bad = stages.unknown(self.needs)
         if bad:
-            raise ValueError(f"method {self.name}: unknown needs {bad}; valid: {STAGES}")
+            raise ValueError(f"method {self.name}: unknown needs {bad}; valid: {list(stages.STAGES)}")
+
+
+def unit_seed(inputs: MethodInputs, *parts) -> int:
+    """Seed of one unit: depends only on the method entry, split seed and the unit's own identity,
+    so adding an image never changes the seeds of other units."""
+    return stable_int("unit", inputs.method, inputs.seed, *parts, bits=31)
 
 
 def concept_token(label: str) -> str:
     """Placeholder token of a class concept, e.g. '<circle>' (spaces -> '_')."""
     return "<" + "_".join(label.split()) + ">"
-
-
-@dataclass
-class StageStats:
-    """computed/reused counts and seconds of one memoized stage."""
-
-    computed: int = 0
-    reused: int = 0
-    seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)

@@ -11,19 +11,12 @@ from collections import Counter
 import numpy as np
 from pydantic import Field
 
-from ..util import stable_int
-from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit
+from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit, unit_seed
 
 
 class Img2ImgParams(MethodParams):
     strength: float = Field(0.5, ge=0.0, le=1.0, description="SDEdit noise ratio t0")
     prompt_template: str = Field("a photo of a {label}", description="'{label}' is replaced by the class name")
-
-
-def unit_seed(inputs: MethodInputs, *parts) -> int:
-    """Seed of one unit: depends only on the method entry, split seed and the unit's own identity,
-    so adding an image never changes the seeds of other units."""
-    return stable_int("unit", inputs.method, inputs.seed, *parts, bits=31)
 
 
 def plan_img2img(inputs: MethodInputs) -> list[SynthUnit]:

@@ -9,8 +9,7 @@ from pydantic import Field, model_validator
 
 import pandas as pd
 
-from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit
-from .baselines import unit_seed
+from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit, unit_seed
 from .protocol import Protocol
 
 

@@ -13,8 +13,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit
-from .baselines import unit_seed
+from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit, unit_seed
 from .protocol import Protocol
 from ..store.tensors import tensor_bytes, tensor_from_bytes
 from ..util import stable_int
@@ -85,19 +84,11 @@ SPECS = (
 
 
 # ---------------------------------------------------------------- embedding noise (§2a)
-def noisy_vector(base, sigma: float, noise_seed: int):
-    """S* + σ·ε with ε ~ N(0, I) drawn from ``noise_seed`` (float32). Shared by the fixed draws below and by
-    DIAGen's ``resample_per_image`` option, where the runner applies it per unit."""
-    import torch
-
-    g = torch.Generator().manual_seed(int(noise_seed))
-    eps = torch.randn(base.shape, generator=g, dtype=torch.float32)
-    return base.float() + float(sigma) * eps
-
-
 def noise_variants(base_rows: list[dict], *, blobs, sigmas: list[float], seed: int) -> list[dict]:
     """DIAGen (METHODS §2a): S_v = S* + σ·ε, ε ~ N(0, I), one fixed draw per σ per class, stored as extra
     concept vectors (tokens ``<cls_σ>``). Deterministic in (seed, class, σ)."""
+    from ..models.text import noisy_vector
+
     out = []
     for r in base_rows:
         base = tensor_from_bytes(blobs.get(r["embedding_id"]))

@@ -16,9 +16,8 @@ from typing import ClassVar
 from pydantic import Field
 
 from ..util import hash_obj
-from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit
-from .baselines import unit_seed
-from .interpolation import angle, sample_alpha
+from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit, unit_seed
+from ..models.interpolation import angle, sample_alpha
 from .protocol import Protocol
 
 

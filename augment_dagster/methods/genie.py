@@ -24,8 +24,7 @@ from typing import Literal, Sequence
 import numpy as np
 from pydantic import Field, field_validator
 
-from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit
-from .baselines import unit_seed
+from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit, unit_seed
 from .protocol import Protocol
 
 

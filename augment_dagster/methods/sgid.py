@@ -11,8 +11,7 @@ from typing import Literal
 from pydantic import Field
 
 from ..util import hash_obj
-from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit
-from .baselines import unit_seed
+from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit, unit_seed
 from .protocol import Protocol
 
 

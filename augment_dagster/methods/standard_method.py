@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit
-from .baselines import unit_seed
+from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit, unit_seed
 
 
 class StandardParams(MethodParams):
@@ -28,7 +27,7 @@ def render(units: list[SynthUnit], images_by_id: dict, params: StandardParams) -
     import torch
     from PIL import Image
 
-    from .standard_aug import augment_images
+    from ..data.augment import augment_images
 
     out = []
     for u in units:
