@@ -312,3 +312,18 @@ def test_stage_table_feeds_method_inputs_and_needs():
         assert set(get_method(name).needs) <= set(STAGES)
     with pytest.raises(ValueError, match="unknown needs \\['nope'\\]"):
         MethodSpec("x", "1", "x", get_method("txt2img").Params, lambda i: [], needs=("captions", "nope"))
+
+
+def test_every_method_declares_its_report_family_and_a_known_recipe():
+    """MethodSpec.family groups the report's plots (a method without one is its own family, never a baseline);
+    MethodSpec.recipe names a row of the training recipe table."""
+    from augment_dagster.config import TrainingConfig
+    from augment_dagster.report_plots import families, family
+
+    recipes = set(TrainingConfig.model_fields["recipe"].annotation.__args__)
+    for name in available_methods():
+        spec = get_method(name)
+        assert spec.recipe is None or spec.recipe in recipes, name
+        assert family(name) == (spec.family or name)
+    assert family("real_only") == "baselines" and family("sgid") == "SGID" and family("dafusion") == "DA-Fusion/DIAGen"
+    assert families(["mixup_like", "SGID", "baselines"]) == ["baselines", "SGID", "mixup_like"]

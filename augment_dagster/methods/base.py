@@ -142,6 +142,12 @@ class MethodSpec:
     # optional, before plan: prepare(inputs, services) -> dict merged into inputs.extra (e.g. GeNIe's train
     # confusion matrix); services: stages.services.FilterServices
     prepare: Callable[..., dict] | None = None
+    # the paper's downstream classifier recipe: a key of the training RECIPES table (None: the project's); a paper
+    # preset selects it with ``training.recipe`` (METHODS.md §1–§5)
+    recipe: str | None = None
+    # the report's plot family (legend group, colour ramp), e.g. "baselines", "DA-Fusion/DIAGen"; None: the method's
+    # own name (a new method is its own family, never filed under the baselines)
+    family: str | None = None
 
     def __post_init__(self):
         bad = stages.unknown(self.needs)

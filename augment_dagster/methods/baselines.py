@@ -119,13 +119,13 @@ def filter_by_clip(rows: list[dict], inputs: MethodInputs, services) -> tuple[li
 
 SPECS = (
     MethodSpec("real_guidance", "1", "Real-Guidance: img2img of each real image, prompt 'a photo of a {class}', t0=0.5 (He et al.)",
-               RealGuidanceParams, plan_img2img),
+               RealGuidanceParams, plan_img2img, family="baselines"),
     MethodSpec("img2img_low", "1", "Img2Img^L: same-class SDEdit at r=0.3 with the class name (GeNIe baseline)",
-               Img2ImgLowParams, plan_img2img),
+               Img2ImgLowParams, plan_img2img, family="baselines"),
     MethodSpec("img2img_high", "1", "Img2Img^H: same-class SDEdit at r=0.7 with the class name (GeNIe baseline)",
-               Img2ImgHighParams, plan_img2img),
+               Img2ImgHighParams, plan_img2img, family="baselines"),
     MethodSpec("txt2img", "1", "Txt2Img: generation from 'a photo of a {class}' alone, M per real image",
-               Txt2ImgParams, plan_txt2img),
+               Txt2ImgParams, plan_txt2img, family="baselines"),
     MethodSpec("real_filter", "3", "Real-Filter: txt2img from class-name prompts, minus images CLIP zero-shot assigns to another class",
-               RealFilterParams, plan_txt2img, post_filter=filter_by_clip),
+               RealFilterParams, plan_txt2img, post_filter=filter_by_clip, family="baselines"),
 )

@@ -58,7 +58,7 @@ def plan(inputs: MethodInputs) -> list[SynthUnit]:
 SPECS = (
     # version 2: img2img z0 is a posterior sample (vae_encode "sample", diffusers' img2img pipeline): other images
     MethodSpec("dafusion", "2", "DA-Fusion: img2img with a per-class textual-inversion token, t0 in {.25,.5,.75,1}",
-               DAFusionParams, plan, needs=("concepts",),
+               DAFusionParams, plan, needs=("concepts",), recipe="dafusion", family="DA-Fusion/DIAGen",
                protocol=Protocol(scheduler="pndm", steps=50, guidance_scale=7.5, images_per_real=10, vae_encode="sample",
                                  note="SD v1-4 img2img, t0 drawn per image from {0.25, 0.5, 0.75, 1.0}: ⌊50·t0⌋ steps")),
 )

@@ -78,6 +78,7 @@ SPECS = (
     # version 2: img2img z0 is a posterior sample (vae_encode "sample": DIAGen's code runs DA-Fusion's pipeline)
     MethodSpec("diagen", "2", "DIAGen: DA-Fusion + embedding noise + LLM prompts + confidence weighting (t0=0.7, w=15)",
                DIAGenParams, plan, needs=("concepts", "class_prompts"), default_alpha=0.7,
+               recipe="diagen", family="DA-Fusion/DIAGen",
                protocol=Protocol(scheduler="pndm", steps=50, guidance_scale=15.0, images_per_real=10, vae_encode="sample",
                                  note="SD v1-4 img2img at t0 0.7 (⌊50·0.7⌋ = 35 steps), α 0.7")),
 )

@@ -105,6 +105,7 @@ def plan(inputs: MethodInputs) -> list[SynthUnit]:
 SPECS = (
     MethodSpec("diff_ii", "1", "Diff-II: circle interpolation of DDIM-inverted latents + two-stage suffix denoising with TI+LoRA concepts",
                DiffIIParams, plan, needs=("concept_lora", "inversion_pool", "prompt_suffixes"),
+               recipe="diff_ii", family="Diff-II",
                protocol=Protocol(scheduler="ddim", steps=25, guidance_scale=7.5, images_per_real=5,
                                  note="SD v1-5 + TI/LoRA; start = circle interpolation of DDIM inversions "
                                       "(inversion.steps, paper 200, at g 1); M = expansion rate per class-image")),

@@ -203,9 +203,11 @@ GENIE_PROTOCOL = Protocol(scheduler="dpmsolver", steps=50, guidance_scale=7.5, s
 
 SPECS = (
     MethodSpec("genie", "1", "GeNIe: hard negatives — img2img of other classes' images with the target prompt at r=0.8",
-               GenieParams, plan_genie, needs=("real_classifier",), protocol=GENIE_PROTOCOL, prepare=prepare_genie),
+               GenieParams, plan_genie, needs=("real_classifier",), protocol=GENIE_PROTOCOL, prepare=prepare_genie,
+               family="GeNIe"),
     MethodSpec("genie_ada", "1", "GeNIe-Ada: per pair, the r in {.5,...,.9} just after the largest feature jump toward the target",
                GenieAdaParams, plan_genie_ada, needs=("real_classifier",), post_filter=post_filter_ada, prepare=prepare_genie,
+               family="GeNIe",
                protocol=Protocol(scheduler="dpmsolver", steps=50, guidance_scale=7.5, start_rule="genie", preprocess="center_crop",
                                  count="5 candidates, 1 kept per (source, target)", note="r grid {0.5,…,0.9} per pair, the r after the largest feature jump kept")),
 )

@@ -76,7 +76,7 @@ def plan(inputs: MethodInputs) -> list[SynthUnit]:
 
 SPECS = (
     MethodSpec("sgid", "2", "SGID: img2img with 'A picture of a <label>, <BLIP caption>', weighted tokens, CLIP-similarity guidance",
-               SGIDParams, plan, needs=("captions",),
+               SGIDParams, plan, needs=("captions",), recipe="sgid", family="SGID",
                protocol=Protocol(scheduler="pndm", steps=50, images_per_real=1, guidance="f(s*) per image",
                                  note="SD v1-5 (diffusers default sampler) img2img at n 0.5; g = f(s*) per image")),
 )

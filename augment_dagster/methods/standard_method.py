@@ -40,5 +40,5 @@ def render(units: list[SynthUnit], images_by_id: dict, params: StandardParams) -
 
 SPECS = (
     MethodSpec("standard", "1", "Standard augmentation (kornia): weak/strong/RandAugment copies of each real image",
-               StandardParams, plan, uses_diffusion=False, render=render),
+               StandardParams, plan, uses_diffusion=False, render=render, family="baselines"),
 )
