@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 
 from augment_dagster.methods.base import MethodInputs, concept_token
+from augment_dagster.methods.protocol import given
 from augment_dagster.methods.registry import available_methods, get_method
 from augment_dagster.training.stage import synthetic_groups, weight_rule
 
@@ -35,7 +36,7 @@ def prompts(classes=("circle", "star"), P=3):
 def inputs(name, params=None, M=2, **kw):
     spec = get_method(name)
     return spec, MethodInputs(method=name, split=split(), params=spec.Params.model_validate(params or {}), images_per_real=M,
-                              guidance_scale=7.5, steps=10, seed=0, **kw)
+                              protocol=given(guidance_scale=7.5, steps=10), seed=0, **kw)
 
 
 def test_registry_has_the_methods():
@@ -58,7 +59,7 @@ def test_seeds_do_not_depend_on_other_images():
     spec, inp = inputs("real_guidance")
     a = {(u.init_image_id, u.params["m"]): u.seed for u in spec.plan(inp)}
     more = pd.concat([split(), pd.DataFrame([{"image_id": "circle-new", "label": "circle", "role": "train", "rank": 9, "path": "x"}])])
-    inp2 = MethodInputs(method="real_guidance", split=more, params=inp.params, images_per_real=2, guidance_scale=7.5, steps=10, seed=0)
+    inp2 = MethodInputs(method="real_guidance", split=more, params=inp.params, images_per_real=2, protocol=given(guidance_scale=7.5, steps=10), seed=0)
     b = {(u.init_image_id, u.params["m"]): u.seed for u in spec.plan(inp2)}
     assert all(b[k] == v for k, v in a.items())
 
@@ -190,7 +191,7 @@ def test_genie_pairing_counts():
     classes = ("a", "b", "c", "d", "e")
     sp = split(n_per_class=3, classes=classes)
     spec = get_method("genie")
-    inp = MethodInputs(method="genie", split=sp, params=spec.Params(), images_per_real=1, guidance_scale=7.5, steps=10, seed=0)
+    inp = MethodInputs(method="genie", split=sp, params=spec.Params(), images_per_real=1, protocol=given(guidance_scale=7.5, steps=10), seed=0)
     units = spec.plan(inp)
     C, K = 5, 3
     assert len(units) == C * (C - 1) * K
@@ -199,7 +200,7 @@ def test_genie_pairing_counts():
         assert len(mine) == (C - 1) * K
         assert all(u.params["source_class"] != c and u.strength == 0.8 and u.prompt == f"a photo of a {c}" for u in mine)
     ada = get_method("genie_ada")
-    inp = MethodInputs(method="genie_ada", split=sp, params=ada.Params(), images_per_real=1, guidance_scale=7.5, steps=10, seed=0)
+    inp = MethodInputs(method="genie_ada", split=sp, params=ada.Params(), images_per_real=1, protocol=given(guidance_scale=7.5, steps=10), seed=0)
     au = ada.plan(inp)
     assert len(au) == C * (C - 1) * K * 5
     # the 5 candidates of a pair share the seed (only r varies)
@@ -216,7 +217,7 @@ def test_genie_confusion_topk():
     spec = get_method("genie")
     inp = MethodInputs(method="genie", split=split(2, classes),
                        params=spec.Params(sources="confusion_topk", topk=1, confusion_split="val"),
-                       images_per_real=1, guidance_scale=7.5, steps=10, seed=0, real_classifier=rc)
+                       images_per_real=1, protocol=given(guidance_scale=7.5, steps=10), seed=0, real_classifier=rc)
     units = spec.plan(inp)
     assert {u.params["source_class"] for u in units if u.label == "a"} == {"b"}
     assert {u.params["source_class"] for u in units if u.label == "c"} == {"b"}
@@ -229,7 +230,7 @@ def test_genie_confusion_topk():
             return classes, np.asarray(train_cm)
 
     inp = MethodInputs(method="genie", split=split(2, classes), params=spec.Params(sources="confusion_topk", topk=1),
-                       images_per_real=1, guidance_scale=7.5, steps=10, seed=0, real_classifier=rc)
+                       images_per_real=1, protocol=given(guidance_scale=7.5, steps=10), seed=0, real_classifier=rc)
     with pytest.raises(ValueError, match="train confusion"):
         spec.plan(inp)
     inp.extra.update(spec.prepare(inp, Services()))
@@ -241,7 +242,7 @@ def test_genie_confusion_topk():
 def test_genie_fine_grained_prompt_and_protocol():
     spec = get_method("genie")
     inp = MethodInputs(method="genie", split=split(1, ("a", "b")), params=spec.Params(prompt_style="fine_grained"),
-                       images_per_real=1, guidance_scale=7.5, steps=10, seed=0, metaclass="bird")
+                       images_per_real=1, protocol=given(guidance_scale=7.5, steps=10), seed=0, metaclass="bird")
     assert {u.prompt for u in spec.plan(inp)} == {"A photo of a a, a type of bird", "A photo of a b, a type of bird"}
     assert spec.protocol.preprocess == "center_crop" and spec.protocol.start_rule == "genie"
     assert get_method("genie_ada").Params().encoder == "classifier"
@@ -277,8 +278,8 @@ def test_sgid_plan_prompt_weights_and_caption_choice():
                  {"image_id": iid, "idx": 1, "strategy": "beam", "caption": "a red shape", "clip_score": 0.3},
                  {"image_id": iid, "idx": 2, "strategy": "nucleus", "caption": "a shape on stripes", "clip_score": 0.1}]
     spec = get_method("sgid")
-    inp = MethodInputs(method="sgid", split=split(), params=spec.Params(), images_per_real=1, guidance_scale=7.5,
-                       steps=10, seed=0, captions=pd.DataFrame(caps))
+    inp = MethodInputs(method="sgid", split=split(), params=spec.Params(), images_per_real=1, protocol=given(guidance_scale=7.5,
+                       steps=10), seed=0, captions=pd.DataFrame(caps))
     units = spec.plan(inp)
     assert len(units) == 4
     u = units[0]

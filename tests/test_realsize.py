@@ -240,13 +240,14 @@ def test_realsize_bench_smoke(tmp_path):
 
 def test_runner_records_the_batch_size_used_and_keys_ignore_it(tiny_bundle, tmp_path, monkeypatch):
     from augment_dagster.methods.base import SynthUnit
+    from augment_dagster.methods.protocol import given
     from augment_dagster.methods.registry import get_method
     from augment_dagster.methods.runner import run_units
     from augment_dagster.store import BlobStore, Memo
 
     spec = get_method("txt2img")
-    units = [SynthUnit(label="circle", seed=s, mode="txt2img", prompt="a photo of a circle", steps=2, guidance_scale=2.0)
-             for s in range(5)]
+    units = [SynthUnit(label="circle", seed=s, mode="txt2img", prompt="a photo of a circle",
+                       **given(steps=2, guidance_scale=2.0).unit_fields("txt2img")) for s in range(5)]
 
     def factory(lora=None):
         core = GenerationCore(tiny_bundle, batch_size=8)

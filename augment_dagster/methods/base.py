@@ -16,23 +16,25 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import stages
 from ..util import stable_int
-from .protocol import PROJECT_DEFAULT, Protocol
+from .protocol import PROJECT_DEFAULT, Protocol, ResolvedProtocol
 
 
 class MethodParams(BaseModel):
     """Parameters every method accepts; methods subclass this. Unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid")
-    # older spelling of methods.<entry>.<key> (see methods/protocol.py for the resolution order)
-    images_per_real: int | None = Field(None, ge=1, description="M; None = unset (entry, generation, paper default)")
-    guidance_scale: float | None = Field(None, ge=0, description="None = unset (entry, generation, paper default)")
-    steps: int | None = Field(None, ge=1, le=1000, description="None = unset (entry, generation, paper default)")
+    # the generation protocol (sampler, steps, CFG, M, ...) is not a parameter: methods.<entry>.<key> and
+    # MethodSpec.protocol (methods/protocol.py)
     weighting: Literal["none", "paper", "code"] = Field("none", description="confidence weights (DIAGen): none=uniform, paper: w=q, code: w=1 if q>=.5 else 2q")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SynthUnit:
-    """One synthetic image to produce. Its fields are the lineage row (plus ``params``)."""
+    """One synthetic image to produce. Its fields are the lineage row (plus ``params``).
+
+    The protocol fields (guidance_scale, steps, scheduler, start_rule, resolution, preprocess, vae_encode) have no
+    default: a plan passes ``**inputs.protocol.unit_fields(mode)`` (methods/protocol.py), overriding a key only
+    where the method computes its own (SGID's per-image guidance)."""
 
     label: str
     seed: int
@@ -40,14 +42,14 @@ class SynthUnit:
     prompt: str | list[tuple[str, float]] = ""
     guide_ids: tuple[str, ...] = ()
     strength: float | None = None
-    guidance_scale: float = 7.5
+    guidance_scale: float
     negative_prompt: str = ""
-    steps: int = 25
-    scheduler: str = "ddim"  # resolved sampler (methods/protocol.py)
-    start_rule: str = "sdedit"  # img2img start: "sdedit" | "genie"
-    resolution: int | None = None  # None = the model's native size
-    preprocess: str = "resize"  # init image -> square: "resize" | "center_crop"
-    vae_encode: str = "mode"  # img2img z0: posterior "mode" (mean) | a posterior "sample" (diffusers' img2img pipeline)
+    steps: int
+    scheduler: str  # resolved sampler
+    start_rule: str  # img2img start: "sdedit" | "genie"
+    resolution: int | None  # None = the model's native size
+    preprocess: str  # init image -> square: "resize" | "center_crop"
+    vae_encode: str  # img2img z0: posterior "mode" (mean) | a posterior "sample" (diffusers' img2img pipeline)
     init_image_id: str | None = None
     init_latents_blob: str | None = None
     # Diff-II: start latents computed from stored ones, e.g. {"op": "circle", "z1": blob, "z2": blob, "alpha": a}
@@ -89,20 +91,18 @@ class SynthUnit:
         }
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MethodInputs:
     """What a method's ``plan`` sees. Only the stages it declared in ``needs`` are filled."""
 
     method: str  # the config entry name (a variant may differ from the algorithm name)
     split: pd.DataFrame  # few_shot_split manifest (role == train rows are the guides)
     params: MethodParams
-    images_per_real: int
-    guidance_scale: float
-    steps: int
+    protocol: ResolvedProtocol  # this entry's generation protocol: units take their fields from it (unit_fields)
+    images_per_real: int  # M: the protocol's, or an episode's ⌈A/K⌉ (training/episodes.py)
     seed: int
     metaclass: str = "shape"
     negative_prompt: str = ""
-    protocol: Any = None  # methods.protocol.ResolvedProtocol of this entry (scheduler, resolution, start rule)
     concepts: pd.DataFrame | None = None  # label, token, embedding_id (+ noise rows for DIAGen)
     captions: pd.DataFrame | None = None
     class_prompts: pd.DataFrame | None = None

@@ -27,8 +27,8 @@ def plan_img2img(inputs: MethodInputs) -> list[SynthUnit]:
             units.append(SynthUnit(
                 label=row.label, seed=unit_seed(inputs, row.image_id, m), mode="img2img",
                 prompt=p.prompt_template.format(label=row.label), guide_ids=(row.image_id,),
-                strength=p.strength, guidance_scale=inputs.guidance_scale, steps=inputs.steps,
-                negative_prompt=inputs.negative_prompt, init_image_id=row.image_id, params={"m": m},
+                strength=p.strength, negative_prompt=inputs.negative_prompt, init_image_id=row.image_id,
+                params={"m": m}, **inputs.protocol.unit_fields("img2img"),
             ))
     return units
 
@@ -45,8 +45,8 @@ def plan_txt2img(inputs: MethodInputs) -> list[SynthUnit]:
         for i in range(len(grp) * inputs.images_per_real):
             units.append(SynthUnit(
                 label=label, seed=unit_seed(inputs, label, i), mode="txt2img",
-                prompt=p.prompt_template.format(label=label), guidance_scale=inputs.guidance_scale,
-                steps=inputs.steps, negative_prompt=inputs.negative_prompt, params={"index": i},
+                prompt=p.prompt_template.format(label=label), negative_prompt=inputs.negative_prompt,
+                params={"index": i}, **inputs.protocol.unit_fields("txt2img"),
             ))
     return units
 

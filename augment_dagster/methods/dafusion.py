@@ -47,8 +47,8 @@ def plan(inputs: MethodInputs) -> list[SynthUnit]:
             t0 = p.fixed_strength if p.fixed_strength is not None else random.Random(seed).choice(p.strengths)
             units.append(SynthUnit(
                 label=row.label, seed=seed, mode="img2img", prompt=p.prompt_template.format(token=c.token),
-                guide_ids=(row.image_id,), strength=float(t0), guidance_scale=inputs.guidance_scale,
-                steps=inputs.steps, negative_prompt=inputs.negative_prompt, init_image_id=row.image_id,
+                guide_ids=(row.image_id,), strength=float(t0), **inputs.protocol.unit_fields("img2img"),
+                negative_prompt=inputs.negative_prompt, init_image_id=row.image_id,
                 concepts={c.token: c.embedding_id}, embedding_id=c.embedding_id, prompt_source="template",
                 params={"m": m},
             ))

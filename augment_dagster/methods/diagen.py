@@ -66,7 +66,7 @@ def plan(inputs: MethodInputs) -> list[SynthUnit]:
                 units.append(SynthUnit(
                     label=label, seed=seed, mode="img2img",
                     prompt=tmpl.replace("{name}", tok["token"]), guide_ids=(row.image_id,), strength=p.strength,
-                    guidance_scale=inputs.guidance_scale, steps=inputs.steps, negative_prompt=inputs.negative_prompt,
+                    negative_prompt=inputs.negative_prompt, **inputs.protocol.unit_fields("img2img"),
                     init_image_id=row.image_id, concepts={tok["token"]: eid}, concept_noise=noise,
                     embedding_id=eid, prompt_source=src, params=params,
                 ))

@@ -130,7 +130,7 @@ def _unit(inputs, target, sid, scls, r, seed, extra=None) -> SynthUnit:
     p: GenieParams = inputs.params  # type: ignore[assignment]
     template = "A photo of a {label}, a type of {metaclass}" if p.prompt_style == "fine_grained" else p.prompt_template
     return SynthUnit(label=target, seed=seed, mode="img2img", prompt=template.format(label=target, metaclass=inputs.metaclass),
-                     guide_ids=(sid,), strength=float(r), guidance_scale=inputs.guidance_scale, steps=inputs.steps,
+                     guide_ids=(sid,), strength=float(r), **inputs.protocol.unit_fields("img2img"),
                      negative_prompt=inputs.negative_prompt, init_image_id=sid,
                      params={"source_class": scls, "target_class": target, "ratio": float(r), **(extra or {})})
 

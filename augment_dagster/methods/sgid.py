@@ -66,7 +66,8 @@ def plan(inputs: MethodInputs) -> list[SynthUnit]:
             segments = [(label_text, p.label_weight)] + ([(", " + caption, p.caption_weight)] if caption else [])
             units.append(SynthUnit(
                 label=row.label, seed=seed, mode="img2img", prompt=segments, guide_ids=(row.image_id,),
-                strength=p.strength, guidance_scale=g, steps=inputs.steps, negative_prompt=inputs.negative_prompt,
+                strength=p.strength, **{**inputs.protocol.unit_fields("img2img"), "guidance_scale": g},
+                negative_prompt=inputs.negative_prompt,
                 init_image_id=row.image_id, prompt_source=f"blip:{c['strategy']}", weighting=p.token_weighting,
                 params={"m": m, "caption": caption, "caption_strategy": p.caption_strategy, "clip_score": s,
                         "guidance_raw": guidance_from_similarity(s), "guidance": g, "cfg_active": g > 1.0},

@@ -17,6 +17,7 @@ def plan(inputs: MethodInputs) -> list[SynthUnit]:
     return [
         SynthUnit(label=row.label, seed=unit_seed(inputs, row.image_id, m), mode="transform",
                   guide_ids=(row.image_id,), init_image_id=row.image_id, prompt_source="none",
+                  **inputs.protocol.unit_fields("transform"),
                   params={"m": m, "policy": p.policy})
         for row in inputs.train.itertuples() for m in range(inputs.images_per_real)
     ]
