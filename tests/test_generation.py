@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from _fixtures_models import core, model_cache_root, shape_image, tiny_bundle  # noqa: F401  (fixtures)
-from augment_dagster.models.generation import GenerationCore, GenRequest, Prompt
+from augment_dagster.models.generation import GenerationCore, GenRequest
+from augment_dagster.models.text import Prompt
 
 STEPS = 6
 
@@ -105,7 +106,7 @@ def test_token_ids_match_the_tokenizer(core):
 
 def test_mean_restore_is_skipped_for_centred_states():
     """SGID's output weighting on LayerNorm-centred states (mean ~0): no inf/zero states, factor 1."""
-    from augment_dagster.models.generation import mean_restore_factor
+    from augment_dagster.models.text import mean_restore_factor
 
     o = torch.randn(2, 77, 32)
     o = o - o.mean(dim=(1, 2), keepdim=True)  # mean exactly ~0

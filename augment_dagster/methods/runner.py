@@ -58,7 +58,8 @@ def start_latents(unit: SynthUnit, load_tensor: Callable[[str], Any]):
 
 
 def to_request(unit: SynthUnit, load_image: Callable[[str], Any], load_tensor: Callable[[str], Any]):
-    from ..models.generation import GenRequest, Prompt
+    from ..models.generation import GenRequest
+    from ..models.text import Prompt
 
     def prompt(p):
         if p is None:
