@@ -328,3 +328,40 @@ def test_every_method_declares_its_report_family_and_a_known_recipe():
         assert family(name) == (spec.family or name)
     assert family("real_only") == "baselines" and family("sgid") == "SGID" and family("dafusion") == "DA-Fusion/DIAGen"
     assert families(["mixup_like", "SGID", "baselines"]) == ["baselines", "SGID", "mixup_like"]
+
+
+def test_methods_stages_models_import_no_cycle():
+    """No import cycle among methods/, stages/ and models/ (every import statement counts, also those inside
+    functions): the registry resolves protocols, protocol.py imports no method module."""
+    import ast
+    from pathlib import Path
+
+    import augment_dagster
+
+    root = Path(augment_dagster.__file__).parent
+    mods = {}
+    for pkg in ("methods", "stages", "models"):
+        for p in (root / pkg).glob("*.py"):
+            mods[f"{pkg}.{p.stem}" if p.stem != "__init__" else pkg] = p
+    graph = {m: set() for m in mods}
+    for m, p in mods.items():
+        here = m.split(".") if p.stem == "__init__" else m.split(".")[:-1]
+        for n in ast.walk(ast.parse(p.read_text())):
+            if isinstance(n, ast.ImportFrom) and n.level:
+                base = ".".join(here[: len(here) - (n.level - 1)] + ([n.module] if n.module else []))
+                graph[m] |= {t for t in [base] + [f"{base}.{a.name}".lstrip(".") for a in n.names] if t in mods and t != m}
+    seen: dict[str, int] = {}
+
+    def visit(m, path):
+        if seen.get(m) == 1:
+            raise AssertionError(f"import cycle: {' -> '.join(path[path.index(m):] + [m])}")
+        if seen.get(m) == 2:
+            return
+        seen[m] = 1
+        for t in sorted(graph[m]):
+            visit(t, path + [m])
+        seen[m] = 2
+
+    for m in sorted(mods):
+        visit(m, [])
+    assert "methods.protocol" in mods and not graph["methods.protocol"]

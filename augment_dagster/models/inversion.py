@@ -4,12 +4,9 @@ encoding, UNet call and OOM-chunking). Diff-II's inversion pool (stages/inversio
 interpolation of the inverted latents is models/interpolation.py."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:
-    from .text import Prompt
+from .text import Prompt
 
 
 class DDIMInversion:

@@ -15,12 +15,8 @@ that give different vectors for the same token are encoded in separate sub-batch
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from .generation import GenRequest
 
 WEIGHTINGS = ("output", "input_embeddings")
 
@@ -158,7 +154,7 @@ class TextEncoding:
             return enc.unrestored.to(self.dtype)
         return enc.embeds
 
-    def _encode_requests(self, prompts: list[Prompt], reqs: list[GenRequest]) -> torch.Tensor:
+    def _encode_requests(self, prompts: list[Prompt], reqs: list) -> torch.Tensor:
         """Encode per-request prompts, in sub-batches of requests whose concepts agree and weighting is equal."""
         subs: list[_SubBatch] = []
         for i, r in enumerate(reqs):
