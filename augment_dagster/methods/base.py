@@ -1,10 +1,13 @@
 """The method extension contract (no Dagster, no torch at import time).
 
-A method module declares a ``MethodSpec``: its name, the upstream stages it needs, a pydantic model of
-its parameters, and a ``plan`` function that, given its inputs, returns the synthetic *units* to
-produce (what to generate + the lineage fields of each). The runner (``methods/runner.py``) looks each
-unit up in the memo and sends the misses, batched, through the one generation core. Methods with no
-diffusion (classic augmentation) supply ``render`` instead.
+A method is one module declaring a ``MethodSpec``: its name and version, the upstream stages it ``needs`` (names
+of the stage table, ``augment_dagster/stages``), a pydantic model of its parameters, its paper's generation
+``protocol`` (sampler, steps, CFG, M, start rule), its paper's training ``recipe``, its report ``family``, and a
+``plan`` function that, given its inputs, returns the synthetic *units* to produce (what to generate + the
+lineage fields of each; seeds from ``unit_seed``, protocol fields from ``inputs.protocol.unit_fields(mode)``).
+Everything a unit's ``identity()`` holds enters its memo key. The runner (``methods/runner.py``) looks each unit
+up in the memo and sends the misses, batched, through the one generation core. Methods with no diffusion
+(classic augmentation) supply ``render`` instead. Adding one: the module + one line in ``registry._MODULES``.
 """
 from __future__ import annotations
 
