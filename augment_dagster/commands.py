@@ -51,7 +51,7 @@ def status(cfg: ExperimentConfig, args) -> int:
         print(f"{k:<{w}}  {pk:<10}  {state:<8}  {why}")
     counts = pd.Series([r[2] for r in rows]).value_counts().to_dict()
     print(f"\n{counts}")
-    from .methods.protocol import protocol_lines
+    from .methods.registry import protocol_lines
 
     print("\ngeneration protocol per method (method entry > generation block > paper default):")
     for line in protocol_lines(cfg):

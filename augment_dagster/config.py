@@ -153,12 +153,20 @@ SchedulerName = Literal["ddim", "pndm", "dpmsolver", "euler"]
 
 
 class DiffusionModelConfig(ModelSource):
-    scheduler: SchedulerName | None = Field(
-        None, description="legacy experiment-wide sampler, same level as generation.scheduler (which wins); "
-                          "None: each method's paper sampler (see methods/protocol.py)")
+    # the sampler is generation.scheduler (or methods.<entry>.scheduler); the field stays, always None, only so
+    # config hashes (code versions) of older configs do not move
+    scheduler: None = Field(None, exclude=False, description="removed: set generation.scheduler")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     channels_last: bool = Field(True, description="CUDA: UNet/VAE in channels_last memory format (SDPA attention is always on)")
     compile: bool = Field(False, description="torch.compile the UNet in place (CUDA; the first batch of each shape compiles)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_scheduler(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "scheduler" in data:
+            raise ValueError("scheduler moved: set generation.scheduler (every method) or "
+                             "methods.<entry>.scheduler")
+        return data
 
 
 class ClassifierModelConfig(_Strict):

@@ -164,8 +164,7 @@ def _cfg_on(g: float, rule: str | None) -> int:
 
 
 def entry_plan(cfg, name: str, size: dict, img_per_s: float) -> dict[str, Any]:
-    from .methods.protocol import resolve_protocol
-    from .methods.registry import get_method, method_params
+    from .methods.registry import get_method, method_params, resolve_protocol
 
     entry = cfg.methods[name]
     algo = cfg.method_algorithm(name)

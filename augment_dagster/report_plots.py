@@ -15,19 +15,34 @@ import io
 
 import pandas as pd
 
+# the families of the shipped methods, in legend order, each with its colour ramp (``MethodSpec.family``); a family
+# no shipped method has (a new method's) follows them, in name order, on the ramps of _MORE_CMAPS
 FAMILIES = ["baselines", "DA-Fusion/DIAGen", "Diff-II", "GeNIe", "SGID"]
-_FAMILY_OF_ALGORITHM = {
-    "dafusion": "DA-Fusion/DIAGen", "diagen": "DA-Fusion/DIAGen", "diff_ii": "Diff-II", "genie": "GeNIe",
-    "genie_ada": "GeNIe", "sgid": "SGID",
-}
 _CMAPS = {"baselines": "Greys", "DA-Fusion/DIAGen": "Blues", "Diff-II": "Greens", "GeNIe": "Oranges", "SGID": "Purples"}
+_MORE_CMAPS = ["Reds", "YlOrBr", "PuRd", "BuGn", "RdPu", "YlGn", "PuBu", "OrRd"]
 _UNFILLED = {"x", "+", "1", "2", "3", "4", "|", "_"}
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p", "d", "H", "8", "x", "+", "1", "2", "3", "4"]
 
 
 def family(algorithm: str) -> str:
-    """The family of an algorithm (a method entry's ``method``, or its name): everything not listed is a baseline."""
-    return _FAMILY_OF_ALGORITHM.get(algorithm, "baselines")
+    """The report family of an algorithm (a method entry's ``method``, or its name): its ``MethodSpec.family``;
+    ``real_only`` (no method) is a baseline."""
+    from .methods.registry import available_methods, get_method
+
+    if algorithm not in available_methods():
+        return "baselines"
+    return get_method(algorithm).family or algorithm
+
+
+def families(present) -> list[str]:
+    """The families in ``present``, in legend order: the shipped ones first, then the others by name."""
+    present = set(present)
+    return [f for f in FAMILIES if f in present] + sorted(present - set(FAMILIES))
+
+
+def _cmap_name(f: str, order: list[str]) -> str:
+    extra = [x for x in order if x not in _CMAPS]
+    return _CMAPS.get(f) or _MORE_CMAPS[extra.index(f) % len(_MORE_CMAPS)]
 
 
 def styles(methods: list[str], algorithms: dict[str, str] | None = None) -> dict[str, dict]:
@@ -37,11 +52,12 @@ def styles(methods: list[str], algorithms: dict[str, str] | None = None) -> dict
 
     algorithms = algorithms or {}
     fam = {m: family(algorithms.get(m, m)) for m in methods}
-    ordered = sorted(methods, key=lambda m: (FAMILIES.index(fam[m]), m != "real_only", m))
+    order = families(fam.values())
+    ordered = sorted(methods, key=lambda m: (order.index(fam[m]), m != "real_only", m))
     out: dict[str, dict] = {}
-    for f in FAMILIES:
+    for f in order:
         ms = [m for m in ordered if fam[m] == f]
-        cmap = matplotlib.colormaps[_CMAPS[f]]
+        cmap = matplotlib.colormaps[_cmap_name(f, order)]
         for j, m in enumerate(ms):
             shade = 0.9 if len(ms) == 1 else 0.95 - 0.5 * j / (len(ms) - 1)  # dark to mid, never near-white
             out[m] = {"family": f, "color": (0.0, 0.0, 0.0, 1.0) if m == "real_only" else cmap(shade)}
@@ -70,7 +86,8 @@ def _legend(fig, ax, st: dict[str, dict], methods: list[str]) -> None:
     from matplotlib.lines import Line2D
 
     handles, labels = [], []
-    for f in FAMILIES:
+    order = families(st[m]["family"] for m in methods)
+    for f in order:
         ms = sorted((m for m in methods if st[m]["family"] == f), key=lambda m: st[m]["order"])
         if not ms:
             continue
@@ -82,7 +99,7 @@ def _legend(fig, ax, st: dict[str, dict], methods: list[str]) -> None:
     leg = ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False,
                     borderaxespad=0.0, handlelength=2.2)
     for text in leg.get_texts():
-        if text.get_text() in FAMILIES:
+        if text.get_text() in order:
             text.set_fontweight("bold")
 
 

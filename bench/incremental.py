@@ -117,7 +117,7 @@ def main() -> int:
 
     # change one method's parameter
     m = "real_guidance" if "real_guidance" in raw["methods"] else next(iter(raw["methods"]))
-    raw["methods"][m] = {**(raw["methods"][m] or {}), "params": {**((raw["methods"][m] or {}).get("params") or {}), "guidance_scale": 2.5}}
+    raw["methods"][m] = {**(raw["methods"][m] or {}), "guidance_scale": 2.5}
     cfg_path.write_text(yaml.safe_dump(raw))
     t_par, s_par = run(cfg_path, args.partition)
     show(f"method {m!r}: guidance_scale changed", t_par, s_par)

@@ -87,9 +87,6 @@ CLIP_B32 = dict(
 RESNET50 = dict(num_channels=3, embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[3, 4, 6, 3],
                 layer_type="bottleneck", hidden_act="relu", downsample_in_first_stage=False, num_labels=1000)
 
-METHODS = ("standard", "real_guidance", "txt2img", "img2img_low", "img2img_high", "real_filter", "dafusion", "diagen",
-           "diff_ii", "genie", "genie_ada", "sgid")
-
 
 # ---------------------------------------------------------------- model folders
 def _quiet():
@@ -228,7 +225,10 @@ def write_dataset(root: Path, per_class_train: int = 4, per_class_test: int = 4,
 def write_config(path: Path, models: dict, data: Path, steps: int, a) -> dict:
     import yaml
 
-    methods = {m: {"steps": steps} for m in METHODS}
+    from augment_dagster.methods.registry import available_methods, get_method
+
+    # one entry per registered method; the diffusion ones at --steps denoising steps
+    methods = {m: {"steps": steps} if get_method(m).uses_diffusion else {} for m in available_methods()}
     methods["standard"] = {"params": {"policy": "strong"}}
     frozen = "tiny-pretrained" if a.smoke else str(models["resnet-50"][0])  # DIAGen filter / episode encoder
     cfg = {

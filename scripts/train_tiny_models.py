@@ -490,7 +490,7 @@ def concept_eval_loss(core, images, prompts, concepts=None, n_noise: int = 4, se
 def evidence_ti(bundle, core, steps: int = 200, lr: float = 5e-3, batch_size: int = 16, n_train: int = 200,
                 n_eval: int = 40, init_word: str = "shape", seed: int = 0):
     """Textual inversion of the never-named "star": fixed-noise loss on held-out stars before/after."""
-    from augment_dagster.methods.concepts import learn_concept
+    from augment_dagster.stages.concepts import learn_concept
 
     train = [im for im, _ in generate_pool("train", HELD_OUT, n_train, seed, SIZE)]
     ev = heldout_images(n_eval, classes=[HELD_OUT])

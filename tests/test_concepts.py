@@ -1,4 +1,4 @@
-"""Textual inversion (augment_dagster.methods.concepts) on the tiny random SD model."""
+"""Textual inversion (augment_dagster.stages.concepts) on the tiny random SD model."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from _fixtures_models import model_cache_root, shape_image, tiny_bundle  # noqa: F401  (fixtures)
-from augment_dagster.methods.concepts import IMAGENET_TEMPLATES_SMALL, learn_concept
+from augment_dagster.stages.concepts import IMAGENET_TEMPLATES_SMALL, learn_concept
 
 IMAGES = [shape_image(s) for s in range(3)]
 
@@ -81,7 +81,7 @@ def test_checkpoint_resume_equals_uninterrupted(tiny_bundle, tmp_path, monkeypat
 
 
 def test_joint_ti_and_lora_leaves_the_base_unet_alone(tiny_bundle):
-    from augment_dagster.methods.concepts import train_concepts
+    from augment_dagster.stages.concepts import train_concepts
 
     before = {k: v.detach().clone() for k, v in tiny_bundle.pipe.unet.state_dict().items()}
     res = train_concepts(tiny_bundle, {"a": IMAGES[:2], "b": IMAGES[2:]}, {"a": "<cls-a>", "b": "<cls-b>"},
@@ -94,7 +94,7 @@ def test_joint_ti_and_lora_leaves_the_base_unet_alone(tiny_bundle):
 
 
 def test_posterior_sampling_and_weight_decay_options(tiny_bundle):
-    from augment_dagster.methods import concepts as C
+    from augment_dagster.stages import concepts as C
 
     z, s = C._latents(tiny_bundle.pipe, IMAGES[:1], tiny_bundle.resolution, hflip=False, with_std=True)
     assert z.shape == s.shape and (s > 0).all()  # the posterior has a spread to sample from

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from _fixtures_models import core, model_cache_root, shape_image, tiny_bundle  # noqa: F401  (fixtures)
-from augment_dagster.models.generation import GenerationCore, GenRequest, Prompt
+from augment_dagster.models.generation import GenerationCore, GenRequest
+from augment_dagster.models.text import Prompt
 
 STEPS = 6
 
@@ -105,7 +106,7 @@ def test_token_ids_match_the_tokenizer(core):
 
 def test_mean_restore_is_skipped_for_centred_states():
     """SGID's output weighting on LayerNorm-centred states (mean ~0): no inf/zero states, factor 1."""
-    from augment_dagster.models.generation import mean_restore_factor
+    from augment_dagster.models.text import mean_restore_factor
 
     o = torch.randn(2, 77, 32)
     o = o - o.mean(dim=(1, 2), keepdim=True)  # mean exactly ~0
@@ -356,20 +357,23 @@ def test_vae_sample_convention_equals_diffusers_img2img_bit_for_bit(core, tiny_b
 
 def test_vae_encode_is_a_protocol_setting_recorded_per_unit():
     from augment_dagster.methods.base import SynthUnit
-    from augment_dagster.methods.protocol import apply_protocol, resolve_protocol
+    from augment_dagster.methods.protocol import given
+    from augment_dagster.methods.registry import resolve_protocol
     from augment_dagster.config import parse_config
 
     cfg = parse_config({"experiment": "x", "methods": {"dafusion": {}, "diagen": {}, "genie": {}, "real_guidance": {}}})
     got = {n: resolve_protocol(cfg, n).vae_encode for n in cfg.methods}
     assert got == {"dafusion": "sample", "diagen": "sample", "genie": "mode", "real_guidance": "mode"}
-    u = SynthUnit(label="a", seed=0, mode="img2img", strength=0.5)
-    mode_key = u.identity()
-    apply_protocol([u], resolve_protocol(cfg, "dafusion"))
+
+    def unit(mode, proto):
+        return SynthUnit(label="a", seed=0, mode=mode, strength=0.5, **proto.unit_fields(mode))
+
+    mode_key = unit("img2img", given()).identity()
+    u = unit("img2img", resolve_protocol(cfg, "dafusion"))
     assert u.vae_encode == "sample" and u.identity()["vae_encode"] == "sample"
-    apply_protocol([u], resolve_protocol(cfg, "genie"))
+    u = unit("img2img", resolve_protocol(cfg, "genie"))
     assert "vae_encode" not in u.identity()  # the mode leaves memo keys of every other method as they were
-    t = SynthUnit(label="a", seed=0, mode="txt2img")
-    apply_protocol([t], resolve_protocol(cfg, "dafusion"))
+    t = unit("txt2img", resolve_protocol(cfg, "dafusion"))
     assert t.vae_encode == "mode" and "vae_encode" not in t.identity()
     assert "vae_encode" not in mode_key
 

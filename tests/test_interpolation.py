@@ -4,8 +4,8 @@ import random
 import pytest
 import torch
 
-from augment_dagster.methods.interpolation import angle, circle_interpolate, sample_alpha
-from augment_dagster.methods.suffixes import frequent_context_phrases, parse_suffixes
+from augment_dagster.models.interpolation import angle, circle_interpolate, sample_alpha
+from augment_dagster.stages.suffixes import frequent_context_phrases, parse_suffixes
 
 
 def gauss(seed, shape=(4, 32, 32)):

@@ -189,7 +189,7 @@ def test_temperature_and_seed_sent_only_when_configured(tmp_path, key):
 
 
 def test_class_prompts_underscore_names_and_counted_topups(tmp_path, key):
-    from augment_dagster.methods.prompts import class_prompt_rows, topup_counts
+    from augment_dagster.stages.prompts import class_prompt_rows, topup_counts
 
     s = Stub([(200, "1. a photo of a red cell phone\n2. a photo of a Cell Phone at night\n3. a photo of a dog", 0)])
     try:

@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 
 from augment_dagster.methods.base import MethodInputs, concept_token
+from augment_dagster.methods.protocol import given
 from augment_dagster.methods.registry import available_methods, get_method
 from augment_dagster.training.stage import synthetic_groups, weight_rule
 
@@ -35,7 +36,7 @@ def prompts(classes=("circle", "star"), P=3):
 def inputs(name, params=None, M=2, **kw):
     spec = get_method(name)
     return spec, MethodInputs(method=name, split=split(), params=spec.Params.model_validate(params or {}), images_per_real=M,
-                              guidance_scale=7.5, steps=10, seed=0, **kw)
+                              protocol=given(guidance_scale=7.5, steps=10), seed=0, **kw)
 
 
 def test_registry_has_the_methods():
@@ -58,7 +59,7 @@ def test_seeds_do_not_depend_on_other_images():
     spec, inp = inputs("real_guidance")
     a = {(u.init_image_id, u.params["m"]): u.seed for u in spec.plan(inp)}
     more = pd.concat([split(), pd.DataFrame([{"image_id": "circle-new", "label": "circle", "role": "train", "rank": 9, "path": "x"}])])
-    inp2 = MethodInputs(method="real_guidance", split=more, params=inp.params, images_per_real=2, guidance_scale=7.5, steps=10, seed=0)
+    inp2 = MethodInputs(method="real_guidance", split=more, params=inp.params, images_per_real=2, protocol=given(guidance_scale=7.5, steps=10), seed=0)
     b = {(u.init_image_id, u.params["m"]): u.seed for u in spec.plan(inp2)}
     assert all(b[k] == v for k, v in a.items())
 
@@ -103,7 +104,7 @@ def test_diagen_resample_per_image_draws_fresh_noise_per_unit():
     import torch
 
     from augment_dagster.methods.runner import to_request
-    from augment_dagster.methods.diagen import noisy_vector
+    from augment_dagster.models.text import noisy_vector
 
     spec, inp = inputs("diagen", {"resample_per_image": True}, M=4, concepts=concepts(), class_prompts=prompts())
     units = [u for u in spec.plan(inp) if u.label == "circle"]
@@ -190,7 +191,7 @@ def test_genie_pairing_counts():
     classes = ("a", "b", "c", "d", "e")
     sp = split(n_per_class=3, classes=classes)
     spec = get_method("genie")
-    inp = MethodInputs(method="genie", split=sp, params=spec.Params(), images_per_real=1, guidance_scale=7.5, steps=10, seed=0)
+    inp = MethodInputs(method="genie", split=sp, params=spec.Params(), images_per_real=1, protocol=given(guidance_scale=7.5, steps=10), seed=0)
     units = spec.plan(inp)
     C, K = 5, 3
     assert len(units) == C * (C - 1) * K
@@ -199,7 +200,7 @@ def test_genie_pairing_counts():
         assert len(mine) == (C - 1) * K
         assert all(u.params["source_class"] != c and u.strength == 0.8 and u.prompt == f"a photo of a {c}" for u in mine)
     ada = get_method("genie_ada")
-    inp = MethodInputs(method="genie_ada", split=sp, params=ada.Params(), images_per_real=1, guidance_scale=7.5, steps=10, seed=0)
+    inp = MethodInputs(method="genie_ada", split=sp, params=ada.Params(), images_per_real=1, protocol=given(guidance_scale=7.5, steps=10), seed=0)
     au = ada.plan(inp)
     assert len(au) == C * (C - 1) * K * 5
     # the 5 candidates of a pair share the seed (only r varies)
@@ -216,7 +217,7 @@ def test_genie_confusion_topk():
     spec = get_method("genie")
     inp = MethodInputs(method="genie", split=split(2, classes),
                        params=spec.Params(sources="confusion_topk", topk=1, confusion_split="val"),
-                       images_per_real=1, guidance_scale=7.5, steps=10, seed=0, real_classifier=rc)
+                       images_per_real=1, protocol=given(guidance_scale=7.5, steps=10), seed=0, real_classifier=rc)
     units = spec.plan(inp)
     assert {u.params["source_class"] for u in units if u.label == "a"} == {"b"}
     assert {u.params["source_class"] for u in units if u.label == "c"} == {"b"}
@@ -229,7 +230,7 @@ def test_genie_confusion_topk():
             return classes, np.asarray(train_cm)
 
     inp = MethodInputs(method="genie", split=split(2, classes), params=spec.Params(sources="confusion_topk", topk=1),
-                       images_per_real=1, guidance_scale=7.5, steps=10, seed=0, real_classifier=rc)
+                       images_per_real=1, protocol=given(guidance_scale=7.5, steps=10), seed=0, real_classifier=rc)
     with pytest.raises(ValueError, match="train confusion"):
         spec.plan(inp)
     inp.extra.update(spec.prepare(inp, Services()))
@@ -241,7 +242,7 @@ def test_genie_confusion_topk():
 def test_genie_fine_grained_prompt_and_protocol():
     spec = get_method("genie")
     inp = MethodInputs(method="genie", split=split(1, ("a", "b")), params=spec.Params(prompt_style="fine_grained"),
-                       images_per_real=1, guidance_scale=7.5, steps=10, seed=0, metaclass="bird")
+                       images_per_real=1, protocol=given(guidance_scale=7.5, steps=10), seed=0, metaclass="bird")
     assert {u.prompt for u in spec.plan(inp)} == {"A photo of a a, a type of bird", "A photo of a b, a type of bird"}
     assert spec.protocol.preprocess == "center_crop" and spec.protocol.start_rule == "genie"
     assert get_method("genie_ada").Params().encoder == "classifier"
@@ -277,8 +278,8 @@ def test_sgid_plan_prompt_weights_and_caption_choice():
                  {"image_id": iid, "idx": 1, "strategy": "beam", "caption": "a red shape", "clip_score": 0.3},
                  {"image_id": iid, "idx": 2, "strategy": "nucleus", "caption": "a shape on stripes", "clip_score": 0.1}]
     spec = get_method("sgid")
-    inp = MethodInputs(method="sgid", split=split(), params=spec.Params(), images_per_real=1, guidance_scale=7.5,
-                       steps=10, seed=0, captions=pd.DataFrame(caps))
+    inp = MethodInputs(method="sgid", split=split(), params=spec.Params(), images_per_real=1, protocol=given(guidance_scale=7.5,
+                       steps=10), seed=0, captions=pd.DataFrame(caps))
     units = spec.plan(inp)
     assert len(units) == 4
     u = units[0]
@@ -297,3 +298,70 @@ def test_confidence_weights_uniform_fallback_for_an_all_zero_class():
     w, fb = uniform_fallback(labels, np.array([0.2, 0.0, 0.0, 0.0, np.nan]))
     assert list(fb) == [False, False, True, True, True]
     assert np.allclose(w, [0.2, 0.0, 1.0, 1.0, 1.0])
+
+
+def test_stage_table_feeds_method_inputs_and_needs():
+    """Every stage of the one stage table is a MethodInputs field; a MethodSpec naming another stage is refused."""
+    import dataclasses
+
+    from augment_dagster.methods.base import MethodSpec
+    from augment_dagster.stages import STAGES
+
+    fields = {f.name for f in dataclasses.fields(MethodInputs)}
+    assert set(STAGES) <= fields
+    for name in available_methods():
+        assert set(get_method(name).needs) <= set(STAGES)
+    with pytest.raises(ValueError, match="unknown needs \\['nope'\\]"):
+        MethodSpec("x", "1", "x", get_method("txt2img").Params, lambda i: [], needs=("captions", "nope"))
+
+
+def test_every_method_declares_its_report_family_and_a_known_recipe():
+    """MethodSpec.family groups the report's plots (a method without one is its own family, never a baseline);
+    MethodSpec.recipe names a row of the training recipe table."""
+    from augment_dagster.config import TrainingConfig
+    from augment_dagster.report_plots import families, family
+
+    recipes = set(TrainingConfig.model_fields["recipe"].annotation.__args__)
+    for name in available_methods():
+        spec = get_method(name)
+        assert spec.recipe is None or spec.recipe in recipes, name
+        assert family(name) == (spec.family or name)
+    assert family("real_only") == "baselines" and family("sgid") == "SGID" and family("dafusion") == "DA-Fusion/DIAGen"
+    assert families(["mixup_like", "SGID", "baselines"]) == ["baselines", "SGID", "mixup_like"]
+
+
+def test_methods_stages_models_import_no_cycle():
+    """No import cycle among methods/, stages/ and models/ (every import statement counts, also those inside
+    functions): the registry resolves protocols, protocol.py imports no method module."""
+    import ast
+    from pathlib import Path
+
+    import augment_dagster
+
+    root = Path(augment_dagster.__file__).parent
+    mods = {}
+    for pkg in ("methods", "stages", "models"):
+        for p in (root / pkg).glob("*.py"):
+            mods[f"{pkg}.{p.stem}" if p.stem != "__init__" else pkg] = p
+    graph = {m: set() for m in mods}
+    for m, p in mods.items():
+        here = m.split(".") if p.stem == "__init__" else m.split(".")[:-1]
+        for n in ast.walk(ast.parse(p.read_text())):
+            if isinstance(n, ast.ImportFrom) and n.level:
+                base = ".".join(here[: len(here) - (n.level - 1)] + ([n.module] if n.module else []))
+                graph[m] |= {t for t in [base] + [f"{base}.{a.name}".lstrip(".") for a in n.names] if t in mods and t != m}
+    seen: dict[str, int] = {}
+
+    def visit(m, path):
+        if seen.get(m) == 1:
+            raise AssertionError(f"import cycle: {' -> '.join(path[path.index(m):] + [m])}")
+        if seen.get(m) == 2:
+            return
+        seen[m] = 1
+        for t in sorted(graph[m]):
+            visit(t, path + [m])
+        seen[m] = 2
+
+    for m in sorted(mods):
+        visit(m, [])
+    assert "methods.protocol" in mods and not graph["methods.protocol"]

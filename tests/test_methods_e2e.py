@@ -130,7 +130,7 @@ def test_noise_draws_reproducible_by_seed(tmp_path):
 
 def test_lora_and_token_are_the_only_trainable_parts(tmp_path):
     """Diff-II concepts: the LoRA weights change, the base UNet weights and all other token rows do not."""
-    from augment_dagster.methods.concept_lora import learn_concepts_lora
+    from augment_dagster.stages.concept_lora import learn_concepts_lora
     from augment_dagster.models.loading import load_diffusion
     from augment_dagster.data.builtin import generate_pool
 
@@ -139,7 +139,7 @@ def test_lora_and_token_are_the_only_trainable_parts(tmp_path):
     ims = {c: [im for im, _ in generate_pool("train", c, 2, 0, 32)] for c in ("circle", "star")}
     r = learn_concepts_lora(b, ims, {"circle": "<circle>", "star": "<star>"}, steps=4, rank=2, batch_size=2, lr=1e-2)
     assert r.lora_state and all("lora" in k for k in r.lora_state)
-    from augment_dagster.methods.concepts import LORA_TARGETS
+    from augment_dagster.stages.concepts import LORA_TARGETS
 
     assert any(k.endswith("lora_B.weight") and float(v.abs().sum()) > 0 for k, v in r.lora_state.items())
     assert all(torch.equal(base_unet[k], v) for k, v in b.pipe.unet.state_dict().items())
@@ -156,6 +156,7 @@ def test_lora_and_token_are_the_only_trainable_parts(tmp_path):
 
 def test_diff_ii_one_image_class_starts_from_noise():
     from augment_dagster.methods.base import MethodInputs
+    from augment_dagster.methods.protocol import given
     from augment_dagster.methods.registry import get_method
 
     split = pd.DataFrame([{"image_id": "a0", "label": "a", "role": "train", "rank": 0},
@@ -167,7 +168,7 @@ def test_diff_ii_one_image_class_starts_from_noise():
     suf = pd.DataFrame([{"idx": 0, "suffix": "at night"}])
     spec = get_method("diff_ii")
     inp = MethodInputs(method="diff_ii", split=split, params=spec.Params(expansion_rate=2), images_per_real=1,
-                       guidance_scale=7.5, steps=25, seed=0, inversion_pool=inv, concept_lora=lora, prompt_suffixes=suf,
+                       protocol=given(guidance_scale=7.5, steps=25), seed=0, inversion_pool=inv, concept_lora=lora, prompt_suffixes=suf,
                        extra={"load_tensor": lambda b: torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(len(b)))})
     units = spec.plan(inp)
     a = [u for u in units if u.label == "a"]
@@ -186,7 +187,7 @@ def test_diff_ii_one_image_class_starts_from_noise():
 
 
 def test_diff_ii_suffixes_from_one_greedy_caption_per_image():
-    from augment_dagster.methods.suffixes import greedy_captions
+    from augment_dagster.stages.suffixes import greedy_captions
 
     caps = pd.DataFrame([{"image_id": i, "idx": k, "strategy": s, "caption": f"{i} {s} {k}"}
                          for i in ("b1", "a0") for k, s in enumerate(["greedy", "beam", "nucleus", "nucleus"])])
@@ -197,12 +198,13 @@ def test_diff_ii_suffixes_from_one_greedy_caption_per_image():
 
 def test_real_filter_drops_what_clip_labels_otherwise_and_passes_a_class_clip_cannot_see():
     from augment_dagster.methods.base import MethodInputs
+    from augment_dagster.methods.protocol import given
     from augment_dagster.methods.registry import get_method
 
     spec = get_method("real_filter")
     split = pd.DataFrame([{"image_id": f"{c}0", "label": c, "role": "train", "rank": 0} for c in ("cat", "dog", "emu")])
-    inp = MethodInputs(method="real_filter", split=split, params=spec.Params(), images_per_real=1, guidance_scale=7.5,
-                       steps=5, seed=0)
+    inp = MethodInputs(method="real_filter", split=split, params=spec.Params(), images_per_real=1, protocol=given(guidance_scale=7.5,
+                       steps=5), seed=0)
     rows = [{"synthetic_id": "s1", "label": "cat", "blob": "b1"}, {"synthetic_id": "s2", "label": "dog", "blob": "b2"},
             {"synthetic_id": "s3", "label": "dog", "blob": "b3"}, {"synthetic_id": "s4", "label": "emu", "blob": "b4"}]
 
@@ -228,6 +230,7 @@ def test_real_filter_drops_what_clip_labels_otherwise_and_passes_a_class_clip_ca
 
 def test_real_filter_tops_up_a_class_it_would_empty_with_its_best_scored_image():
     from augment_dagster.methods.base import MethodInputs
+    from augment_dagster.methods.protocol import given
     from augment_dagster.methods.registry import get_method
 
     spec = get_method("real_filter")
@@ -249,7 +252,7 @@ def test_real_filter_tops_up_a_class_it_would_empty_with_its_best_scored_image()
 
     def run(**params):
         inp = MethodInputs(method="real_filter", split=split, params=spec.Params(**params), images_per_real=1,
-                           guidance_scale=7.5, steps=5, seed=0)
+                           protocol=given(guidance_scale=7.5, steps=5), seed=0)
         return spec.post_filter(rows, inp, FakeClip())
 
     kept, md = run()
@@ -327,7 +330,7 @@ def test_each_method_on_its_papers_protocol_in_one_experiment(tmp_path):
 
 
 def test_inversion_pool_checks_the_reconstruction_of_the_sampled_images_only(tmp_path):
-    from augment_dagster.methods.inversion import inversion_stage
+    from augment_dagster.stages.inversion import inversion_stage
     from augment_dagster.store import BlobStore, Memo
 
     train = pd.DataFrame([{"image_id": f"{c}{i}", "label": c} for c in "ab" for i in range(3)])

@@ -261,6 +261,7 @@ def test_diff_ii_split_ratio_per_k_reaches_the_units(shots, switch_t):
     import torch
 
     from augment_dagster.methods.base import MethodInputs
+    from augment_dagster.methods.protocol import given
     from augment_dagster.methods.registry import get_method
 
     split = pd.DataFrame([{"image_id": f"{c}{i}", "label": c, "role": "train", "rank": i}
@@ -270,7 +271,7 @@ def test_diff_ii_split_ratio_per_k_reaches_the_units(shots, switch_t):
                         + [{"kind": "lora", "label": None, "token": None, "blob": "L"}])
     spec = get_method("diff_ii")
     params = spec.Params(expansion_rate=1, split_ratio=0.2, split_ratio_by_shots={5: 0.3, 10: 0.1})
-    inp = MethodInputs(method="diff_ii", split=split, params=params, images_per_real=1, guidance_scale=7.5, steps=25,
+    inp = MethodInputs(method="diff_ii", split=split, params=params, images_per_real=1, protocol=given(guidance_scale=7.5, steps=25),
                        seed=0, inversion_pool=inv, concept_lora=lora,
                        prompt_suffixes=pd.DataFrame([{"idx": 0, "suffix": "at night"}]),
                        extra={"load_tensor": lambda b: torch.ones(4, 8, 8)})

@@ -9,7 +9,8 @@ import yaml
 
 from augment_dagster.config import DEFAULT_CONFIG_DIR, ConfigError, discover_configs, load_config, parse_config
 from augment_dagster.methods.base import SynthUnit
-from augment_dagster.methods.protocol import protocol_lines, resolve_protocol
+from augment_dagster.methods.protocol import NO_DIFFUSION, given
+from augment_dagster.methods.registry import protocol_lines, resolve_protocol
 
 PAPERS = DEFAULT_CONFIG_DIR / "papers"
 
@@ -42,9 +43,6 @@ def test_resolution_order_entry_then_generation_then_paper():
     assert resolve_protocol(c, "genie").scheduler == "euler"
     di = resolve_protocol(c, "diff_ii")
     assert di.images_per_real == 3 and di.sources["images_per_real"] == "methods.diff_ii.params.expansion_rate"
-    # the legacy models.diffusion.scheduler is experiment-wide, below generation.scheduler
-    c = parse_config({**base, "models": {"diffusion": {"scheduler": "dpmsolver"}}})
-    assert resolve_protocol(c, "dafusion").scheduler == "dpmsolver"
     lines = protocol_lines(parse_config(base))
     assert any(line.startswith("genie: dpmsolver 50 steps") and "start genie" in line for line in lines)
 
@@ -52,29 +50,42 @@ def test_resolution_order_entry_then_generation_then_paper():
 @pytest.mark.parametrize("entry, where", [
     ({"genie": {"scheduler": "plms"}}, "methods.genie.scheduler"),
     ({"dafusion": {"steps": 0}}, "methods.dafusion.steps"),
-    ({"dafusion": {"params": {"steps": 0}}}, "methods.dafusion.params.steps"),
+    ({"dafusion": {"params": {"steps": 0}}}, "methods.dafusion.params.steps moved: set methods.dafusion.steps"),
     ({"genie": {"params": {"ratio": 0.0}}}, "methods.genie.params.ratio"),
     ({"genie": {"params": {"ratio": 1.2}}}, "methods.genie.params.ratio"),
     ({"genie_ada": {"params": {"ratios": [0.0, 0.5]}}}, "methods.genie_ada.params.ratios"),
     ({"sgid": {"resolution": 4}}, "methods.sgid.resolution"),
-    ({"dafusion": {"steps": 10, "params": {"steps": 20}}}, "methods.dafusion.steps"),
+    ({"dafusion": {"params": {"guidance_scale": 3}}}, "set methods.dafusion.guidance_scale"),
+    ({"diagen": {"params": {"images_per_real": 3}}}, "set methods.diagen.images_per_real"),
+    ({"genie": {}}, None),
     ({"diff_ii": {"images_per_real": 2, "params": {"expansion_rate": 3}}}, "methods.diff_ii.images_per_real"),
 ])
 def test_bad_protocol_values_name_the_key_and_file(tmp_path, entry, where):
     p = tmp_path / "bad.yaml"
-    p.write_text(yaml.safe_dump({"experiment": "x", "methods": entry}))
+    raw = {"experiment": "x", "methods": entry}
+    if where is None:  # the older models.diffusion.scheduler names its new place
+        raw["models"], where = {"diffusion": {"scheduler": "pndm"}}, "models.diffusion: Value error, scheduler moved: set generation.scheduler"
+    p.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError) as e:
         load_config(p)
     assert where in str(e.value) and str(p) in str(e.value), str(e.value)
+    assert len(str(e.value).splitlines()) <= 6
 
 
 def test_memo_identity_keeps_old_keys_and_adds_changed_protocol():
-    u = SynthUnit(label="a", seed=1, mode="img2img", strength=0.5)
+    u = SynthUnit(label="a", seed=1, mode="img2img", strength=0.5, **given().unit_fields("img2img"))
     old = u.identity()
     assert not {"scheduler", "start_rule", "resolution"} & set(old)  # DDIM / SDEdit / native: key as before
     for change in ({"scheduler": "pndm"}, {"start_rule": "genie"}, {"resolution": 64}):
-        v = SynthUnit(label="a", seed=1, mode="img2img", strength=0.5, **change)
+        v = SynthUnit(label="a", seed=1, mode="img2img", strength=0.5, **given(**change).unit_fields("img2img"))
         assert v.identity() != old and set(change) <= set(v.identity())
+    # a transform unit records the values every unit had before the protocol existed: none enters its key
+    t = SynthUnit(label="a", seed=1, mode="transform", **given(scheduler="pndm", steps=9).unit_fields("transform"))
+    assert t.steps == NO_DIFFUSION["steps"] and not {"scheduler", "start_rule", "resolution", "preprocess",
+                                                      "vae_encode"} & set(t.identity())
+    with pytest.raises(TypeError, match="scheduler"):  # no protocol field has a default
+        SynthUnit(label="a", seed=1, mode="img2img", guidance_scale=7.5, steps=25, start_rule="sdedit",
+                  resolution=None, preprocess="resize", vae_encode="mode")
 
 
 def test_demo_runs_every_method_on_its_papers_sampler():

@@ -26,7 +26,7 @@ def _reqs(n: int, **kw):
 
 
 def _trained_lora(bundle):
-    from augment_dagster.methods.concepts import train_concepts
+    from augment_dagster.stages.concepts import train_concepts
 
     ims = [shape_image(s) for s in range(2)]
     res = train_concepts(bundle, {"a": ims}, {"a": "<lora-a>"}, {"a": ["a photo of a {}"]}, steps=2, lr=5e-2,
@@ -36,7 +36,7 @@ def _trained_lora(bundle):
 
 
 def test_lora_bundle_is_an_adapter_on_the_same_unet(tiny_bundle):
-    from augment_dagster.methods.concept_lora import bundle_with_lora
+    from augment_dagster.stages.concept_lora import bundle_with_lora
     from augment_dagster.models.adapters import adapter_names
 
     unet = tiny_bundle.pipe.unet
@@ -240,13 +240,14 @@ def test_realsize_bench_smoke(tmp_path):
 
 def test_runner_records_the_batch_size_used_and_keys_ignore_it(tiny_bundle, tmp_path, monkeypatch):
     from augment_dagster.methods.base import SynthUnit
+    from augment_dagster.methods.protocol import given
     from augment_dagster.methods.registry import get_method
     from augment_dagster.methods.runner import run_units
     from augment_dagster.store import BlobStore, Memo
 
     spec = get_method("txt2img")
-    units = [SynthUnit(label="circle", seed=s, mode="txt2img", prompt="a photo of a circle", steps=2, guidance_scale=2.0)
-             for s in range(5)]
+    units = [SynthUnit(label="circle", seed=s, mode="txt2img", prompt="a photo of a circle",
+                       **given(steps=2, guidance_scale=2.0).unit_fields("txt2img")) for s in range(5)]
 
     def factory(lora=None):
         core = GenerationCore(tiny_bundle, batch_size=8)
@@ -273,7 +274,7 @@ def test_runner_records_the_batch_size_used_and_keys_ignore_it(tiny_bundle, tmp_
 
 
 def test_lora_adapter_weights_are_frozen_for_inference(tiny_bundle):
-    from augment_dagster.methods.concept_lora import bundle_with_lora
+    from augment_dagster.stages.concept_lora import bundle_with_lora
     from augment_dagster.models.adapters import remove
 
     lb = bundle_with_lora(tiny_bundle, _trained_lora(tiny_bundle), key="e" * 64)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from augment_dagster.methods.standard_aug import POLICIES, augment_images, make_policy, standard_variants
+from augment_dagster.data.augment import POLICIES, augment_images, make_policy, standard_variants
 
 
 @pytest.fixture(scope="module")

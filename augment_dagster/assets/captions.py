@@ -21,7 +21,7 @@ def build(exp: Experiment) -> list:
                     "each with its CLIP image-text similarity; per-image memo.",
     )
     def captions(context: dg.AssetExecutionContext, split: pd.DataFrame) -> dg.Output:
-        from ..methods.captions import caption_images
+        from ..stages.captions import caption_images
         from ..models.loading import captioner_fingerprint, clip_fingerprint
 
         _, seed = parse_split_key(context.partition_key)

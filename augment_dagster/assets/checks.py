@@ -123,7 +123,7 @@ def synthetic_outcomes(exp: Experiment, df: pd.DataFrame, split: pd.DataFrame, e
     """The three checks of synthetic/<m> (also used by tests without Dagster). ``real_classifier``: the split's
     real_classifier manifest, the second label judge (``checks.label_judge``); ``dropped_per_class``: what the
     method's post-filter removed (from the asset's ``filter`` metadata)."""
-    from ..methods.services import FilterServices
+    from ..stages.services import FilterServices
     from .common import clip_bundle, image_source
 
     from ..training.episodes import split_level

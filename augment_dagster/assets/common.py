@@ -185,13 +185,12 @@ def generation_core(exp: Experiment, lora_blob: str | None = None):
     g = exp.cfg.generation
     bundle = diffusion_bundle(exp)
     if lora_blob:
-        from ..methods.concept_lora import bundle_with_lora
+        from ..stages.concept_lora import bundle_with_lora
         from ..store.tensors import tensor_dict_from_bytes
 
         bundle = bundle_with_lora(bundle, tensor_dict_from_bytes(exp.blobs.get(lora_blob)), key=lora_blob)
-    # every unit names its own scheduler (methods/protocol.py); this default serves requests that do not
-    return GenerationCore(bundle, batch_size=g.batch_size, max_batch_size=g.max_batch_size,
-                          scheduler=g.scheduler or exp.cfg.models.diffusion.scheduler or "ddim")
+    # every unit names its own scheduler (its entry's resolved protocol, methods/registry.py resolve_protocol)
+    return GenerationCore(bundle, batch_size=g.batch_size, max_batch_size=g.max_batch_size)
 
 
 def release_models(*kinds: str) -> None:

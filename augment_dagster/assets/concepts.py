@@ -21,7 +21,7 @@ def build(exp: Experiment) -> list:
                     "plus DIAGen noisy copies S*+σε (one fixed draw per σ).",
     )
     def concept_embeddings(context: dg.AssetExecutionContext, split: pd.DataFrame) -> dg.Output:
-        from ..methods.concepts import learn_concepts
+        from ..stages.concepts import learn_concepts
 
         _, seed = parse_split_key(context.partition_key)
         c = cfg.concepts

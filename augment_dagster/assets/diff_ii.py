@@ -24,7 +24,7 @@ def build(exp: Experiment, needs: set[str]) -> list:
                         "offline: the captions' most frequent context phrases.",
         )
         def prompt_suffixes(context: dg.AssetExecutionContext, captions: pd.DataFrame) -> dg.Output:
-            from ..methods.suffixes import greedy_captions, suffix_rows
+            from ..stages.suffixes import greedy_captions, suffix_rows
 
             client = llm_client(exp)
             client.check_ready()
@@ -46,7 +46,7 @@ def build(exp: Experiment, needs: set[str]) -> list:
                         "projections), trained jointly on all train images; memo key covers every class's images.",
         )
         def concept_lora(context: dg.AssetExecutionContext, split: pd.DataFrame) -> dg.Output:
-            from ..methods.concept_lora import concept_lora_stage
+            from ..stages.concept_lora import concept_lora_stage
 
             _, seed = parse_split_key(context.partition_key)
             c = cfg.concept_lora
@@ -74,7 +74,7 @@ def build(exp: Experiment, needs: set[str]) -> list:
                         "on the concept+LoRA model; per-image memo; reconstruction error of invert → regenerate in metadata.",
         )
         def inversion_pool(context: dg.AssetExecutionContext, split: pd.DataFrame, concept_lora: pd.DataFrame) -> dg.Output:
-            from ..methods.inversion import inversion_stage
+            from ..stages.inversion import inversion_stage
 
             images = image_source(exp, split)
             toks = concept_lora[concept_lora["kind"] == "token"]

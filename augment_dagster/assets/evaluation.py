@@ -204,8 +204,8 @@ def build_method_chain(exp: Experiment, name: str) -> list:
                     "ID test images, diversity, CLIP score, label consistency, original-vs-augmented similarity.",
     )
     def set_metrics(context: dg.AssetExecutionContext, split: pd.DataFrame, synthetic: pd.DataFrame, real_clf: pd.DataFrame) -> dg.Output:
-        from ..methods.set_metrics import set_metrics as compute
-        from ..methods.services import FilterServices
+        from ..metrics.set_metrics import set_metrics as compute
+        from ..stages.services import FilterServices
         from ..training.episodes import split_level
         from .common import clip_bundle
 

@@ -25,7 +25,7 @@ def build(exp: Experiment) -> list:
                     "provider/model/response hash recorded per prompt; responses cached so reruns never call the API.",
     )
     def class_prompts(context: dg.AssetExecutionContext, split: pd.DataFrame) -> dg.Output:
-        from ..methods.prompts import class_prompt_rows, topup_counts
+        from ..stages.prompts import class_prompt_rows, topup_counts
 
         _, seed = parse_split_key(context.partition_key)
         client = llm_client(exp)

@@ -34,7 +34,7 @@ def compute_synthetic(exp: Experiment, name: str, partition_key: str, split: pd.
 
     Used both by the asset in the run process and by ``augment_dagster.pipes_worker`` out of process."""
     from ..methods.base import MethodInputs
-    from ..methods.protocol import apply_protocol, resolve_protocol
+    from ..methods.registry import resolve_protocol
 
     cfg = exp.cfg
     spec, params = _spec_and_params(exp, name)
@@ -43,21 +43,19 @@ def compute_synthetic(exp: Experiment, name: str, partition_key: str, split: pd.
     proto = resolve_protocol(cfg, name)
     images = image_source(exp, split)
     inputs = MethodInputs(
-        method=name, split=split, params=params, images_per_real=proto.images_per_real,
-        guidance_scale=proto.guidance_scale, steps=proto.steps, seed=cfg.seed * 1000 + seed,
-        metaclass=cfg.dataset.metaclass, negative_prompt=g.negative_prompt, protocol=proto,
+        method=name, split=split, params=params, protocol=proto, images_per_real=proto.images_per_real,
+        seed=cfg.seed * 1000 + seed,
+        metaclass=cfg.dataset.metaclass, negative_prompt=g.negative_prompt,
         extra={"load_tensor": images.tensor}, **upstream,
     )
     services = None
     if spec.prepare is not None or spec.post_filter is not None:
-        from ..methods.services import FilterServices
+        from ..stages.services import FilterServices
 
         services = FilterServices(images, exp.blobs, cfg.training.image_size, clip_factory=lambda: clip_bundle(exp))
     if spec.prepare is not None:
         inputs.extra.update(spec.prepare(inputs, services))
     units = spec.plan(inputs)
-    if spec.uses_diffusion:
-        apply_protocol(units, proto)
     model_fp = diffusion_fingerprint(exp) if spec.uses_diffusion else ""
     t_plan = time.perf_counter()
     groups = [(-1, inputs, units)] + episode_groups(exp, name, spec, proto, inputs, split, seed, services)
@@ -144,7 +142,6 @@ def episode_groups(exp: Experiment, name: str, spec, proto, inputs, split: pd.Da
     recur across episodes (same guide, seed, prompt) have one memo key and are generated once."""
     from dataclasses import replace
 
-    from ..methods.protocol import apply_protocol
     from ..training.episodes import augmented_per_class, episode_splits
 
     ecfg = episode_generation(exp.cfg, name)
@@ -159,8 +156,6 @@ def episode_groups(exp: Experiment, name: str, spec, proto, inputs, split: pd.Da
         if spec.prepare is not None:
             g.extra.update(spec.prepare(g, services))
         units = spec.plan(g)
-        if spec.uses_diffusion:
-            apply_protocol(units, proto)
         if spec.post_filter is None:
             units = trim_per_class(units, a)
         out.append((e, g, units))
@@ -233,7 +228,7 @@ def build_one(exp: Experiment, name: str) -> dg.AssetsDefinition:
     sections = [("methods", name), "generation"] + ([("models", "diffusion")] if spec.uses_diffusion else [])
     proto_version = ""
     if spec.uses_diffusion:  # the resolved protocol includes the paper defaults, which live in code, not config
-        from ..methods.protocol import resolve_protocol
+        from ..methods.registry import resolve_protocol
         from ..util import hash_obj
 
         p = resolve_protocol(cfg, name).as_dict()

@@ -1,10 +1,13 @@
 """The method extension contract (no Dagster, no torch at import time).
 
-A method module declares a ``MethodSpec``: its name, the upstream stages it needs, a pydantic model of
-its parameters, and a ``plan`` function that, given its inputs, returns the synthetic *units* to
-produce (what to generate + the lineage fields of each). The runner (``methods/runner.py``) looks each
-unit up in the memo and sends the misses, batched, through the one generation core. Methods with no
-diffusion (classic augmentation) supply ``render`` instead.
+A method is one module declaring a ``MethodSpec``: its name and version, the upstream stages it ``needs`` (names
+of the stage table, ``augment_dagster/stages``), a pydantic model of its parameters, its paper's generation
+``protocol`` (sampler, steps, CFG, M, start rule), its paper's training ``recipe``, its report ``family``, and a
+``plan`` function that, given its inputs, returns the synthetic *units* to produce (what to generate + the
+lineage fields of each; seeds from ``unit_seed``, protocol fields from ``inputs.protocol.unit_fields(mode)``).
+Everything a unit's ``identity()`` holds enters its memo key. The runner (``methods/runner.py``) looks each unit
+up in the memo and sends the misses, batched, through the one generation core. Methods with no diffusion
+(classic augmentation) supply ``render`` instead. Adding one: the module + one line in ``registry._MODULES``.
 """
 from __future__ import annotations
 
@@ -14,26 +17,27 @@ from typing import Any, Callable, Literal
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from .protocol import PROJECT_DEFAULT, Protocol
-
-# Upstream stages a method may need; assets/synthetic.py wires them as asset deps.
-STAGES = ("concepts", "captions", "class_prompts", "prompt_suffixes", "concept_lora", "inversion_pool", "real_classifier")
+from .. import stages
+from ..util import stable_int
+from .protocol import PROJECT_DEFAULT, Protocol, ResolvedProtocol
 
 
 class MethodParams(BaseModel):
     """Parameters every method accepts; methods subclass this. Unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid")
-    # older spelling of methods.<entry>.<key> (see methods/protocol.py for the resolution order)
-    images_per_real: int | None = Field(None, ge=1, description="M; None = unset (entry, generation, paper default)")
-    guidance_scale: float | None = Field(None, ge=0, description="None = unset (entry, generation, paper default)")
-    steps: int | None = Field(None, ge=1, le=1000, description="None = unset (entry, generation, paper default)")
+    # the generation protocol (sampler, steps, CFG, M, ...) is not a parameter: methods.<entry>.<key> and
+    # MethodSpec.protocol (methods/protocol.py)
     weighting: Literal["none", "paper", "code"] = Field("none", description="confidence weights (DIAGen): none=uniform, paper: w=q, code: w=1 if q>=.5 else 2q")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SynthUnit:
-    """One synthetic image to produce. Its fields are the lineage row (plus ``params``)."""
+    """One synthetic image to produce. Its fields are the lineage row (plus ``params``).
+
+    The protocol fields (guidance_scale, steps, scheduler, start_rule, resolution, preprocess, vae_encode) have no
+    default: a plan passes ``**inputs.protocol.unit_fields(mode)`` (methods/protocol.py), overriding a key only
+    where the method computes its own (SGID's per-image guidance)."""
 
     label: str
     seed: int
@@ -41,14 +45,14 @@ class SynthUnit:
     prompt: str | list[tuple[str, float]] = ""
     guide_ids: tuple[str, ...] = ()
     strength: float | None = None
-    guidance_scale: float = 7.5
+    guidance_scale: float
     negative_prompt: str = ""
-    steps: int = 25
-    scheduler: str = "ddim"  # resolved sampler (methods/protocol.py)
-    start_rule: str = "sdedit"  # img2img start: "sdedit" | "genie"
-    resolution: int | None = None  # None = the model's native size
-    preprocess: str = "resize"  # init image -> square: "resize" | "center_crop"
-    vae_encode: str = "mode"  # img2img z0: posterior "mode" (mean) | a posterior "sample" (diffusers' img2img pipeline)
+    steps: int
+    scheduler: str  # resolved sampler
+    start_rule: str  # img2img start: "sdedit" | "genie"
+    resolution: int | None  # None = the model's native size
+    preprocess: str  # init image -> square: "resize" | "center_crop"
+    vae_encode: str  # img2img z0: posterior "mode" (mean) | a posterior "sample" (diffusers' img2img pipeline)
     init_image_id: str | None = None
     init_latents_blob: str | None = None
     # Diff-II: start latents computed from stored ones, e.g. {"op": "circle", "z1": blob, "z2": blob, "alpha": a}
@@ -90,20 +94,18 @@ class SynthUnit:
         }
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MethodInputs:
     """What a method's ``plan`` sees. Only the stages it declared in ``needs`` are filled."""
 
     method: str  # the config entry name (a variant may differ from the algorithm name)
     split: pd.DataFrame  # few_shot_split manifest (role == train rows are the guides)
     params: MethodParams
-    images_per_real: int
-    guidance_scale: float
-    steps: int
+    protocol: ResolvedProtocol  # this entry's generation protocol: units take their fields from it (unit_fields)
+    images_per_real: int  # M: the protocol's, or an episode's ⌈A/K⌉ (training/episodes.py)
     seed: int
     metaclass: str = "shape"
     negative_prompt: str = ""
-    protocol: Any = None  # methods.protocol.ResolvedProtocol of this entry (scheduler, resolution, start rule)
     concepts: pd.DataFrame | None = None  # label, token, embedding_id (+ noise rows for DIAGen)
     captions: pd.DataFrame | None = None
     class_prompts: pd.DataFrame | None = None
@@ -134,32 +136,34 @@ class MethodSpec:
     # for non-diffusion methods: render(units, images_by_id, params) -> list[PIL.Image]
     render: Callable[..., list] | None = None
     # optional post-filter after generation: post_filter(rows, inputs, services) -> (kept rows, metadata);
-    # services: methods.services.FilterServices (classifier features, CLIP zero-shot, image access)
+    # services: stages.services.FilterServices (classifier features, CLIP zero-shot, image access)
     post_filter: Callable[..., Any] | None = None
     # synthetic probability α when the config entry sets none (DIAGen: 0.7); None = training default
     default_alpha: float | None = None
     # the paper's generation protocol (sampler, steps, CFG, M, start rule); unset keys use the project default
     protocol: Protocol = PROJECT_DEFAULT
     # optional, before plan: prepare(inputs, services) -> dict merged into inputs.extra (e.g. GeNIe's train
-    # confusion matrix); services: methods.services.FilterServices
+    # confusion matrix); services: stages.services.FilterServices
     prepare: Callable[..., dict] | None = None
+    # the paper's downstream classifier recipe: a key of the training RECIPES table (None: the project's); a paper
+    # preset selects it with ``training.recipe`` (METHODS.md §1–§5)
+    recipe: str | None = None
+    # the report's plot family (legend group, colour ramp), e.g. "baselines", "DA-Fusion/DIAGen"; None: the method's
+    # own name (a new method is its own family, never filed under the baselines)
+    family: str | None = None
 
     def __post_init__(self):
-        bad = [n for n in self.needs if n not in STAGES]
+        bad = stages.unknown(self.needs)
         if bad:
-            raise ValueError(f"method {self.name}: unknown needs {bad}; valid: {STAGES}")
+            raise ValueError(f"method {self.name}: unknown needs {bad}; valid: {list(stages.STAGES)}")
+
+
+def unit_seed(inputs: MethodInputs, *parts) -> int:
+    """Seed of one unit: depends only on the method entry, split seed and the unit's own identity,
+    so adding an image never changes the seeds of other units."""
+    return stable_int("unit", inputs.method, inputs.seed, *parts, bits=31)
 
 
 def concept_token(label: str) -> str:
     """Placeholder token of a class concept, e.g. '<circle>' (spaces -> '_')."""
     return "<" + "_".join(label.split()) + ">"
-
-
-@dataclass
-class StageStats:
-    """computed/reused counts and seconds of one memoized stage."""
-
-    computed: int = 0
-    reused: int = 0
-    seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)

@@ -11,19 +11,12 @@ from collections import Counter
 import numpy as np
 from pydantic import Field
 
-from ..util import stable_int
-from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit
+from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit, unit_seed
 
 
 class Img2ImgParams(MethodParams):
     strength: float = Field(0.5, ge=0.0, le=1.0, description="SDEdit noise ratio t0")
     prompt_template: str = Field("a photo of a {label}", description="'{label}' is replaced by the class name")
-
-
-def unit_seed(inputs: MethodInputs, *parts) -> int:
-    """Seed of one unit: depends only on the method entry, split seed and the unit's own identity,
-    so adding an image never changes the seeds of other units."""
-    return stable_int("unit", inputs.method, inputs.seed, *parts, bits=31)
 
 
 def plan_img2img(inputs: MethodInputs) -> list[SynthUnit]:
@@ -34,8 +27,8 @@ def plan_img2img(inputs: MethodInputs) -> list[SynthUnit]:
             units.append(SynthUnit(
                 label=row.label, seed=unit_seed(inputs, row.image_id, m), mode="img2img",
                 prompt=p.prompt_template.format(label=row.label), guide_ids=(row.image_id,),
-                strength=p.strength, guidance_scale=inputs.guidance_scale, steps=inputs.steps,
-                negative_prompt=inputs.negative_prompt, init_image_id=row.image_id, params={"m": m},
+                strength=p.strength, negative_prompt=inputs.negative_prompt, init_image_id=row.image_id,
+                params={"m": m}, **inputs.protocol.unit_fields("img2img"),
             ))
     return units
 
@@ -52,8 +45,8 @@ def plan_txt2img(inputs: MethodInputs) -> list[SynthUnit]:
         for i in range(len(grp) * inputs.images_per_real):
             units.append(SynthUnit(
                 label=label, seed=unit_seed(inputs, label, i), mode="txt2img",
-                prompt=p.prompt_template.format(label=label), guidance_scale=inputs.guidance_scale,
-                steps=inputs.steps, negative_prompt=inputs.negative_prompt, params={"index": i},
+                prompt=p.prompt_template.format(label=label), negative_prompt=inputs.negative_prompt,
+                params={"index": i}, **inputs.protocol.unit_fields("txt2img"),
             ))
     return units
 
@@ -126,13 +119,13 @@ def filter_by_clip(rows: list[dict], inputs: MethodInputs, services) -> tuple[li
 
 SPECS = (
     MethodSpec("real_guidance", "1", "Real-Guidance: img2img of each real image, prompt 'a photo of a {class}', t0=0.5 (He et al.)",
-               RealGuidanceParams, plan_img2img),
+               RealGuidanceParams, plan_img2img, family="baselines"),
     MethodSpec("img2img_low", "1", "Img2Img^L: same-class SDEdit at r=0.3 with the class name (GeNIe baseline)",
-               Img2ImgLowParams, plan_img2img),
+               Img2ImgLowParams, plan_img2img, family="baselines"),
     MethodSpec("img2img_high", "1", "Img2Img^H: same-class SDEdit at r=0.7 with the class name (GeNIe baseline)",
-               Img2ImgHighParams, plan_img2img),
+               Img2ImgHighParams, plan_img2img, family="baselines"),
     MethodSpec("txt2img", "1", "Txt2Img: generation from 'a photo of a {class}' alone, M per real image",
-               Txt2ImgParams, plan_txt2img),
+               Txt2ImgParams, plan_txt2img, family="baselines"),
     MethodSpec("real_filter", "3", "Real-Filter: txt2img from class-name prompts, minus images CLIP zero-shot assigns to another class",
-               RealFilterParams, plan_txt2img, post_filter=filter_by_clip),
+               RealFilterParams, plan_txt2img, post_filter=filter_by_clip, family="baselines"),
 )

@@ -9,8 +9,7 @@ from pydantic import Field, model_validator
 
 import pandas as pd
 
-from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit
-from .baselines import unit_seed
+from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit, unit_seed
 from .protocol import Protocol
 
 
@@ -48,8 +47,8 @@ def plan(inputs: MethodInputs) -> list[SynthUnit]:
             t0 = p.fixed_strength if p.fixed_strength is not None else random.Random(seed).choice(p.strengths)
             units.append(SynthUnit(
                 label=row.label, seed=seed, mode="img2img", prompt=p.prompt_template.format(token=c.token),
-                guide_ids=(row.image_id,), strength=float(t0), guidance_scale=inputs.guidance_scale,
-                steps=inputs.steps, negative_prompt=inputs.negative_prompt, init_image_id=row.image_id,
+                guide_ids=(row.image_id,), strength=float(t0), **inputs.protocol.unit_fields("img2img"),
+                negative_prompt=inputs.negative_prompt, init_image_id=row.image_id,
                 concepts={c.token: c.embedding_id}, embedding_id=c.embedding_id, prompt_source="template",
                 params={"m": m},
             ))
@@ -59,7 +58,7 @@ def plan(inputs: MethodInputs) -> list[SynthUnit]:
 SPECS = (
     # version 2: img2img z0 is a posterior sample (vae_encode "sample", diffusers' img2img pipeline): other images
     MethodSpec("dafusion", "2", "DA-Fusion: img2img with a per-class textual-inversion token, t0 in {.25,.5,.75,1}",
-               DAFusionParams, plan, needs=("concepts",),
+               DAFusionParams, plan, needs=("concepts",), recipe="dafusion", family="DA-Fusion/DIAGen",
                protocol=Protocol(scheduler="pndm", steps=50, guidance_scale=7.5, images_per_real=10, vae_encode="sample",
                                  note="SD v1-4 img2img, t0 drawn per image from {0.25, 0.5, 0.75, 1.0}: ⌊50·t0⌋ steps")),
 )

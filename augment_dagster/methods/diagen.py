@@ -13,8 +13,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit
-from .baselines import unit_seed
+from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit, unit_seed
 from .protocol import Protocol
 from ..store.tensors import tensor_bytes, tensor_from_bytes
 from ..util import stable_int
@@ -67,7 +66,7 @@ def plan(inputs: MethodInputs) -> list[SynthUnit]:
                 units.append(SynthUnit(
                     label=label, seed=seed, mode="img2img",
                     prompt=tmpl.replace("{name}", tok["token"]), guide_ids=(row.image_id,), strength=p.strength,
-                    guidance_scale=inputs.guidance_scale, steps=inputs.steps, negative_prompt=inputs.negative_prompt,
+                    negative_prompt=inputs.negative_prompt, **inputs.protocol.unit_fields("img2img"),
                     init_image_id=row.image_id, concepts={tok["token"]: eid}, concept_noise=noise,
                     embedding_id=eid, prompt_source=src, params=params,
                 ))
@@ -79,25 +78,18 @@ SPECS = (
     # version 2: img2img z0 is a posterior sample (vae_encode "sample": DIAGen's code runs DA-Fusion's pipeline)
     MethodSpec("diagen", "2", "DIAGen: DA-Fusion + embedding noise + LLM prompts + confidence weighting (t0=0.7, w=15)",
                DIAGenParams, plan, needs=("concepts", "class_prompts"), default_alpha=0.7,
+               recipe="diagen", family="DA-Fusion/DIAGen",
                protocol=Protocol(scheduler="pndm", steps=50, guidance_scale=15.0, images_per_real=10, vae_encode="sample",
                                  note="SD v1-4 img2img at t0 0.7 (⌊50·0.7⌋ = 35 steps), α 0.7")),
 )
 
 
 # ---------------------------------------------------------------- embedding noise (§2a)
-def noisy_vector(base, sigma: float, noise_seed: int):
-    """S* + σ·ε with ε ~ N(0, I) drawn from ``noise_seed`` (float32). Shared by the fixed draws below and by
-    DIAGen's ``resample_per_image`` option, where the runner applies it per unit."""
-    import torch
-
-    g = torch.Generator().manual_seed(int(noise_seed))
-    eps = torch.randn(base.shape, generator=g, dtype=torch.float32)
-    return base.float() + float(sigma) * eps
-
-
 def noise_variants(base_rows: list[dict], *, blobs, sigmas: list[float], seed: int) -> list[dict]:
     """DIAGen (METHODS §2a): S_v = S* + σ·ε, ε ~ N(0, I), one fixed draw per σ per class, stored as extra
     concept vectors (tokens ``<cls_σ>``). Deterministic in (seed, class, σ)."""
+    from ..models.text import noisy_vector
+
     out = []
     for r in base_rows:
         base = tensor_from_bytes(blobs.get(r["embedding_id"]))

@@ -16,9 +16,8 @@ from typing import ClassVar
 from pydantic import Field
 
 from ..util import hash_obj
-from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit
-from .baselines import unit_seed
-from .interpolation import angle, sample_alpha
+from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit, unit_seed
+from ..models.interpolation import angle, sample_alpha
 from .protocol import Protocol
 
 
@@ -72,21 +71,21 @@ def plan(inputs: MethodInputs) -> list[SynthUnit]:
             seed = unit_seed(inputs, label, i)
             if not p.use_concepts:  # the paper's "w/o concept learning": txt2img from the template prompt
                 units.append(SynthUnit(
-                    label=label, seed=seed, mode="txt2img", prompt=base, guidance_scale=inputs.guidance_scale,
-                    steps=inputs.steps, negative_prompt=inputs.negative_prompt, prompt_source="template",
+                    label=label, seed=seed, mode="txt2img", prompt=base, **inputs.protocol.unit_fields("txt2img"),
+                    negative_prompt=inputs.negative_prompt, prompt_source="template",
                     params={"index": i, "metaclass": inputs.metaclass, "start": "noise", "ablation": "no_concepts"}))
                 continue
             rng = random.Random(hash_obj("diffii", seed))
             suffix = rng.choice(suffixes) if suffixes else ""
             prompt = f"{base} {suffix}".strip()
             params = {"index": i, "suffix": suffix, "split_ratio": ratio, "metaclass": inputs.metaclass}
-            common = dict(label=label, seed=seed, prompt=prompt, guidance_scale=inputs.guidance_scale, steps=inputs.steps,
-                          negative_prompt=inputs.negative_prompt, concepts=concepts, lora_blob=lora_blob,
+            common = dict(label=label, seed=seed, prompt=prompt, negative_prompt=inputs.negative_prompt, concepts=concepts, lora_blob=lora_blob,
                           embedding_id=concepts.get(name), prompt_source="suffix" if suffix else "template")
             if p.two_stage and suffix and switch_t > 0:
                 common.update(switch_prompt=base, switch_t=switch_t)
             if (p.interpolation and len(ids) < 2) or not ids:
-                units.append(SynthUnit(mode="txt2img", params={**params, "start": "noise"}, **common))
+                units.append(SynthUnit(mode="txt2img", params={**params, "start": "noise"}, **common,
+                                       **inputs.protocol.unit_fields("txt2img")))
                 continue
             if p.interpolation:
                 z1, z2 = rng.sample(ids, 2)
@@ -99,13 +98,15 @@ def plan(inputs: MethodInputs) -> list[SynthUnit]:
                 z1 = rng.choice(ids)
                 recipe, guides = {"op": "copy", "z1": lat[z1]}, (z1,)
                 params.update(start="inversion")
-            units.append(SynthUnit(mode="latents", guide_ids=guides, latent_recipe=recipe, params=params, **common))
+            units.append(SynthUnit(mode="latents", guide_ids=guides, latent_recipe=recipe, params=params, **common,
+                                   **inputs.protocol.unit_fields("latents")))
     return units
 
 
 SPECS = (
     MethodSpec("diff_ii", "1", "Diff-II: circle interpolation of DDIM-inverted latents + two-stage suffix denoising with TI+LoRA concepts",
                DiffIIParams, plan, needs=("concept_lora", "inversion_pool", "prompt_suffixes"),
+               recipe="diff_ii", family="Diff-II",
                protocol=Protocol(scheduler="ddim", steps=25, guidance_scale=7.5, images_per_real=5,
                                  note="SD v1-5 + TI/LoRA; start = circle interpolation of DDIM inversions "
                                       "(inversion.steps, paper 200, at g 1); M = expansion rate per class-image")),

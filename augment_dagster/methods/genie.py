@@ -24,8 +24,7 @@ from typing import Literal, Sequence
 import numpy as np
 from pydantic import Field, field_validator
 
-from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit
-from .baselines import unit_seed
+from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit, unit_seed
 from .protocol import Protocol
 
 
@@ -131,7 +130,7 @@ def _unit(inputs, target, sid, scls, r, seed, extra=None) -> SynthUnit:
     p: GenieParams = inputs.params  # type: ignore[assignment]
     template = "A photo of a {label}, a type of {metaclass}" if p.prompt_style == "fine_grained" else p.prompt_template
     return SynthUnit(label=target, seed=seed, mode="img2img", prompt=template.format(label=target, metaclass=inputs.metaclass),
-                     guide_ids=(sid,), strength=float(r), guidance_scale=inputs.guidance_scale, steps=inputs.steps,
+                     guide_ids=(sid,), strength=float(r), **inputs.protocol.unit_fields("img2img"),
                      negative_prompt=inputs.negative_prompt, init_image_id=sid,
                      params={"source_class": scls, "target_class": target, "ratio": float(r), **(extra or {})})
 
@@ -204,9 +203,11 @@ GENIE_PROTOCOL = Protocol(scheduler="dpmsolver", steps=50, guidance_scale=7.5, s
 
 SPECS = (
     MethodSpec("genie", "1", "GeNIe: hard negatives — img2img of other classes' images with the target prompt at r=0.8",
-               GenieParams, plan_genie, needs=("real_classifier",), protocol=GENIE_PROTOCOL, prepare=prepare_genie),
+               GenieParams, plan_genie, needs=("real_classifier",), protocol=GENIE_PROTOCOL, prepare=prepare_genie,
+               family="GeNIe"),
     MethodSpec("genie_ada", "1", "GeNIe-Ada: per pair, the r in {.5,...,.9} just after the largest feature jump toward the target",
                GenieAdaParams, plan_genie_ada, needs=("real_classifier",), post_filter=post_filter_ada, prepare=prepare_genie,
+               family="GeNIe",
                protocol=Protocol(scheduler="dpmsolver", steps=50, guidance_scale=7.5, start_rule="genie", preprocess="center_crop",
                                  count="5 candidates, 1 kept per (source, target)", note="r grid {0.5,…,0.9} per pair, the r after the largest feature jump kept")),
 )

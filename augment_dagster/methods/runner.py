@@ -49,7 +49,7 @@ def start_latents(unit: SynthUnit, load_tensor: Callable[[str], Any]):
         return load_tensor(unit.init_latents_blob)
     r = unit.latent_recipe or {}
     if r.get("op") == "circle":
-        from .interpolation import circle_interpolate
+        from ..models.interpolation import circle_interpolate
 
         return circle_interpolate(load_tensor(r["z1"]), load_tensor(r["z2"]), float(r["alpha"]))
     if r.get("op") == "copy":
@@ -58,7 +58,8 @@ def start_latents(unit: SynthUnit, load_tensor: Callable[[str], Any]):
 
 
 def to_request(unit: SynthUnit, load_image: Callable[[str], Any], load_tensor: Callable[[str], Any]):
-    from ..models.generation import GenRequest, Prompt
+    from ..models.generation import GenRequest
+    from ..models.text import Prompt
 
     def prompt(p):
         if p is None:
@@ -82,7 +83,7 @@ def concept_vector(unit: SynthUnit, token: str, embedding_id: str, load_tensor: 
     """The stored concept vector, plus the unit's own noise draw where it asks for one (DIAGen per-image noise)."""
     v = load_tensor(embedding_id)
     if token in unit.concept_noise:
-        from .diagen import noisy_vector
+        from ..models.text import noisy_vector
 
         sigma, noise_seed = unit.concept_noise[token]
         v = noisy_vector(v, sigma, noise_seed).to(v.dtype)

@@ -11,8 +11,7 @@ from typing import Literal
 from pydantic import Field
 
 from ..util import hash_obj
-from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit
-from .baselines import unit_seed
+from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit, unit_seed
 from .protocol import Protocol
 
 
@@ -67,7 +66,8 @@ def plan(inputs: MethodInputs) -> list[SynthUnit]:
             segments = [(label_text, p.label_weight)] + ([(", " + caption, p.caption_weight)] if caption else [])
             units.append(SynthUnit(
                 label=row.label, seed=seed, mode="img2img", prompt=segments, guide_ids=(row.image_id,),
-                strength=p.strength, guidance_scale=g, steps=inputs.steps, negative_prompt=inputs.negative_prompt,
+                strength=p.strength, **{**inputs.protocol.unit_fields("img2img"), "guidance_scale": g},
+                negative_prompt=inputs.negative_prompt,
                 init_image_id=row.image_id, prompt_source=f"blip:{c['strategy']}", weighting=p.token_weighting,
                 params={"m": m, "caption": caption, "caption_strategy": p.caption_strategy, "clip_score": s,
                         "guidance_raw": guidance_from_similarity(s), "guidance": g, "cfg_active": g > 1.0},
@@ -77,7 +77,7 @@ def plan(inputs: MethodInputs) -> list[SynthUnit]:
 
 SPECS = (
     MethodSpec("sgid", "2", "SGID: img2img with 'A picture of a <label>, <BLIP caption>', weighted tokens, CLIP-similarity guidance",
-               SGIDParams, plan, needs=("captions",),
+               SGIDParams, plan, needs=("captions",), recipe="sgid", family="SGID",
                protocol=Protocol(scheduler="pndm", steps=50, images_per_real=1, guidance="f(s*) per image",
                                  note="SD v1-5 (diffusers default sampler) img2img at n 0.5; g = f(s*) per image")),
 )

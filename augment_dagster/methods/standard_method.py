@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit
-from .baselines import unit_seed
+from .base import MethodInputs, MethodParams, MethodSpec, SynthUnit, unit_seed
 
 
 class StandardParams(MethodParams):
@@ -18,6 +17,7 @@ def plan(inputs: MethodInputs) -> list[SynthUnit]:
     return [
         SynthUnit(label=row.label, seed=unit_seed(inputs, row.image_id, m), mode="transform",
                   guide_ids=(row.image_id,), init_image_id=row.image_id, prompt_source="none",
+                  **inputs.protocol.unit_fields("transform"),
                   params={"m": m, "policy": p.policy})
         for row in inputs.train.itertuples() for m in range(inputs.images_per_real)
     ]
@@ -28,7 +28,7 @@ def render(units: list[SynthUnit], images_by_id: dict, params: StandardParams) -
     import torch
     from PIL import Image
 
-    from .standard_aug import augment_images
+    from ..data.augment import augment_images
 
     out = []
     for u in units:
@@ -41,5 +41,5 @@ def render(units: list[SynthUnit], images_by_id: dict, params: StandardParams) -
 
 SPECS = (
     MethodSpec("standard", "1", "Standard augmentation (kornia): weak/strong/RandAugment copies of each real image",
-               StandardParams, plan, uses_diffusion=False, render=render),
+               StandardParams, plan, uses_diffusion=False, render=render, family="baselines"),
 )

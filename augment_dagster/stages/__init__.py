@@ -7,7 +7,8 @@ package + its asset module under ``defs/assets/`` (see CONTRIBUTING.md).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -47,3 +48,13 @@ def with_requirements(needs) -> list[str]:
             seen.add(n)
             todo.extend(STAGES[n].requires)
     return [n for n in STAGES if n in seen]
+
+
+@dataclass
+class StageStats:
+    """computed/reused counts and seconds of one memoized stage."""
+
+    computed: int = 0
+    reused: int = 0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)

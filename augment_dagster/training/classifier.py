@@ -328,7 +328,7 @@ def build_train_transform(name: str, size: tuple[int, int]):
     if name == "pad_crop":
         pad = max(1, round(8 * min(size) / 224))
         return K.AugmentationSequential(K.RandomCrop(size, padding=pad), K.RandomHorizontalFlip())
-    from ..methods.standard_aug import make_policy
+    from ..data.augment import make_policy
 
     return make_policy(name, size)
 

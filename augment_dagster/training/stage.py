@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ..data.images import ImageSource, label_index, to_tensor
-from ..methods.base import StageStats
+from ..stages import StageStats
 from ..store import BlobStore, Memo, memo_key
 
 CLASSIFIER_VERSION = "clf-2"

@@ -3,7 +3,7 @@ AND one LoRA shared by all classes on the UNet attention projections (peft), tra
 images with the LDM loss on "a photo of a <cls_i> <metaclass>".
 
 No model is copied (one copy of each model per process): training adds a LoRA adapter to the bundle's own UNet
-and deletes it afterwards (methods/concepts.py), and ``bundle_with_lora`` attaches the trained LoRA as a named
+and deletes it afterwards (stages/concepts.py), and ``bundle_with_lora`` attaches the trained LoRA as a named
 peft adapter on that same UNet (once per LoRA blob) and returns a bundle that names it; the generation core
 switches the adapter on only around its own UNet calls (models/adapters.py), so the base pipeline generates
 exactly as before.
@@ -64,9 +64,9 @@ def concept_lora_stage(train, *, images, blobs, memo, model_fp: str, bundle_fact
     import numpy as np
 
     from ..store import memo_key
-    from .base import concept_token
+    from ..methods.base import concept_token
     from ..store.tensors import tensor_bytes, tensor_dict_bytes
-    from .base import StageStats
+    from . import StageStats
 
     t0 = time.perf_counter()
     stats = StageStats()

@@ -36,7 +36,8 @@ from ..models.adapters import LORA_TARGETS, adapter_names, add_lora
 from ..models.adapters import remove as remove_adapter
 from ..store import memo_key
 from ..store.tensors import tensor_bytes
-from .base import StageStats, concept_token
+from . import StageStats
+from ..methods.base import concept_token
 
 if TYPE_CHECKING:
     import pandas as pd

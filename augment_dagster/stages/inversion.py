@@ -10,7 +10,7 @@ import numpy as np
 
 from ..store import memo_key
 from ..store.tensors import tensor_bytes
-from .base import StageStats
+from . import StageStats
 
 
 def inversion_stage(train, *, images, blobs, memo, model_fp: str, core_factory, prompts: dict[str, str],

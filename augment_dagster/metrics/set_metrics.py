@@ -16,7 +16,7 @@ import pandas as pd
 
 def set_metrics(synth: pd.DataFrame, split: pd.DataFrame, *, images, clip, classifier_blob: str | None, services,
                 k: int = 3, max_per_class: int = 200) -> tuple[dict, pd.DataFrame]:
-    from ..metrics import diversity, precision_recall
+    from . import diversity, precision_recall
     from ..models.clip_ops import image_features, text_features
 
     if synth is None or len(synth) == 0:

@@ -10,7 +10,7 @@ import pandas as pd
 from ..llm import sanitize_prompt
 from ..store import BlobStore, Memo, memo_key
 from ..data.images import ImageSource
-from .base import StageStats
+from . import StageStats
 
 CAPTIONS_VERSION = "cap-1"
 
