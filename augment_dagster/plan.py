@@ -11,7 +11,7 @@ below are diffusers' (``X.from_config`` of SD-1.x's scheduler config; tests/test
 diffusers).
 
 Where a value came from (``sources``): ``default`` (the project's default), ``method`` (the algorithm's paper
-default in ``methods/<name>.py``), ``recipe`` (a classifier recipe of ``config.RECIPES``), ``paper preset`` (set
+default in ``methods/<name>.py``), ``recipe`` (a classifier recipe of ``training/recipes.py``), ``paper preset`` (set
 in a file under ``assets_config/papers/``) or ``config`` (set in any other config file).
 """
 from __future__ import annotations
@@ -21,7 +21,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .config import RECIPES, TrainingConfig, load_config
+from .config import TrainingConfig, load_config
+from .training.recipes import RECIPES, freeze_for, method_evaluation
 
 # UNet image-passes per second of an SD-1.x UNet at 512² in fp16, batched (a CFG step on B latents counts 2B):
 # the figure the GPU-hours estimate divides by. An assumption, stated in the output; measure your GPU and pass
@@ -98,7 +99,7 @@ def _training_sources(cfg, entry: str | None, t: TrainingConfig, preset: bool) -
             out[k] = {"from": "recipe", "at": f"RECIPES[{recipe!r}]"}
         else:
             out[k] = {"from": "default", "at": f"TrainingConfig.{k}"}
-    if entry and entry in cfg.methods and cfg.method_algorithm(entry) in ("genie", "genie_ada") \
+    if entry and entry in cfg.methods and method_evaluation(cfg.method_algorithm(entry)) \
             and out["evaluation"]["from"] == "default":
         out["evaluation"] = {"from": "method", "at": "TrainingConfig.resolved (GeNIe: few_shot_episodes)"}
     return out
@@ -266,7 +267,7 @@ def _plain_m(cfg, entry) -> int:
 
 
 def classifier_plan(cfg, t: TrainingConfig) -> dict[str, Any]:
-    probe = cfg.freeze_backbone_for(t)
+    probe = freeze_for(t, cfg.models.classifier)
     return {
         "recipe": t.recipe, "backbone": cfg.models.classifier.source, "pretrained": cfg.models.classifier.pretrained,
         "linear_probe": probe, "full_fine_tune": not probe, "optimizer": t.optimizer, "lr": t.lr,

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from augment_dagster.config import RECIPES, ClassifierModelConfig, ConfigError, TrainingConfig, parse_config
+from augment_dagster.config import ClassifierModelConfig, ConfigError, TrainingConfig, parse_config
 from augment_dagster.data.builtin import SHAPES, generate_pool
 from augment_dagster.metrics import accuracy, episode_ci, mean_per_class_accuracy
 from augment_dagster.training.classifier import (
@@ -22,6 +22,7 @@ from augment_dagster.training.classifier import (
     train_classifier,
 )
 from augment_dagster.training.stage import _train_cfg
+from augment_dagster.training.recipes import RECIPES
 
 CLASSES = ["circle", "square", "triangle"]
 

@@ -14,6 +14,7 @@ import pandas as pd
 from ..data.images import ImageSource, label_index, to_tensor
 from ..methods.base import StageStats
 from ..store import BlobStore, Memo, memo_key
+from .recipes import freeze_for, steps_per_epoch_for
 
 CLASSIFIER_VERSION = "clf-2"
 WEIGHTS_VERSION = "w-1"
@@ -39,19 +40,6 @@ def classifier_key_params(training, classifier_cfg) -> dict[str, Any]:
     if not getattr(classifier_cfg, "pretrained", True):
         d["pretrained"] = False
     return d
-
-
-def steps_per_epoch_for(training, n_real: int) -> int:
-    """Batches per epoch: ``steps_per_epoch``, or with ``epoch_unit: data`` one pass over the ``n_real`` real
-    train images, ⌈n_real / batch_size⌉ (Diff-II's DataLoader epochs)."""
-    if getattr(training, "epoch_unit", "steps") == "data":
-        return max(1, -(-int(n_real) // int(training.batch_size)))
-    return int(training.steps_per_epoch)
-
-
-def freeze_for(training, classifier_cfg) -> bool:
-    lp = getattr(training, "linear_probe", None)
-    return bool(classifier_cfg.freeze_backbone if lp is None else lp)
 
 
 def _train_cfg(training, classifier_cfg, seed: int, device: str, n_real: int = 0):
