@@ -42,7 +42,7 @@ FEATURES_VERSION = "feats-1"
 @lru_cache(maxsize=4)
 def encoder_fingerprint(source: str) -> str:
     """The encoder's identity for memo keys: the weights' digest for the shipped backbone, else the source."""
-    from .classifier import PRETRAINED_BACKBONE, PRETRAINED_BACKBONE_FILE
+    from .backbones import PRETRAINED_BACKBONE, PRETRAINED_BACKBONE_FILE
 
     if source == PRETRAINED_BACKBONE and Path(PRETRAINED_BACKBONE_FILE).is_file():
         return f"{source}@{hashlib.sha256(Path(PRETRAINED_BACKBONE_FILE).read_bytes()).hexdigest()[:16]}"
@@ -51,7 +51,7 @@ def encoder_fingerprint(source: str) -> str:
 
 @lru_cache(maxsize=4)
 def load_encoder(source: str):
-    from .classifier import build_classifier
+    from .backbones import build_classifier
 
     return build_classifier(source, 1, freeze_backbone=True).eval()
 
@@ -64,7 +64,7 @@ def cached_features(ids: list[str], load, *, encoder: str, image_size: int, blob
     import torch
 
     from ..store.tensors import tensor_bytes, tensor_from_bytes
-    from .classifier import build_train_transform, extract_features
+    from .loop import build_train_transform, extract_features
 
     key = memo_key("features", FEATURES_VERSION, model=encoder_fingerprint(encoder),
                    params={"image_size": image_size, "views": views, "normalize": normalize}, inputs=list(ids),
