@@ -308,7 +308,7 @@ def train_blip(imgs, attrs, args, report):
 
 # ----------------------------------------------------------------------------- (e) judge
 def train_judge(x_u8, attrs, args, report):
-    from augment_dagster.config import TrainingConfig
+    from augment_dagster.config import ClassifierModelConfig, TrainingConfig
     from augment_dagster.training.backbones import save_classifier
     from augment_dagster.training.loop import train_classifier
 
@@ -319,7 +319,8 @@ def train_judge(x_u8, attrs, args, report):
     nv = max(1, min(300, len(x) // 10))
     val, tr = perm[:nv], perm[nv:]
     cfg = TrainingConfig(epochs=args.judge_epochs, steps_per_epoch=100, batch_size=64, lr=2e-3)
-    res = train_classifier(x[tr], y[tr], x[val], y[val], len(SHAPES), cfg, seed=args.seed, device="cpu")
+    res = train_classifier(x[tr], y[tr], x[val], y[val], len(SHAPES), cfg, ClassifierModelConfig(),
+                           seed=args.seed, device="cpu")
     data = save_classifier(res.model, {"classes": list(SHAPES)})
     report["judge"] = dict(epochs=args.judge_epochs, wall_s=round(time.time() - t0, 1), val_acc=round(res.best_val_acc, 4),
                            classes=list(SHAPES), params=sum(p.numel() for p in res.model.parameters()))
@@ -358,7 +359,7 @@ def train_backbone(x_u8, attrs, args, report) -> bytes:
     RRC(0.2–1) + HFlip. Only the backbone (no head) is shipped."""
     import io
 
-    from augment_dagster.config import TrainingConfig
+    from augment_dagster.config import ClassifierModelConfig, TrainingConfig
     from augment_dagster.training.backbones import TinyCNN
     from augment_dagster.training.loop import train_classifier
 
@@ -374,7 +375,8 @@ def train_backbone(x_u8, attrs, args, report) -> bytes:
     model = TinyCNN(len(names), width=args.backbone_width)
     cfg = TrainingConfig(epochs=args.backbone_epochs, steps_per_epoch=100, batch_size=args.backbone_bs,
                          lr=args.backbone_lr, train_aug="weak")
-    res = train_classifier(x[tr], y[tr], x[val], y[val], len(names), cfg, seed=args.seed + 11, device="cpu", model=model)
+    res = train_classifier(x[tr], y[tr], x[val], y[val], len(names), cfg, ClassifierModelConfig(),
+                           seed=args.seed + 11, device="cpu", model=model)
     model = res.model.eval()
     ev = backbone_probe_evidence(model)
     torch.manual_seed(args.seed + 11)

@@ -60,6 +60,7 @@ def test_config_and_trainer_agree_on_names():
     assert set(fields["optimizer"].annotation.__args__) == set(OPTIMIZERS)
     assert set(fields["schedule"].annotation.__args__) == set(SCHEDULES)
     assert set(fields["train_aug"].annotation.__args__) == set(TRAIN_AUGS)
+    assert set(fields["recipe"].annotation.__args__) == set(RECIPES)
 
 
 def test_method_training_override_errors_name_the_key():
@@ -169,7 +170,7 @@ def test_class_balanced_flag_reaches_the_sampler(monkeypatch):
     monkeypatch.setattr(loop, "MixingSampler", Recording)
     for balanced, expect in ((True, 0.5), (False, 0.2)):
         cfg = TrainingConfig(epochs=1, steps_per_epoch=1, batch_size=4, class_balanced=balanced)
-        train_classifier(x, y, x, y, 2, cfg, device="cpu")
+        train_classifier(x, y, x, y, 2, cfg, ClassifierModelConfig(), device="cpu")
         p = used[-1].probabilities()[0]
         assert p[y.numpy() == 1].sum() == pytest.approx(expect)
     assert len(used) == 2

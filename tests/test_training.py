@@ -148,11 +148,12 @@ def easy():
 
 
 FAST = dict(epochs=3, steps_per_epoch=8, batch_size=16)
+CNN = ClassifierModelConfig()  # tiny-cnn, random init
 
 
 def test_tiny_cnn_learns_easy_problem(easy):
     tx, ty, vx, vy = easy
-    res = train_classifier(tx, ty, vx, vy, 2, TrainingConfig(**FAST), device="cpu")
+    res = train_classifier(tx, ty, vx, vy, 2, TrainingConfig(**FAST), CNN, device="cpu")
     assert res.best_val_acc > 0.9
     assert len(res.history) == 3 and {"epoch", "train_loss", "val_acc", "val_loss", "n_synthetic_drawn"} <= set(res.history[0])
     assert res.n_real_draws == 3 * 8 * 16 and res.n_syn_draws == 0
@@ -166,7 +167,7 @@ def test_tiny_cnn_learns_easy_problem(easy):
 def test_best_epoch_selected_on_val_and_deep_copied(easy):
     tx, ty, vx, vy = easy
     # flipped validation labels: the best "val" epoch is the one that is worst on the real task
-    res = train_classifier(tx, ty, vx, 1 - vy, 2, TrainingConfig(**FAST, train_aug="none"), device="cpu")
+    res = train_classifier(tx, ty, vx, 1 - vy, 2, TrainingConfig(**FAST, train_aug="none"), CNN, device="cpu")
     accs = [h["val_acc"] for h in res.history]
     assert res.best_val_acc == max(accs) and res.best_epoch == int(np.argmax(accs))
     acc = float((predict_logits(res.model, vx).argmax(1) == (1 - vy)).float().mean())
@@ -179,14 +180,14 @@ def test_training_is_deterministic_with_synthetics(easy):
     groups = [np.nonzero(sy.numpy() == int(c))[0] for c in ty]
     w = np.linspace(0.1, 1.0, 16)
     cfg = TrainingConfig(epochs=1, steps_per_epoch=4, batch_size=16)
-    runs = [train_classifier(tx, ty, vx, vy, 2, cfg, seed=3, device="cpu", synth_x=sx, synth_y=sy, groups=groups,
-                             syn_weights=w, alpha=0.5)
+    runs = [train_classifier(tx, ty, vx, vy, 2, cfg, CNN, seed=3, device="cpu", synth_x=sx, synth_y=sy,
+                             groups=groups, syn_weights=w, alpha=0.5)
             for _ in range(2)]
     s1, s2 = runs[0].model.state_dict(), runs[1].model.state_dict()
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
     assert runs[0].n_syn_draws > 0 and runs[0].n_syn_draws == sum(h["n_synthetic_drawn"] for h in runs[0].history)
     assert runs[0].n_real_draws + runs[0].n_syn_draws == 4 * 16
-    other = train_classifier(tx, ty, vx, vy, 2, cfg, seed=4, device="cpu")
+    other = train_classifier(tx, ty, vx, vy, 2, cfg, CNN, seed=4, device="cpu")
     assert not all(torch.equal(s1[k], other.model.state_dict()[k]) for k in s1)
 
 
@@ -196,7 +197,7 @@ def test_freeze_backbone_trains_head_only(easy):
     model = TinyCNN(2, freeze_backbone=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     res = train_classifier(tx, ty, vx, vy, 2, TrainingConfig(epochs=1, steps_per_epoch=3, batch_size=8, linear_probe=True),
-                           device="cpu", model=model)
+                           CNN, device="cpu", model=model)
     after = res.model.state_dict()
     for k in before:
         if k.startswith("backbone."):  # weights and BatchNorm running statistics
@@ -208,7 +209,7 @@ def test_cutmix_and_mixup_paths(easy):
     tx, ty, vx, vy = easy
     for extra in (dict(cutmix_prob=1.0), dict(mixup_alpha=0.4), dict(cutmix_prob=0.5, mixup_alpha=1.0, label_smoothing=0.1)):
         res = train_classifier(tx, ty, vx, vy, 2, TrainingConfig(epochs=1, steps_per_epoch=2, batch_size=8, **extra),
-                               device="cpu")
+                               CNN, device="cpu")
         assert np.isfinite(res.history[0]["train_loss"])
     x, y = tx[:8], ty[:8]
     with torch.random.fork_rng():

@@ -13,17 +13,20 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ClassifierModelConfig, TrainingConfig
 from ..util import pick_device
 from .backbones import build_classifier
 from .recipes import freeze_for, resolve_training, steps_per_epoch_for
 from .sampler import MixingSampler
+
+if TYPE_CHECKING:  # the schema is passed in; importing it here would close a cycle through config's lazy imports
+    from ..config import ClassifierModelConfig, TrainingConfig
 
 log = logging.getLogger(__name__)
 
@@ -147,15 +150,14 @@ def make_scheduler(opt, training: TrainingConfig, total: int):
 
 
 def train_classifier(real_x: torch.Tensor, real_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
-                     num_classes: int, training: TrainingConfig, classifier: ClassifierModelConfig | None = None, *,
+                     num_classes: int, training: TrainingConfig, classifier: ClassifierModelConfig, *,
                      seed: int = 0, device: str = "auto", synth_x: torch.Tensor | None = None,
                      synth_y: torch.Tensor | None = None, groups=None, syn_weights=None, alpha: float = 0.0,
                      select_on: str = "val_acc", patience: int | None = None, cache_features: bool = True,
                      cache_root: str | None = None, progress: bool = False, model: nn.Module | None = None,
                      features: tuple | None = None) -> TrainResult:
-    """Train a ``classifier`` (``models.classifier``: source, pretrained, freeze_backbone; default a random-init
-    tiny CNN) with the settings of ``training`` (recipe applied here; idempotent) for ``epochs`` ×
-    steps-per-epoch batches (``steps_per_epoch``, or one pass over the real images with ``epoch_unit: data``)
+    """Train a ``classifier`` (``models.classifier``: source, pretrained, freeze_backbone) with the settings of
+    ``training`` (recipe applied here; idempotent) for ``epochs`` × steps-per-epoch batches (``steps_per_epoch``, or one pass over the real images with ``epoch_unit: data``)
     drawn by :class:`MixingSampler` (class-balanced or uniform real draws; with probability ``alpha`` a synthetic
     of the drawn image's group), with ``optimizer``, the per-step LR schedule ``schedule`` and the online transform
     ``train_aug``. The backbone is frozen when the recipe's ``linear_probe`` (else ``freeze_backbone``) says so.
@@ -170,7 +172,6 @@ def train_classifier(real_x: torch.Tensor, real_y: torch.Tensor, val_x: torch.Te
     on the CPU. Seeded: identical inputs + settings give identical weights on CPU; the caller's global RNG
     state is left untouched."""
     training = resolve_training(training)
-    classifier = classifier if classifier is not None else ClassifierModelConfig()
     if select_on not in SELECT_ON:
         raise ValueError(f"unknown select_on {select_on!r}; valid: {', '.join(SELECT_ON)}")
     if patience is not None and patience < 1:

@@ -6,11 +6,12 @@ the schema's defaults < ``RECIPES[recipe]`` < keys set explicitly in ``training:
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from ..config_training import RECIPE_NAMES, TrainingConfig
+if TYPE_CHECKING:
+    from ..config_training import TrainingConfig
 
 # The papers' downstream classifier recipes (METHODS.md §1–§5). Each is a table of TrainingConfig defaults;
 # keys set explicitly in ``training:`` (and then in ``methods.<entry>.training``) win key by key. The step
@@ -45,8 +46,6 @@ RECIPES: dict[str, dict[str, Any]] = {
                        epoch_unit="data", batch_size=32, train_aug="crop", linear_probe=True, class_balanced=False,
                        headline="top1"),
 }
-
-assert tuple(RECIPES) == RECIPE_NAMES, "RECIPES and config_training.RECIPE_NAMES must list the same recipes"
 
 
 def method_evaluation(algorithm: str | None) -> list[str] | None:
@@ -83,7 +82,7 @@ def resolve_training(training: TrainingConfig, overrides: dict[str, Any] | None 
         evaluation = method_evaluation(algorithm)
         if evaluation is not None:
             merged["evaluation"] = evaluation
-    return TrainingConfig.model_validate(merged)
+    return type(training).model_validate(merged)
 
 
 def freeze_for(training, classifier_cfg) -> bool:
