@@ -186,7 +186,7 @@ class ExperimentConfig(_Strict):
                     loc = ".".join(str(x) for x in err.get("loc", ()))
                     msg = "unknown key" if err.get("type") == "extra_forbidden" else err.get("msg", "")
                     raise ValueError(f"methods.{name}.training.{loc}: {msg}") from None
-        from .training.episodes import check_episode_comparison  # numpy/pandas only
+        from .training.episode_rules import check_episode_comparison  # numpy/pandas only
 
         check_episode_comparison(self)
         return self
