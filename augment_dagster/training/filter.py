@@ -63,8 +63,8 @@ def train_diagen_filter(split: pd.DataFrame, *, images: ImageSource, blobs: Blob
         return {**rec, "memo_key": key}, True
     import torch
 
-    from ..metrics import accuracy
     from ..config import ClassifierModelConfig, TrainingConfig
+    from ..metrics import accuracy
     from .backbones import save_classifier
     from .loop import predict_logits, train_classifier
     from .temperature import fit_temperature, nll
