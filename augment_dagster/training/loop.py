@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 #   dafusion = Resize + HFlip + Rot ±15° (DA-Fusion/DIAGen); pad_crop = RandomCrop with padding + HFlip (Diff-II;
 #   pad 8 px at 224, scaled to the image size); strong (GeNIe); randaugment (N 2, M 9)
 TRAIN_AUGS = ("none", "crop", "weak", "dafusion", "pad_crop", "strong", "randaugment")
+# what _make_optimizer / make_scheduler implement (the schema's Literals list the same: tests/test_protocols.py)
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("onecycle", "cosine", "constant")
 SELECT_ON = ("val_acc", "val_loss")
