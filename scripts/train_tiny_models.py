@@ -308,7 +308,9 @@ def train_blip(imgs, attrs, args, report):
 
 # ----------------------------------------------------------------------------- (e) judge
 def train_judge(x_u8, attrs, args, report):
-    from augment_dagster.training.classifier import TrainConfig, save_classifier, train_classifier
+    from augment_dagster.config import ClassifierModelConfig, TrainingConfig
+    from augment_dagster.training.backbones import save_classifier
+    from augment_dagster.training.loop import train_classifier
 
     t0 = time.time()
     y = torch.tensor([SHAPES.index(a.shape) for a in attrs])
@@ -316,9 +318,9 @@ def train_judge(x_u8, attrs, args, report):
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed + 7))
     nv = max(1, min(300, len(x) // 10))
     val, tr = perm[:nv], perm[nv:]
-    cfg = TrainConfig(epochs=args.judge_epochs, steps_per_epoch=100, batch_size=64, lr=2e-3, seed=args.seed,
-                      device="cpu")
-    res = train_classifier(x[tr], y[tr], x[val], y[val], len(SHAPES), cfg)
+    cfg = TrainingConfig(epochs=args.judge_epochs, steps_per_epoch=100, batch_size=64, lr=2e-3)
+    res = train_classifier(x[tr], y[tr], x[val], y[val], len(SHAPES), cfg, ClassifierModelConfig(),
+                           seed=args.seed, device="cpu")
     data = save_classifier(res.model, {"classes": list(SHAPES)})
     report["judge"] = dict(epochs=args.judge_epochs, wall_s=round(time.time() - t0, 1), val_acc=round(res.best_val_acc, 4),
                            classes=list(SHAPES), params=sum(p.numel() for p in res.model.parameters()))
@@ -338,7 +340,7 @@ def _linear_probe(feats_tr, y_tr, feats_te, y_te) -> float:
 def backbone_probe_evidence(model, per_class_train: int = 16, per_class_test: int = 20, shots=(2, 4, 16)) -> dict:
     """Linear-probe accuracy (L2-normalised features, LogisticRegression C=1) of ``model``'s features: fit on the
     first K images per class of the demo's *train* pool, scored on its *test* pool (neither is in the pretrain pool)."""
-    from augment_dagster.training.classifier import extract_features
+    from augment_dagster.training.loop import extract_features
 
     def pool(name, n):
         items = [(im, SHAPES.index(c)) for c in SHAPES for im, _ in generate_pool(name, c, n, 0, SIZE)]
@@ -357,7 +359,9 @@ def train_backbone(x_u8, attrs, args, report) -> bytes:
     RRC(0.2–1) + HFlip. Only the backbone (no head) is shipped."""
     import io
 
-    from augment_dagster.training.classifier import TinyCNN, TrainConfig, train_classifier
+    from augment_dagster.config import ClassifierModelConfig, TrainingConfig
+    from augment_dagster.training.backbones import TinyCNN
+    from augment_dagster.training.loop import train_classifier
 
     t0 = time.time()
     names = [c for c in SHAPES if c != HELD_OUT]
@@ -369,9 +373,10 @@ def train_backbone(x_u8, attrs, args, report) -> bytes:
     val, tr = perm[:nv], perm[nv:]
     torch.manual_seed(args.seed + 11)
     model = TinyCNN(len(names), width=args.backbone_width)
-    cfg = TrainConfig(epochs=args.backbone_epochs, steps_per_epoch=100, batch_size=args.backbone_bs,
-                      lr=args.backbone_lr, train_aug="weak", seed=args.seed + 11, device="cpu")
-    res = train_classifier(x[tr], y[tr], x[val], y[val], len(names), cfg, model=model)
+    cfg = TrainingConfig(epochs=args.backbone_epochs, steps_per_epoch=100, batch_size=args.backbone_bs,
+                         lr=args.backbone_lr, train_aug="weak")
+    res = train_classifier(x[tr], y[tr], x[val], y[val], len(names), cfg, ClassifierModelConfig(),
+                           seed=args.seed + 11, device="cpu", model=model)
     model = res.model.eval()
     ev = backbone_probe_evidence(model)
     torch.manual_seed(args.seed + 11)
@@ -399,7 +404,7 @@ def heldout_images(per_class: int, seed: int = 0, classes=SHAPES):
 
 
 def load_judge(path):
-    from augment_dagster.training.classifier import load_classifier
+    from augment_dagster.training.backbones import load_classifier
 
     model, meta = load_classifier(Path(path).read_bytes())
     return model, meta["classes"]

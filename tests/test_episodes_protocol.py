@@ -70,7 +70,8 @@ def _cfg(methods, episodes=None, shots=(1, 5), **training):
 def test_comparison_rule_accepts_genie_and_its_baselines():
     cfg = parse_config(_cfg({"genie": {}, "genie_ada": {}, "img2img_low": {}, "img2img_high": {}, "txt2img": {},
                              "dafusion": {}, "standard": {}}))
-    from augment_dagster.training.episodes import augmented_per_class, natural_episode_count
+    from augment_dagster.training.episode_rules import natural_episode_count
+    from augment_dagster.training.episodes import augmented_per_class
 
     e = cfg.training.episodes
     assert [augmented_per_class(e, k) for k in (1, 5)] == [4, 20]  # GeNIe: 4 at 5-way 1-shot, 20 at 5-shot

@@ -48,7 +48,7 @@ def test_roundtrip_against_real_server(server, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    from augment_dagster.training.classifier import TinyCNN
+    from augment_dagster.training.backbones import TinyCNN
 
     t = MlflowTracker(tracking_uri=server)
     model = TinyCNN(3)

@@ -3,7 +3,7 @@
 Each table row is (JSON path in the plan, the paper's value). The value is written from the paper (or, where the
 paper is silent, from its reference code, tagged [C]); the comment above each row quotes the sentence it comes
 from — the paper's words where ../shared/METHODS.md or the issue quotes them, else METHODS.md's summary of the
-paper [P] or the code [C]. Nothing here is read from config.RECIPES or a method's defaults: a drifting recipe,
+paper [P] or the code [C]. Nothing here is read from training.recipes.RECIPES or a method's defaults: a drifting recipe,
 default or preset fails the row that names it.
 """
 from __future__ import annotations

@@ -13,7 +13,8 @@ import yaml
 
 from augment_dagster.cli import main
 from augment_dagster.config import DEFAULT_CONFIG_DIR, PROJECT_ROOT, parse_config
-from augment_dagster.plan import plan_config, schedule_timesteps, unet_calls
+from augment_dagster.plan.compute import plan_config
+from augment_dagster.plan.work import schedule_timesteps, unet_calls
 
 DEMO = DEFAULT_CONFIG_DIR / "demo.yaml"
 KEYS = {"algorithm", "scheduler", "steps", "start_rule", "guidance_scale", "images_per_real", "images_per_class",

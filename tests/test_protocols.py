@@ -9,19 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from augment_dagster.config import RECIPES, ClassifierModelConfig, ConfigError, TrainingConfig, parse_config
+from augment_dagster.config import ClassifierModelConfig, ConfigError, TrainingConfig, parse_config
 from augment_dagster.data.builtin import SHAPES, generate_pool
 from augment_dagster.metrics import accuracy, episode_ci, mean_per_class_accuracy
-from augment_dagster.training.classifier import (
-    PRETRAINED_BACKBONE_FILE,
-    TinyCNN,
-    build_classifier,
-    build_train_transform,
-    extract_features,
-    predict_logits,
-    train_classifier,
-)
-from augment_dagster.training.stage import _train_cfg
+from augment_dagster.training.backbones import PRETRAINED_BACKBONE_FILE, TinyCNN, build_classifier
+from augment_dagster.training.loop import build_train_transform, extract_features, predict_logits, train_classifier
+from augment_dagster.training.recipes import RECIPES
 
 CLASSES = ["circle", "square", "triangle"]
 
@@ -60,13 +53,14 @@ def test_recipe_tables_and_key_by_key_overrides():
 
 def test_config_and_trainer_agree_on_names():
     from augment_dagster.config import TRAIN_AUG_NAMES
-    from augment_dagster.training.classifier import OPTIMIZERS, SCHEDULES, TRAIN_AUGS
+    from augment_dagster.training.loop import OPTIMIZERS, SCHEDULES, TRAIN_AUGS
 
     assert set(TRAIN_AUG_NAMES) == set(TRAIN_AUGS)
     fields = TrainingConfig.model_fields
     assert set(fields["optimizer"].annotation.__args__) == set(OPTIMIZERS)
     assert set(fields["schedule"].annotation.__args__) == set(SCHEDULES)
     assert set(fields["train_aug"].annotation.__args__) == set(TRAIN_AUGS)
+    assert set(fields["recipe"].annotation.__args__) == set(RECIPES)
 
 
 def test_method_training_override_errors_name_the_key():
@@ -98,8 +92,8 @@ def test_each_recipe_trains_tiny_model(recipe, shapes):
     # recipe's values are is checked against the papers in test_paper_presets.py, through `augment plan`)
     training = TrainingConfig(recipe=recipe).resolved({"epochs": 2, "steps_per_epoch": 10, "batch_size": 12,
                                                         "epoch_unit": "steps"})
-    cfg = _train_cfg(training, ClassifierModelConfig(source="tiny-pretrained"), seed=0, device="cpu")
-    res = train_classifier(tx, ty, vx, vy, 3, cfg)
+    clf = ClassifierModelConfig(source="tiny-pretrained")
+    res = train_classifier(tx, ty, vx, vy, 3, training, clf, seed=0, device="cpu")
     opt_cls, shape = EXPECTED[recipe]
     assert res.optimizer == opt_cls
     lrs = np.array(res.lr_curve)
@@ -115,8 +109,8 @@ def test_each_recipe_trains_tiny_model(recipe, shapes):
             assert peak == round(training.warmup_frac * len(lrs))
             assert lrs[peak] == pytest.approx(training.lr)
     # the recipe's online transform is applied: without it the same seed gives other weights
-    plain = train_classifier(tx, ty, vx, vy, 3, _train_cfg(training.model_copy(update={"train_aug": "none"}),
-                                                           ClassifierModelConfig(source="tiny-pretrained"), 0, "cpu"))
+    plain = train_classifier(tx, ty, vx, vy, 3, training.model_copy(update={"train_aug": "none"}), clf, seed=0,
+                             device="cpu")
     assert not torch.equal(plain.model.head.weight, res.model.head.weight)
     assert plain.optimizer == res.optimizer and plain.lr_curve == res.lr_curve
     # a random online transform prevents feature caching; the linear probe keeps the backbone fixed
@@ -164,19 +158,19 @@ def test_class_balanced_flag_reaches_the_sampler(monkeypatch):
     tx, ty = _pool("train", 4)
     x = torch.cat([tx[ty == 0], tx[ty == 1][:1]])
     y = torch.cat([ty[ty == 0], ty[ty == 1][:1]])  # 4 : 1
-    from augment_dagster.training import classifier as clf
+    from augment_dagster.training import loop
 
     used = []
 
-    class Recording(clf.MixingSampler):
+    class Recording(loop.MixingSampler):
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
             used.append(self)
 
-    monkeypatch.setattr(clf, "MixingSampler", Recording)
+    monkeypatch.setattr(loop, "MixingSampler", Recording)
     for balanced, expect in ((True, 0.5), (False, 0.2)):
-        cfg = clf.TrainConfig(epochs=1, steps_per_epoch=1, batch_size=4, class_balanced=balanced, device="cpu")
-        train_classifier(x, y, x, y, 2, cfg)
+        cfg = TrainingConfig(epochs=1, steps_per_epoch=1, batch_size=4, class_balanced=balanced)
+        train_classifier(x, y, x, y, 2, cfg, ClassifierModelConfig(), device="cpu")
         p = used[-1].probabilities()[0]
         assert p[y.numpy() == 1].sum() == pytest.approx(expect)
     assert len(used) == 2
@@ -210,13 +204,11 @@ def test_pretrained_backbone_pool_is_disjoint_from_demo_pools():
 def test_linear_probe_caches_features_and_trains_fast(shapes):
     import time
 
-    from augment_dagster.training.classifier import TrainConfig
-
     tx, ty, vx, vy = shapes
-    cfg = TrainConfig(backbone="tiny-pretrained", freeze_backbone=True, train_aug="none", epochs=20,
-                      steps_per_epoch=50, batch_size=32, optimizer="adam", lr=1e-2, schedule="constant", device="cpu")
+    cfg = TrainingConfig(linear_probe=True, train_aug="none", epochs=20, steps_per_epoch=50, batch_size=32,
+                         optimizer="adam", lr=1e-2, schedule="constant")
     t = time.perf_counter()
-    res = train_classifier(tx, ty, vx, vy, 3, cfg)
+    res = train_classifier(tx, ty, vx, vy, 3, cfg, ClassifierModelConfig(source="tiny-pretrained"), device="cpu")
     assert res.features_cached and time.perf_counter() - t < 10  # 1000 head steps on cached features
     # the cached path is the same model: its val accuracy is what predict_logits gives
     assert float((predict_logits(res.model, vx).argmax(1) == vy).float().mean()) == pytest.approx(res.best_val_acc)
@@ -361,7 +353,7 @@ def test_pipeline_filter_temperature_and_q_views(piped):
     """T is fitted on the odd val half by the filter asset, and q averages the filter's own train-transform views."""
     from augment_dagster.data.images import ImageSource, label_index, to_tensor
     from augment_dagster.store import BlobStore
-    from augment_dagster.training.classifier import build_train_transform, load_classifier
+    from augment_dagster.training.backbones import load_classifier
     from augment_dagster.training.filter import split_val
     from augment_dagster.training.temperature import fit_temperature
 
@@ -444,7 +436,6 @@ def test_linear_probe_features_come_from_the_store(tmp_path):
     """A frozen pretrained backbone with no random transform: the stage takes real/val features from the store
     (shared by every classifier of the split), and the result equals encoding in the trainer."""
     from augment_dagster.store import BlobStore, Memo
-    from augment_dagster.training.classifier import TrainConfig
     from augment_dagster.training.episodes import load_encoder
     from augment_dagster.training.stage import train_classifier_stage
 
@@ -467,16 +458,16 @@ def test_linear_probe_features_come_from_the_store(tmp_path):
     assert memo.hits >= hits + 2 and rec2["blob"] != rec["blob"]
     # same weights as encoding inside the trainer
     from augment_dagster.data.images import to_tensor
-    from augment_dagster.training.stage import _train_cfg, load_classifier_blob
+    from augment_dagster.training.stage import load_classifier_blob
 
     tr, va = split[split.role == "train"].sort_values(["label", "rank"]), split[split.role == "val"].sort_values(["label", "rank"])
     idx = {c: k for k, c in enumerate(sorted(CLASSES))}
     rx, vx = to_tensor([ims[i] for i in tr.image_id], 32), to_tensor([ims[i] for i in va.image_id], 32)
     ry, vy = torch.tensor([idx[l] for l in tr.label]), torch.tensor([idx[l] for l in va.label])
-    direct = train_classifier(rx, ry, vx, vy, 3, _train_cfg(training.resolved(), clf, 0, "cpu"))
+    direct = train_classifier(rx, ry, vx, vy, 3, training, clf, seed=0, device="cpu")
     stored, _ = load_classifier_blob(blobs, rec["blob"])
     assert torch.allclose(direct.model.head.weight, stored.head.weight, atol=1e-5)
-    assert isinstance(load_encoder("tiny-pretrained"), TinyCNN) and TrainConfig().cache_features
+    assert isinstance(load_encoder("tiny-pretrained"), TinyCNN)
     # evaluated on the store's features of the rows (head only): the same accuracy and confusion as a full forward
     from augment_dagster.training.stage import evaluate
 

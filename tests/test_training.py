@@ -5,18 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from augment_dagster.training.classifier import (
+from augment_dagster.config import ClassifierModelConfig, TrainingConfig
+from augment_dagster.training.backbones import (
     HFBackboneClassifier,
     TinyCNN,
-    TrainConfig,
-    _mix,
     build_classifier,
-    extract_features,
     load_classifier,
-    predict_logits,
     save_classifier,
-    train_classifier,
 )
+from augment_dagster.training.loop import _mix, extract_features, predict_logits, train_classifier
 from augment_dagster.training.sampler import MixingSampler
 from augment_dagster.training.temperature import fit_temperature, nll
 
@@ -150,12 +147,13 @@ def easy():
     return tx, ty, vx, vy
 
 
-FAST = dict(epochs=3, steps_per_epoch=8, batch_size=16, device="cpu")
+FAST = dict(epochs=3, steps_per_epoch=8, batch_size=16)
+CNN = ClassifierModelConfig()  # tiny-cnn, random init
 
 
 def test_tiny_cnn_learns_easy_problem(easy):
     tx, ty, vx, vy = easy
-    res = train_classifier(tx, ty, vx, vy, 2, TrainConfig(**FAST))
+    res = train_classifier(tx, ty, vx, vy, 2, TrainingConfig(**FAST), CNN, device="cpu")
     assert res.best_val_acc > 0.9
     assert len(res.history) == 3 and {"epoch", "train_loss", "val_acc", "val_loss", "n_synthetic_drawn"} <= set(res.history[0])
     assert res.n_real_draws == 3 * 8 * 16 and res.n_syn_draws == 0
@@ -169,7 +167,7 @@ def test_tiny_cnn_learns_easy_problem(easy):
 def test_best_epoch_selected_on_val_and_deep_copied(easy):
     tx, ty, vx, vy = easy
     # flipped validation labels: the best "val" epoch is the one that is worst on the real task
-    res = train_classifier(tx, ty, vx, 1 - vy, 2, TrainConfig(**FAST, train_aug="none"))
+    res = train_classifier(tx, ty, vx, 1 - vy, 2, TrainingConfig(**FAST, train_aug="none"), CNN, device="cpu")
     accs = [h["val_acc"] for h in res.history]
     assert res.best_val_acc == max(accs) and res.best_epoch == int(np.argmax(accs))
     acc = float((predict_logits(res.model, vx).argmax(1) == (1 - vy)).float().mean())
@@ -181,15 +179,15 @@ def test_training_is_deterministic_with_synthetics(easy):
     sx, sy = _bright_dark(16, 5)
     groups = [np.nonzero(sy.numpy() == int(c))[0] for c in ty]
     w = np.linspace(0.1, 1.0, 16)
-    cfg = TrainConfig(epochs=1, steps_per_epoch=4, batch_size=16, device="cpu", seed=3)
-    runs = [train_classifier(tx, ty, vx, vy, 2, cfg, synth_x=sx, synth_y=sy, groups=groups, syn_weights=w, alpha=0.5)
+    cfg = TrainingConfig(epochs=1, steps_per_epoch=4, batch_size=16)
+    runs = [train_classifier(tx, ty, vx, vy, 2, cfg, CNN, seed=3, device="cpu", synth_x=sx, synth_y=sy,
+                             groups=groups, syn_weights=w, alpha=0.5)
             for _ in range(2)]
     s1, s2 = runs[0].model.state_dict(), runs[1].model.state_dict()
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
     assert runs[0].n_syn_draws > 0 and runs[0].n_syn_draws == sum(h["n_synthetic_drawn"] for h in runs[0].history)
     assert runs[0].n_real_draws + runs[0].n_syn_draws == 4 * 16
-    other = train_classifier(tx, ty, vx, vy, 2, TrainConfig(epochs=1, steps_per_epoch=4, batch_size=16, device="cpu",
-                                                             seed=4))
+    other = train_classifier(tx, ty, vx, vy, 2, cfg, CNN, seed=4, device="cpu")
     assert not all(torch.equal(s1[k], other.model.state_dict()[k]) for k in s1)
 
 
@@ -198,8 +196,8 @@ def test_freeze_backbone_trains_head_only(easy):
     torch.manual_seed(0)
     model = TinyCNN(2, freeze_backbone=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    res = train_classifier(tx, ty, vx, vy, 2, TrainConfig(epochs=1, steps_per_epoch=3, batch_size=8, device="cpu",
-                                                          freeze_backbone=True), model=model)
+    res = train_classifier(tx, ty, vx, vy, 2, TrainingConfig(epochs=1, steps_per_epoch=3, batch_size=8, linear_probe=True),
+                           CNN, device="cpu", model=model)
     after = res.model.state_dict()
     for k in before:
         if k.startswith("backbone."):  # weights and BatchNorm running statistics
@@ -210,17 +208,17 @@ def test_freeze_backbone_trains_head_only(easy):
 def test_cutmix_and_mixup_paths(easy):
     tx, ty, vx, vy = easy
     for extra in (dict(cutmix_prob=1.0), dict(mixup_alpha=0.4), dict(cutmix_prob=0.5, mixup_alpha=1.0, label_smoothing=0.1)):
-        res = train_classifier(tx, ty, vx, vy, 2, TrainConfig(epochs=1, steps_per_epoch=2, batch_size=8, device="cpu",
-                                                              **extra))
+        res = train_classifier(tx, ty, vx, vy, 2, TrainingConfig(epochs=1, steps_per_epoch=2, batch_size=8, **extra),
+                               CNN, device="cpu")
         assert np.isfinite(res.history[0]["train_loss"])
     x, y = tx[:8], ty[:8]
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        xm, ys = _mix(x, y, 2, TrainConfig(cutmix_prob=1.0))
+        xm, ys = _mix(x, y, 2, TrainingConfig(cutmix_prob=1.0))
     assert xm.shape == x.shape and torch.allclose(ys.sum(1), torch.ones(8))
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        xm, ys = _mix(x, y, 2, TrainConfig(mixup_alpha=1.0))
+        xm, ys = _mix(x, y, 2, TrainingConfig(mixup_alpha=1.0))
     assert torch.allclose(ys.sum(1), torch.ones(8)) and float(xm.min()) >= 0 and float(xm.max()) <= 1
 
 
@@ -233,7 +231,7 @@ def test_cutmix_lambda_equals_pasted_area():
     for seed in range(5):
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            xm, ys = _mix(x, y, c, TrainConfig(cutmix_prob=1.0))
+            xm, ys = _mix(x, y, c, TrainingConfig(cutmix_prob=1.0))
         for i in range(n):
             other = int(ys[i].argmax()) if float(ys[i, i]) < 0.5 else None
             kept = float((xm[i, 0] == x[i, 0]).float().mean())  # pixels still from image i
@@ -284,8 +282,8 @@ def test_hf_backbone_trains_and_roundtrips(easy, tiny_resnet_dir):
     assert isinstance(model, HFBackboneClassifier) and model.feature_dim == 16
     head0 = model.head.weight.detach().clone()
     res = train_classifier(tx[:8], ty[:8], vx[:8], vy[:8], 2,
-                           TrainConfig(backbone=tiny_resnet_dir, epochs=1, steps_per_epoch=1, batch_size=4, device="cpu"),
-                           model=model)
+                           TrainingConfig(epochs=1, steps_per_epoch=1, batch_size=4),
+                           ClassifierModelConfig(source=tiny_resnet_dir), device="cpu", model=model)
     assert not torch.equal(head0, res.model.head.weight)
     assert extract_features(res.model, vx[:3]).shape == (3, 16)
     data = save_classifier(res.model, {"classes": ["a", "b"]})
@@ -296,11 +294,11 @@ def test_hf_backbone_trains_and_roundtrips(easy, tiny_resnet_dir):
 
 def test_hf_frozen_backbone_keeps_batchnorm_stats(easy, tiny_resnet_dir):
     tx, ty, vx, vy = easy
-    cfg = TrainConfig(backbone=tiny_resnet_dir, freeze_backbone=True, epochs=1, steps_per_epoch=2, batch_size=4,
-                      device="cpu")
+    cfg = TrainingConfig(epochs=1, steps_per_epoch=2, batch_size=4)
+    clf = ClassifierModelConfig(source=tiny_resnet_dir, freeze_backbone=True)
     model = build_classifier(tiny_resnet_dir, 2, freeze_backbone=True)
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
-    res = train_classifier(tx[:8], ty[:8], vx[:4], vy[:4], 2, cfg, model=model)
+    res = train_classifier(tx[:8], ty[:8], vx[:4], vy[:4], 2, cfg, clf, device="cpu", model=model)
     after = res.model.backbone.state_dict()
     assert any("running_mean" in k for k in before)
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -318,7 +316,8 @@ def test_from_scratch_backbone_has_random_weights_and_cannot_be_frozen(easy, tin
     with pytest.raises(ValueError, match="cannot be frozen"):
         build_classifier(tiny_resnet_dir, 2, freeze_backbone=True, pretrained=False)
     tx, ty, vx, vy = easy
-    res = train_classifier(tx, ty, vx, vy, 2, TrainConfig(backbone=tiny_resnet_dir, pretrained=False, **FAST))
+    res = train_classifier(tx, ty, vx, vy, 2, TrainingConfig(**FAST),
+                           ClassifierModelConfig(source=tiny_resnet_dir, pretrained=False), device="cpu")
     assert all(p.requires_grad for p in res.model.backbone.parameters())
 
 
@@ -327,21 +326,24 @@ def test_synthetic_aug_transforms_only_synthetic_images(easy):
     synthetic images it is a no-op (same weights as none); with them the weights change."""
     tx, ty, vx, vy = easy
     sx, sy = tx.flip(-1), ty.clone()
-    cfg = dict(backbone="tiny-cnn", train_aug="none", **FAST)
-    real_only = [train_classifier(tx, ty, vx, vy, 2, TrainConfig(synthetic_aug=a, **cfg)).model for a in ("none", "randaugment")]
+    cfg = dict(train_aug="none", **FAST)
+    clf = ClassifierModelConfig(source="tiny-cnn")
+    real_only = [train_classifier(tx, ty, vx, vy, 2, TrainingConfig(synthetic_aug=a, **cfg), clf, device="cpu").model
+                 for a in ("none", "randaugment")]
     assert all(torch.equal(p, q) for p, q in zip(real_only[0].parameters(), real_only[1].parameters()))
-    mixed = [train_classifier(tx, ty, vx, vy, 2, TrainConfig(synthetic_aug=a, **cfg), synth_x=sx, synth_y=sy, alpha=0.5).model
+    mixed = [train_classifier(tx, ty, vx, vy, 2, TrainingConfig(synthetic_aug=a, **cfg), clf, device="cpu", synth_x=sx,
+                              synth_y=sy, alpha=0.5).model
              for a in ("none", "randaugment")]
     assert not all(torch.equal(p, q) for p, q in zip(mixed[0].parameters(), mixed[1].parameters()))
-    with pytest.raises(ValueError, match="unknown synthetic_aug"):
-        TrainConfig(synthetic_aug="cutout").validate()
+    with pytest.raises(ValueError, match="synthetic_aug"):
+        TrainingConfig(synthetic_aug="cutout")
 
 
 def test_epochs_over_the_data_and_memo_keys_of_older_configs():
     """epoch_unit: data makes an epoch ⌈n_real / batch⌉ steps (Diff-II); the keys added for it stay out of a
     classifier's memo key while at their defaults, so earlier configs keep their trained classifiers."""
-    from augment_dagster.config import ClassifierModelConfig, TrainingConfig
-    from augment_dagster.training.stage import _NOT_CLASSIFIER_KEYS, classifier_key_params, steps_per_epoch_for
+    from augment_dagster.training.recipes import steps_per_epoch_for
+    from augment_dagster.training.stage import _NOT_CLASSIFIER_KEYS, classifier_key_params
 
     t = TrainingConfig(recipe="diff_ii").resolved()
     assert t.epoch_unit == "data" and steps_per_epoch_for(t, 1000) == 4 and steps_per_epoch_for(t, 256) == 1

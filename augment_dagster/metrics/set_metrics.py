@@ -46,8 +46,8 @@ def set_metrics(synth: pd.DataFrame, split: pd.DataFrame, *, images, clip, class
     if classifier_blob is not None:
         import torch
 
-        from ..training.classifier import predict_logits
         from ..data.images import to_tensor
+        from ..training.loop import predict_logits
         from ..training.stage import load_classifier_blob
 
         model, meta = load_classifier_blob(services.blobs, classifier_blob)

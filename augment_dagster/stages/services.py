@@ -25,7 +25,7 @@ class FilterServices:
         """L2-normalised penultimate features of a stored classifier."""
         import torch
 
-        from ..training.classifier import extract_features
+        from ..training.loop import extract_features
         from ..training.stage import load_classifier_blob
 
         model, _ = load_classifier_blob(self.blobs, classifier_blob)
@@ -38,7 +38,7 @@ class FilterServices:
         """(the stored classifier's classes, its logits [N, C] on the images)."""
         import torch
 
-        from ..training.classifier import predict_logits
+        from ..training.loop import predict_logits
         from ..training.stage import load_classifier_blob
 
         model, meta = load_classifier_blob(self.blobs, classifier_blob)

@@ -63,8 +63,10 @@ def train_diagen_filter(split: pd.DataFrame, *, images: ImageSource, blobs: Blob
         return {**rec, "memo_key": key}, True
     import torch
 
+    from ..config import ClassifierModelConfig, TrainingConfig
     from ..metrics import accuracy
-    from .classifier import TrainConfig, predict_logits, save_classifier, train_classifier
+    from .backbones import save_classifier
+    from .loop import predict_logits, train_classifier
     from .temperature import fit_temperature, nll
 
     t0 = time.perf_counter()
@@ -73,12 +75,11 @@ def train_diagen_filter(split: pd.DataFrame, *, images: ImageSource, blobs: Blob
     ry = torch.tensor([idx[l] for l in train["label"]])
     ex = to_tensor([images.real(i) for i in es["image_id"]], image_size) if len(es) else rx
     ey = torch.tensor([idx[l] for l in es["label"]]) if len(es) else ry
-    cfg = TrainConfig(backbone=fcfg.backbone, freeze_backbone=True, epochs=fcfg.epochs,
-                      steps_per_epoch=fcfg.steps_per_epoch, batch_size=fcfg.batch_size, lr=fcfg.lr,
-                      weight_decay=fcfg.weight_decay, optimizer=fcfg.optimizer, schedule="constant",
-                      train_aug=fcfg.train_aug, class_balanced=True, select_on="val_loss", patience=fcfg.patience,
-                      seed=seed, device=device)
-    res = train_classifier(rx, ry, ex, ey, len(classes), cfg)
+    training = TrainingConfig(linear_probe=True, epochs=fcfg.epochs, steps_per_epoch=fcfg.steps_per_epoch,
+                              batch_size=fcfg.batch_size, lr=fcfg.lr, weight_decay=fcfg.weight_decay,
+                              optimizer=fcfg.optimizer, schedule="constant", train_aug=fcfg.train_aug, class_balanced=True)
+    res = train_classifier(rx, ry, ex, ey, len(classes), training, ClassifierModelConfig(source=fcfg.backbone),
+                           seed=seed, device=device, select_on="val_loss", patience=fcfg.patience)
     T_fit, t_acc, nll_before, nll_after = 1.0, float("nan"), None, None
     if len(tset):
         tx = to_tensor([images.real(i) for i in tset["image_id"]], image_size)
@@ -133,7 +134,7 @@ def confidence_weights(synth: pd.DataFrame, *, images: ImageSource, blobs: BlobS
         return out
     import torch
 
-    from .classifier import build_train_transform, predict_logits
+    from .loop import build_train_transform, predict_logits
 
     model, meta = load_classifier_blob(blobs, filter_rec["blob"])
     T = float(meta.get("temperature", 1.0))

@@ -14,6 +14,7 @@ import pandas as pd
 from ..data.images import ImageSource, label_index, to_tensor
 from ..stages import StageStats
 from ..store import BlobStore, Memo, memo_key
+from .recipes import freeze_for
 
 CLASSIFIER_VERSION = "clf-2"
 WEIGHTS_VERSION = "w-1"
@@ -39,35 +40,6 @@ def classifier_key_params(training, classifier_cfg) -> dict[str, Any]:
     if not getattr(classifier_cfg, "pretrained", True):
         d["pretrained"] = False
     return d
-
-
-def steps_per_epoch_for(training, n_real: int) -> int:
-    """Batches per epoch: ``steps_per_epoch``, or with ``epoch_unit: data`` one pass over the ``n_real`` real
-    train images, ⌈n_real / batch_size⌉ (Diff-II's DataLoader epochs)."""
-    if getattr(training, "epoch_unit", "steps") == "data":
-        return max(1, -(-int(n_real) // int(training.batch_size)))
-    return int(training.steps_per_epoch)
-
-
-def freeze_for(training, classifier_cfg) -> bool:
-    lp = getattr(training, "linear_probe", None)
-    return bool(classifier_cfg.freeze_backbone if lp is None else lp)
-
-
-def _train_cfg(training, classifier_cfg, seed: int, device: str, n_real: int = 0):
-    """TrainConfig from a *resolved* TrainingConfig (recipe applied) + models.classifier; ``n_real`` (the real
-    train images) sizes an epoch when ``epoch_unit`` is ``data``."""
-    from .classifier import TrainConfig
-
-    return TrainConfig(
-        backbone=classifier_cfg.source, freeze_backbone=freeze_for(training, classifier_cfg), epochs=training.epochs,
-        steps_per_epoch=steps_per_epoch_for(training, n_real), batch_size=training.batch_size, lr=training.lr,
-        synthetic_aug=getattr(training, "synthetic_aug", "none"), pretrained=bool(getattr(classifier_cfg, "pretrained", True)),
-        weight_decay=training.weight_decay, optimizer=training.optimizer, momentum=training.momentum,
-        schedule=training.schedule, warmup_frac=training.warmup_frac, label_smoothing=training.label_smoothing,
-        train_aug=training.train_aug, cutmix_prob=training.cutmix_prob, mixup_alpha=training.mixup_alpha,
-        class_balanced=training.class_balanced, seed=seed, device=device,
-    )
 
 
 def synthetic_groups(train: pd.DataFrame, synth: pd.DataFrame) -> list[np.ndarray]:
@@ -142,7 +114,8 @@ def train_classifier_stage(
     else:
         import torch
 
-        from .classifier import predict_logits, save_classifier, train_classifier
+        from .backbones import save_classifier
+        from .loop import predict_logits, train_classifier
 
         size = training.image_size
         rx = to_tensor([images.real(i) for i in train["image_id"]], size)
@@ -154,14 +127,13 @@ def train_classifier_stage(
             kw = dict(synth_x=to_tensor([images.synthetic(b) for b in synth["blob"]], size),
                       synth_y=torch.tensor([idx[l] for l in synth["label"]]),
                       groups=synthetic_groups(train, synth), syn_weights=syn_w, alpha=alpha)
-        cfg = _train_cfg(training, classifier_cfg, seed, device, n_real=len(train))
-        if (cfg.freeze_backbone and cfg.train_aug == "none" and cfg.synthetic_aug == "none" and cfg.cutmix_prob == 0
-                and cfg.mixup_alpha == 0 and cfg.pretrained
-                and not cfg.backbone.startswith("tiny-cnn")):
+        if (freeze_for(training, classifier_cfg) and training.train_aug == "none" and training.synthetic_aug == "none"
+                and training.cutmix_prob == 0 and training.mixup_alpha == 0 and classifier_cfg.pretrained
+                and not classifier_cfg.source.startswith("tiny-cnn")):
             # linear probe of a fixed pretrained backbone: features from the store, shared by every classifier
             from .episodes import cached_features
 
-            fk = dict(encoder=cfg.backbone, image_size=size, blobs=blobs, memo=memo, normalize=False)
+            fk = dict(encoder=classifier_cfg.source, image_size=size, blobs=blobs, memo=memo, normalize=False)
             f_r, _ = cached_features(list(train["image_id"]), images.real, **fk)
             f_v = cached_features(list(val["image_id"]), images.real, **fk)[0] if len(val) else f_r
             f_s = None
@@ -169,7 +141,7 @@ def train_classifier_stage(
                 blob_of = dict(zip(synth["synthetic_id"], synth["blob"]))
                 f_s, _ = cached_features(list(synth["synthetic_id"]), lambda i: images.synthetic(blob_of[i]), **fk)
             kw["features"] = (f_r, f_s, f_v)
-        res = train_classifier(rx, ry, vx, vy, len(classes), cfg, **kw)
+        res = train_classifier(rx, ry, vx, vy, len(classes), training, classifier_cfg, seed=seed, device=device, **kw)
         T = 1.0
         nll_before = nll_after = None
         val_confusion = None
@@ -199,7 +171,7 @@ def train_classifier_stage(
 
 @lru_cache(maxsize=16)
 def _load_classifier_cached(blob_path: str):
-    from .classifier import load_classifier
+    from .backbones import load_classifier
 
     return load_classifier(Path(blob_path).read_bytes())
 
@@ -221,7 +193,7 @@ def evaluate(model, meta, images: ImageSource, rows: pd.DataFrame, image_size: i
     import torch
 
     from ..metrics import accuracy, confusion_matrix, mean_per_class_accuracy, per_class_accuracy
-    from .classifier import predict_logits
+    from .loop import predict_logits
 
     classes = meta["classes"]
     idx = label_index(classes)
