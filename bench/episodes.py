@@ -2,7 +2,7 @@
 
     python bench/episodes.py [--episodes 20] [--shots 5] [--n-way 5] [--method genie] [--steps 2] [--threads 2]
 
-Runs ``synthetic/<method>`` (``assets.synthetic.compute_synthetic``, no Dagster) on the built-in data with
+Runs ``synthetic/<method>`` (``defs.assets.synthetic.compute_synthetic``, no Dagster) on the built-in data with
 per-episode generation on a fresh store, twice: once with a no-op generation core (returns blank images at
 once: what is left is planning every episode's units, hashing their memo keys, storing the PNGs and building
 the manifest) and once with the tiny-random UNet. Prints seconds per episode for both, the images per
@@ -40,9 +40,9 @@ def run(args, data_dir: Path, noop: bool) -> tuple[float, dict]:
     os.environ["AUGMENT_DATA_DIR"] = str(data_dir)
     import pandas as pd
 
-    import augment_dagster.assets.synthetic as S
-    from augment_dagster.assets.common import Experiment
-    from augment_dagster.assets.data import dataset_root
+    import augment_dagster.defs.assets.synthetic as S
+    from augment_dagster.defs.assets.common import Experiment
+    from augment_dagster.defs.assets.data import dataset_root
     from augment_dagster.config import parse_config
     from augment_dagster.data.imagefolder import scan_imagefolder
     from augment_dagster.data.splits import few_shot_split

@@ -179,7 +179,7 @@ def _reduced_sd15_layout(folder: Path) -> Path:
 
 @pytest.mark.slow
 def test_real_layout_sd_folder_loads_through_source(tmp_path):
-    from augment_dagster.assets.common import (
+    from augment_dagster.defs.assets.common import (
         Experiment,
         diffusion_bundle,
         diffusion_fingerprint,
