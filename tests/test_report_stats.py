@@ -262,6 +262,7 @@ def test_report_asset_puts_the_episodic_section_first(tmp_path, monkeypatch):
     from augment_dagster.defs.assets import report as R
     from augment_dagster.defs.assets.common import Experiment
     from augment_dagster.config import parse_config
+    from augment_dagster.defs.resources import StoreResource
     from augment_dagster.defs.tracking import MlflowTracker
 
     monkeypatch.setenv("AUGMENT_DATA_DIR", str(tmp_path / "data"))
@@ -275,7 +276,7 @@ def test_report_asset_puts_the_episodic_section_first(tmp_path, monkeypatch):
     inputs = {f"m_{m}": g.reset_index(drop=True) for m, g in df.groupby("method")}
     inputs |= {f"{p}_{m}": pd.DataFrame() for m in cfg.enabled_methods() for p in ("s", "y")}
     tracker = MlflowTracker(default_root=str(tmp_path / "mlflow"))
-    ctx = dg.build_asset_context(resources={"mlflow": tracker})
+    ctx = dg.build_asset_context(resources={"mlflow_eprep": tracker, "store_eprep": StoreResource(root=str(tmp_path / "data"))})
     out, *checks = list(asset(ctx, split=pd.DataFrame(), **inputs))  # the output, then its checks (same step)
     assert [(c.check_name, c.passed) for c in checks] == [("all_methods_present", True)]
     md = out.metadata
