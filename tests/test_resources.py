@@ -72,3 +72,24 @@ def test_models_resource_releases_the_captioner_at_teardown(tmp_path):
     with m.captioner() as load:
         assert load() is load() and "blip" in cached_kinds()  # loaded once, from the cache
     assert "blip" not in cached_kinds()
+
+
+@pytest.mark.parametrize("methods,stages", [
+    ({"standard": {}}, {"real_classifier"}),
+    ({"diff_ii": {}}, {"captions", "prompt_suffixes", "concept_lora", "inversion_pool", "real_classifier"}),
+    ({"diagen": {}, "sgid": {}}, {"concept_embeddings", "captions", "class_prompts", "real_classifier"}),
+])
+def test_stage_table_decides_the_stage_assets_and_their_checks(methods, stages, tmp_path, monkeypatch):
+    """The stage assets are the methods' needs plus what those require (Diff-II's suffixes read the captions), from
+    ``stages.STAGES``; each with its ``<asset>_present`` check where the table says so."""
+    from augment_dagster.stages import STAGES
+
+    monkeypatch.setenv("AUGMENT_DATA_DIR", str(tmp_path))
+    cfg = _cfg("exp_s", methods=methods)
+    defs = build_definitions([cfg])
+    names = {k.path[1] for a in defs.assets for k in a.keys}
+    assert names & {s.asset for s in STAGES.values()} == stages
+    for s in STAGES.values():
+        if s.asset in stages:
+            checks = {c.name for c in _asset(defs, f"exp_s/{s.asset}").check_keys}
+            assert (f"{s.asset}_present" in checks) == s.present_check, (s.asset, checks)
