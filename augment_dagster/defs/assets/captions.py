@@ -3,6 +3,7 @@ import dagster as dg
 import pandas as pd
 
 from ..scaleout import gpu_op_tags
+from ..resources import Models, StoreResource
 from .common import Experiment, md_table, output, stage_asset
 
 
@@ -15,7 +16,7 @@ def build(exp: Experiment) -> list:
         description="Captions of every train image: BLIP greedy, beam (3) and nucleus (top_p .9) candidates, 5-20 tokens, "
                     "each with its CLIP image-text similarity; per-image memo.",
     )
-    def captions(context: dg.AssetExecutionContext, split: pd.DataFrame, store, models) -> dg.Output:
+    def captions(context: dg.AssetExecutionContext, split: pd.DataFrame, store: StoreResource, models: Models) -> dg.Output:
         from ...methods.captions import caption_images
 
         train = split[split["role"] == "train"]

@@ -2,6 +2,7 @@
 import dagster as dg
 import pandas as pd
 
+from ..resources import LLM
 from .common import Experiment, md_table, output, stage_asset
 
 
@@ -13,7 +14,7 @@ def build(exp: Experiment) -> list:
         description="LLM prompt sets per class: DIAGen meta-prompt (ask P+5, keep P lines naming the class), "
                     "provider/model/response hash recorded per prompt; responses cached so reruns never call the API.",
     )
-    def class_prompts(context: dg.AssetExecutionContext, split: pd.DataFrame, llm) -> dg.Output:
+    def class_prompts(context: dg.AssetExecutionContext, split: pd.DataFrame, llm: LLM) -> dg.Output:
         from ...methods.prompts import class_prompt_rows, topup_counts
 
         client = llm.client()

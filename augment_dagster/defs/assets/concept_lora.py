@@ -3,6 +3,7 @@ import dagster as dg
 import pandas as pd
 
 from ..scaleout import gpu_op_tags
+from ..resources import Models, StoreResource
 from .common import Experiment, output, stage_asset
 
 
@@ -15,7 +16,7 @@ def build(exp: Experiment) -> list:
         description="Diff-II concepts: one token per class + one LoRA shared by all classes (peft, UNet attention "
                     "projections), trained jointly on all train images; memo key covers every class's images.",
     )
-    def concept_lora(context: dg.AssetExecutionContext, split: pd.DataFrame, store, models) -> dg.Output:
+    def concept_lora(context: dg.AssetExecutionContext, split: pd.DataFrame, store: StoreResource, models: Models) -> dg.Output:
         from ...methods.concept_lora import concept_lora_stage
 
         c = cfg.concept_lora

@@ -4,6 +4,7 @@ import dagster as dg
 import pandas as pd
 
 from ..scaleout import gpu_op_tags
+from ..resources import Models, StoreResource
 from .common import Experiment, md_table, output, stage_asset
 
 
@@ -16,7 +17,7 @@ def build(exp: Experiment) -> list:
         description="Textual inversion: one new token per class learned on its K train images (frozen UNet/VAE/text encoder), "
                     "plus DIAGen noisy copies S*+σε (one fixed draw per σ).",
     )
-    def concept_embeddings(context: dg.AssetExecutionContext, split: pd.DataFrame, store, models) -> dg.Output:
+    def concept_embeddings(context: dg.AssetExecutionContext, split: pd.DataFrame, store: StoreResource, models: Models) -> dg.Output:
         from ...methods.concepts import learn_concepts
 
         seed = exp.seed(context.partition_key)

@@ -13,6 +13,8 @@ import pandas as pd
 from ...config import parse_split_key
 from ...methods.registry import get_method, method_params
 from ..tracking import asset_datasets
+from ..resources import Models, StoreResource
+from ..tracking import MlflowTracker
 from .common import Experiment, md_table, output, stage_asset
 
 REAL_ONLY = "real_only"
@@ -55,7 +57,7 @@ def build_diagen_filter(exp: Experiment) -> dg.AssetsDefinition:
                     "head on the K real shots with RandAugment, early stopping on val loss (patience 6) on the even "
                     "half of the val pool, T by LBFGS on the odd half; degenerate T -> T = 1 with a warning.",
     )
-    def diagen_filter(context: dg.AssetExecutionContext, split: pd.DataFrame, store) -> dg.Output:
+    def diagen_filter(context: dg.AssetExecutionContext, split: pd.DataFrame, store: StoreResource) -> dg.Output:
         from ...training.filter import train_diagen_filter
 
         rec, reused = train_diagen_filter(split, images=store.images(split, cfg.dataset), blobs=store.blobs,
@@ -103,7 +105,7 @@ def build_method_chain(exp: Experiment, name: str) -> list:
         description=f"Sampling weight per synthetic image of {name}: uniform, or DIAGen confidence q (mean over the "
                     "filter's train-transform views of softmax(z/T)[y]) under the diagen_filter (w=q, or the code rule).",
     )
-    def weights(context: dg.AssetExecutionContext, synthetic: pd.DataFrame, store, **rest) -> dg.Output:
+    def weights(context: dg.AssetExecutionContext, synthetic: pd.DataFrame, store: StoreResource, **rest) -> dg.Output:
         from ...training.episodes import split_level
         from ...training.filter import confidence_weights
 
@@ -139,7 +141,7 @@ def build_method_chain(exp: Experiment, name: str) -> list:
                     "synthetic drawn ∝ weight within each real image's group (DIAGen Eq. 2); best epoch on val.",
     )
     def classifier(context: dg.AssetExecutionContext, split: pd.DataFrame, synthetic: pd.DataFrame, weights: pd.DataFrame,
-                   store) -> dg.Output:
+                   store: StoreResource) -> dg.Output:
         from ...training.episodes import split_level
         from ...training.stage import train_classifier_stage
 
@@ -162,7 +164,7 @@ def build_method_chain(exp: Experiment, name: str) -> list:
                     "ID test images, diversity, CLIP score, label consistency, original-vs-augmented similarity.",
     )
     def set_metrics(context: dg.AssetExecutionContext, split: pd.DataFrame, synthetic: pd.DataFrame, real_clf: pd.DataFrame,
-                    store, models) -> dg.Output:
+                    store: StoreResource, models: Models) -> dg.Output:
         from ...methods.set_metrics import set_metrics as compute
         from ...methods.services import FilterServices
         from ...store import memo_key
@@ -208,8 +210,8 @@ def build_metrics(exp: Experiment, name: str, clf_key: dg.AssetKey, synth_key: d
                     "OOD set (acc_id/acc_ood = the recipe's headline), per-class accuracy, confusion matrix, and GeNIe's "
                     "episodic accuracy ± 95 % CI when training.evaluation lists few_shot_episodes; logged as an MLflow run.",
     )
-    def metrics(context: dg.AssetExecutionContext, split: pd.DataFrame, clf: pd.DataFrame, store, mlflow,
-                **rest) -> dg.Output:
+    def metrics(context: dg.AssetExecutionContext, split: pd.DataFrame, clf: pd.DataFrame, store: StoreResource,
+                mlflow: MlflowTracker, **rest) -> dg.Output:
         from ...training.stage import evaluate, load_classifier_blob
         from ...metrics import confusion_plot_png
 

@@ -3,6 +3,7 @@ import dagster as dg
 import pandas as pd
 
 from ..scaleout import gpu_op_tags
+from ..resources import Models, StoreResource
 from .common import Experiment, output, stage_asset
 
 
@@ -17,7 +18,7 @@ def build(exp: Experiment) -> list:
                     "on the concept+LoRA model; per-image memo; reconstruction error of invert → regenerate in metadata.",
     )
     def inversion_pool(context: dg.AssetExecutionContext, split: pd.DataFrame, concept_lora: pd.DataFrame,
-                       store, models) -> dg.Output:
+                       store: StoreResource, models: Models) -> dg.Output:
         from ...methods.inversion import inversion_stage
 
         images = store.images(split, cfg.dataset)

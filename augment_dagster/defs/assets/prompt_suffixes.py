@@ -2,6 +2,7 @@
 import dagster as dg
 import pandas as pd
 
+from ..resources import LLM
 from .common import Experiment, md_table, output, stage_asset
 
 
@@ -13,7 +14,7 @@ def build(exp: Experiment) -> list:
         description="Diff-II suffixes: one greedy BLIP caption per train image, ≤200 of them summarised (ALIA-style meta-prompt) into ≤10 'a photo of a <metaclass> <suffix>'; "
                     "offline: the captions' most frequent context phrases.",
     )
-    def prompt_suffixes(context: dg.AssetExecutionContext, captions: pd.DataFrame, llm) -> dg.Output:
+    def prompt_suffixes(context: dg.AssetExecutionContext, captions: pd.DataFrame, llm: LLM) -> dg.Output:
         from ...methods.suffixes import greedy_captions, suffix_rows
 
         client = llm.client()

@@ -2,6 +2,7 @@
 import dagster as dg
 import pandas as pd
 
+from ..resources import StoreResource
 from .common import Experiment, output, stage_asset
 from .evaluation import REAL_ONLY, classifier_md, rec_df
 
@@ -14,7 +15,7 @@ def build(exp: Experiment) -> list:
         description="Classifier trained on the real train split only (the real_only baseline), best epoch on val, "
                     "with temperature T fitted on val (min NLL of softmax(z/T)).",
     )
-    def real_classifier(context: dg.AssetExecutionContext, split: pd.DataFrame, store) -> dg.Output:
+    def real_classifier(context: dg.AssetExecutionContext, split: pd.DataFrame, store: StoreResource) -> dg.Output:
         from ...training.stage import train_classifier_stage
 
         rec, stats = train_classifier_stage(split, images=store.images(split, cfg.dataset), blobs=store.blobs,

@@ -6,6 +6,8 @@ import numpy as np
 import pandas as pd
 
 from ...util import atomic_write_bytes, atomic_write_text, hash_obj
+from ..resources import StoreResource
+from ..tracking import MlflowTracker
 from .common import Experiment, md_table, output, stage_asset
 from .evaluation import REAL_ONLY
 
@@ -248,7 +250,8 @@ def build(exp: Experiment) -> list:
         code_version=f"{exp.code_version('splits')}-{hash_obj(methods)[:8]}-{REPORT_VERSION}", kinds={"pandas", "mlflow"},
         description="Comparison of all methods × splits: accuracy (ID, OOD) mean ± std over seeds; table, CSV, plot, MLflow run.",
     )
-    def report(context: dg.AssetExecutionContext, split: pd.DataFrame, store, mlflow, **inputs) -> dg.Output:
+    def report(context: dg.AssetExecutionContext, split: pd.DataFrame, store: StoreResource, mlflow: MlflowTracker,
+               **inputs) -> dg.Output:
         from ...util import png_bytes
 
         def frames(prefix):

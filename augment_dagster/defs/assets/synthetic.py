@@ -257,7 +257,7 @@ def build_one(exp: Experiment, name: str) -> dg.AssetsDefinition:
                   **({"protocol": resolve_protocol(cfg, name).summary()} if spec.uses_diffusion else {})},
         required_resource_keys=resource_keys,
     )
-    def synthetic(context: dg.AssetExecutionContext, split: pd.DataFrame, store, models, **upstream):
+    def synthetic(context: dg.AssetExecutionContext, split: pd.DataFrame, store: StoreResource, models: Models, **upstream):
         if mode != "in_process":
             return run_out_of_process(context, exp, name)
         df, md = compute_synthetic(exp, name, context.partition_key, split, upstream, context.run_id,
