@@ -41,7 +41,7 @@ def _setup(args) -> ExperimentConfig:
     _usable_dir(home, "DAGSTER_HOME")
     home.mkdir(parents=True, exist_ok=True)
     os.environ["DAGSTER_HOME"] = str(home)
-    from .scaleout import write_instance_yaml  # the project's dagster.yaml; PostgreSQL with $AUGMENT_POSTGRES_URL
+    from .defs.scaleout import write_instance_yaml  # the project's dagster.yaml; PostgreSQL with $AUGMENT_POSTGRES_URL
 
     write_instance_yaml(home, PROJECT_ROOT / "dagster.yaml")
     if cfg.models.diffusion.source.startswith("tiny"):
@@ -200,7 +200,7 @@ def cmd_run(args) -> int:
     import socket
 
     from .running import materialize_experiment
-    from .scaleout import redact
+    from .defs.scaleout import redact
 
     t0 = time.perf_counter()
     tags = {"augment/cli": "run", "augment/pid": str(os.getpid()), "augment/host": socket.gethostname()}

@@ -87,7 +87,7 @@ def report(cfg: ExperimentConfig, args) -> int:
 
 def relog(cfg: ExperimentConfig) -> int:
     """Log to MLflow every metrics row whose logging failed (``mlflow_error`` set) — e.g. server was down."""
-    from .resources import MlflowTracker
+    from .defs.tracking import MlflowTracker
 
     root = cfg.resolved_data_dir()
     tracker = MlflowTracker(tracking_uri=cfg.mlflow.tracking_uri, default_root=str(root / "mlflow"), enabled=True)
@@ -127,7 +127,7 @@ def relog(cfg: ExperimentConfig) -> int:
 def _training_datasets(cfg: ExperimentConfig, method: str, split: str) -> list:
     """The MLflow dataset inputs of a classifier run rebuilt from the manifests (for ``--relog``): the real split and,
     except for real_only, the synthetic set, with the data versions the Dagster instance recorded."""
-    from .resources import DatasetRef
+    from .defs.tracking import DatasetRef
     from .store.manifests import manifest_version
 
     refs = []

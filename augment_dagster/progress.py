@@ -6,7 +6,7 @@ written to stderr and to the ``augment_dagster.progress`` logger:
 
     [progress] demo/synthetic/dafusion [2shot-s0]: 96/288 img (33%), 41s elapsed, ETA 1m22s
 
-The asset and partition come from a *scope provider* the Dagster layer registers (``assets/common.py``: the
+The asset and partition come from a *scope provider* the Dagster layer registers (``defs/assets/common.py``: the
 current asset execution context), so the algorithms only say what they count: ``bar = progress_bar(n, "img")``.
 A heartbeat thread makes the "at least every 30 s" hold even while one unit takes longer than that.
 """

@@ -2,7 +2,7 @@
 
     python bench/episodes.py [--episodes 20] [--shots 5] [--n-way 5] [--method genie] [--steps 2] [--threads 2]
 
-Runs ``synthetic/<method>`` (``assets.synthetic.compute_synthetic``, no Dagster) on the built-in data with
+Runs ``synthetic/<method>`` (``defs.assets.synthetic.compute_synthetic``, no Dagster) on the built-in data with
 per-episode generation on a fresh store, twice: once with a no-op generation core (returns blank images at
 once: what is left is planning every episode's units, hashing their memo keys, storing the PNGs and building
 the manifest) and once with the tiny-random UNet. Prints seconds per episode for both, the images per
@@ -40,9 +40,10 @@ def run(args, data_dir: Path, noop: bool) -> tuple[float, dict]:
     os.environ["AUGMENT_DATA_DIR"] = str(data_dir)
     import pandas as pd
 
-    import augment_dagster.assets.synthetic as S
-    from augment_dagster.assets.common import Experiment
-    from augment_dagster.assets.data import dataset_root
+    import augment_dagster.defs.assets.synthetic as S
+    from augment_dagster.defs.assets.common import Experiment
+    from augment_dagster.defs.assets.data import dataset_root
+    from augment_dagster.defs.resources import Models
     from augment_dagster.config import parse_config
     from augment_dagster.data.imagefolder import scan_imagefolder
     from augment_dagster.data.splits import few_shot_split
@@ -62,15 +63,12 @@ def run(args, data_dir: Path, noop: bool) -> tuple[float, dict]:
     raw = scan_imagefolder(root).images.copy()
     raw["dataset_root"] = str(root)
     split = few_shot_split(raw, args.shots, 0, 2)
-    saved = S.generation_core
+    models = Models(cfg)
     if noop:
-        S.generation_core = lambda exp, lora=None: NoopCore()
-    try:
-        t = time.perf_counter()
-        df, md = S.compute_synthetic(exp, args.method, f"{args.shots}shot-s0", split, {}, "bench")
-        sec = time.perf_counter() - t
-    finally:
-        S.generation_core = saved
+        models.generation_core = lambda lora=None: NoopCore()
+    t = time.perf_counter()
+    df, md = S.compute_synthetic(exp, args.method, f"{args.shots}shot-s0", split, {}, "bench", models=models)
+    sec = time.perf_counter() - t
     return sec, {"rows": len(df), "episode_rows": int((df["episode"] >= 0).sum()),
                  "computed": md["computed"].value, "reused": md["reused"].value,
                  "orchestration_s": md["episode_orchestration_seconds"].value}

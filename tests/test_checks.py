@@ -174,7 +174,7 @@ def test_checks_green_on_a_run_then_a_corrupt_blob_fails(tmp_path, monkeypatch):
 
 
 def test_mlflow_links_point_at_each_run():
-    from augment_dagster.assets.common import mlflow_links
+    from augment_dagster.defs.assets.common import mlflow_links
 
     class Tracker:
         enabled = True

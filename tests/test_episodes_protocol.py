@@ -224,8 +224,8 @@ def test_lineage_and_report_name_the_episode_protocol(epi):
 
 
 def _split_for(cfg, shots):
-    from augment_dagster.assets.common import Experiment
-    from augment_dagster.assets.data import dataset_root
+    from augment_dagster.defs.assets.common import Experiment
+    from augment_dagster.defs.assets.data import dataset_root
     from augment_dagster.data.imagefolder import scan_imagefolder
     from augment_dagster.data.splits import few_shot_split
 
@@ -240,8 +240,8 @@ def _split_for(cfg, shots):
 def test_genie_ada_keeps_one_per_episode_pair_and_the_integrity_count_holds(tmp_path, monkeypatch):
     """GeNIe-Ada per episode: the r grid for each (source, target) pair of the episode, one kept per pair, Z_T from
     the episode's support; the synthetic_integrity check's expected rows include the episodes' kept images."""
-    from augment_dagster.assets.checks import expected_synthetic_rows
-    from augment_dagster.assets.synthetic import compute_synthetic
+    from augment_dagster.defs.checks import expected_synthetic_rows
+    from augment_dagster.defs.assets.synthetic import compute_synthetic
 
     monkeypatch.setenv("AUGMENT_DATA_DIR", str(tmp_path / "data"))
     cfg = parse_config({

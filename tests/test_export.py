@@ -162,7 +162,7 @@ def test_export_with_real_loads_with_datasets_classlabel(run, tmp_path):
 def test_classifier_run_has_two_dataset_inputs(run):
     from mlflow.tracking import MlflowClient
 
-    from augment_dagster.resources import MlflowTracker
+    from augment_dagster.defs.tracking import MlflowTracker
 
     _, _, data, meta, versions = run
     client = MlflowTracker(default_root=str(data / "mlflow")).client()
@@ -185,7 +185,7 @@ def test_classifier_run_has_two_dataset_inputs(run):
 def test_relog_logs_the_same_dataset_inputs(run, capsys):
     """`augment report --relog` (a run that never reached MLflow) logs the same two inputs, rebuilt from manifests."""
     from augment_dagster.cli import main
-    from augment_dagster.resources import MlflowTracker
+    from augment_dagster.defs.tracking import MlflowTracker
 
     _, cfg_path, data, _, versions = run
     client = MlflowTracker(default_root=str(data / "mlflow")).client()
@@ -204,7 +204,7 @@ def test_relog_logs_the_same_dataset_inputs(run, capsys):
 
 def test_dataset_inputs_failure_keeps_the_run(tmp_path, monkeypatch):
     """A data set that MLflow cannot take never costs the run its metrics: the run finishes, a tag says why."""
-    from augment_dagster.resources import DatasetRef, MlflowTracker
+    from augment_dagster.defs.tracking import DatasetRef, MlflowTracker
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     t = MlflowTracker(default_root=str(tmp_path / "mlflow"))

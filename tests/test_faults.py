@@ -366,7 +366,7 @@ def test_seed_level_statistics_are_honest():
     difference that is the same in every seed is reported as having no variance, not as "± 0.000 *, p < 0.001"."""
     import pandas as pd
 
-    from augment_dagster.assets.report import ci_note, pretty, summarize
+    from augment_dagster.defs.assets.report import ci_note, pretty, summarize
     from augment_dagster.metrics.stats import bootstrap_mean_interval, paired_t, wilson_interval
 
     def rows(method, accs):
@@ -398,7 +398,7 @@ def test_seed_level_statistics_are_honest():
 def test_mlflow_experiment_opens_in_the_model_training_view(tmp_path, monkeypatch):
     """MLflow 3 opens an experiment without ``mlflow.experimentKind`` in its GenAI (traces) view; ours carry the
     model-training kind, also an experiment created before this tag existed (set on its next run)."""
-    from augment_dagster.resources import MlflowTracker
+    from augment_dagster.defs.tracking import MlflowTracker
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     t = MlflowTracker(default_root=str(tmp_path / "mlflow"))
@@ -517,7 +517,7 @@ def test_opening_the_ui_on_a_finished_data_dir_launches_no_run(tmp_path):
 def test_no_test_folder_says_why_accuracies_are_dashes():
     import pandas as pd
 
-    from augment_dagster.assets.report import missing_eval_note
+    from augment_dagster.defs.assets.report import missing_eval_note
 
     m = pd.DataFrame({"method": ["real_only"], "n_test": [0], "n_ood": [5]})
     note = missing_eval_note(m, "/data/birds")

@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 import torch
 
-from augment_dagster.resources import MlflowTracker
+from augment_dagster.defs.tracking import MlflowTracker
 
 
 def free_port() -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from augment_dagster.scaleout import MLFLOW_SCHEMA, mlflow_postgres_uri, postgres_url, redact, write_instance_yaml
+from augment_dagster.defs.scaleout import MLFLOW_SCHEMA, mlflow_postgres_uri, postgres_url, redact, write_instance_yaml
 
 PASSWORD = "s3cret-pw-91"
 

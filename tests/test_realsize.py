@@ -179,13 +179,8 @@ def _reduced_sd15_layout(folder: Path) -> Path:
 
 @pytest.mark.slow
 def test_real_layout_sd_folder_loads_through_source(tmp_path):
-    from augment_dagster.assets.common import (
-        Experiment,
-        diffusion_bundle,
-        diffusion_fingerprint,
-        generation_core,
-    )
     from augment_dagster.config import parse_config
+    from augment_dagster.defs.resources import Models
 
     folder = _reduced_sd15_layout(tmp_path / "stable-diffusion-v1-5")
     files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
@@ -199,16 +194,16 @@ def test_real_layout_sd_folder_loads_through_source(tmp_path):
 
     cfg = parse_config({"experiment": "layout", "data_dir": str(tmp_path / "data"),
                         "models": {"diffusion": {"source": str(folder)}, "device": "cpu"}})
-    exp = Experiment(cfg)
-    b = diffusion_bundle(exp)
+    models = Models(cfg)
+    b = models.diffusion()
     assert b.resolution == 64 and type(b.pipe.scheduler).__name__ == "PNDMScheduler"
-    assert b.fingerprint == diffusion_fingerprint(exp) and b.fingerprint.startswith("dir-")
+    assert b.fingerprint == models.diffusion_fingerprint() and b.fingerprint.startswith("dir-")
     from augment_dagster.models.tiny import build_tokenizer
 
     ref = build_tokenizer()
     prompt = "a photo of a <new-token> circle"
     assert b.pipe.tokenizer(prompt)["input_ids"] == ref(prompt)["input_ids"]  # vocab.json + merges.txt round trip
-    core = generation_core(exp)
+    core = models.generation_core()
     imgs = core.generate([GenRequest("a photo of a circle", seed=0, num_inference_steps=2, guidance_scale=3.0,
                                      scheduler="pndm"),
                           GenRequest("a photo of a square", seed=1, num_inference_steps=4, strength=0.5,

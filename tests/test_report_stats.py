@@ -68,7 +68,7 @@ def test_compare_to_reference_marks_real_effects_only():
 
 
 def test_report_table_prints_ci_and_dashes_for_missing():
-    from augment_dagster.assets.report import ci_note, md_table, pretty, summarize
+    from augment_dagster.defs.assets.report import ci_note, md_table, pretty, summarize
 
     df = metrics_frame()
     df.loc[df.method == "genie", "acc_ood"] = float("nan")  # a column without data
@@ -92,7 +92,7 @@ def _png_ok(data, min_w=500):
 
 
 def test_plots_distinct_styles_and_legend_outside(tmp_path):
-    from augment_dagster.assets.report import summarize
+    from augment_dagster.defs.assets.report import summarize
     from augment_dagster.report_plots import accuracy_plot_png, difference_plot_png, family, scatter_png, styles
 
     methods = ["real_only", "standard", "real_guidance", "txt2img", "img2img_low", "img2img_high", "real_filter",
@@ -219,7 +219,7 @@ def test_episodic_compare_pairs_only_matching_episodes():
 
 
 def test_episodic_report_table_note_and_order():
-    from augment_dagster.assets.report import episodic_note, episodic_pretty, episodic_table, md_table
+    from augment_dagster.defs.assets.report import episodic_note, episodic_pretty, episodic_table, md_table
 
     df = episodic_frame()
     ep = episodic_table(df)
@@ -241,7 +241,7 @@ def test_episodic_report_table_note_and_order():
 
 
 def test_episodic_plots(tmp_path):
-    from augment_dagster.assets.report import episodic_table
+    from augment_dagster.defs.assets.report import episodic_table
     from augment_dagster.report_plots import episodic_difference_plot_png, episodic_plot_png
 
     ep = episodic_table(episodic_frame())
@@ -259,10 +259,11 @@ def test_report_asset_puts_the_episodic_section_first(tmp_path, monkeypatch):
     and its protocol line, the episodic plots are files, asset metadata and MLflow artifacts."""
     import dagster as dg
 
-    from augment_dagster.assets import report as R
-    from augment_dagster.assets.common import Experiment
+    from augment_dagster.defs.assets import report as R
+    from augment_dagster.defs.assets.common import Experiment
     from augment_dagster.config import parse_config
-    from augment_dagster.resources import MlflowTracker
+    from augment_dagster.defs.resources import StoreResource
+    from augment_dagster.defs.tracking import MlflowTracker
 
     monkeypatch.setenv("AUGMENT_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -275,7 +276,7 @@ def test_report_asset_puts_the_episodic_section_first(tmp_path, monkeypatch):
     inputs = {f"m_{m}": g.reset_index(drop=True) for m, g in df.groupby("method")}
     inputs |= {f"{p}_{m}": pd.DataFrame() for m in cfg.enabled_methods() for p in ("s", "y")}
     tracker = MlflowTracker(default_root=str(tmp_path / "mlflow"))
-    ctx = dg.build_asset_context(resources={"mlflow": tracker})
+    ctx = dg.build_asset_context(resources={"mlflow_eprep": tracker, "store_eprep": StoreResource(root=str(tmp_path / "data"))})
     out, *checks = list(asset(ctx, split=pd.DataFrame(), **inputs))  # the output, then its checks (same step)
     assert [(c.check_name, c.passed) for c in checks] == [("all_methods_present", True)]
     md = out.metadata

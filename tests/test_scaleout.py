@@ -9,7 +9,7 @@ import pytest
 
 from augment_dagster.config import ConfigError, parse_config
 from augment_dagster.definitions import build_definitions
-from augment_dagster.scaleout import K8S_CONFIG_TAG, executor_for, gpu_op_tags, k8s_tags, pipes_pod_spec
+from augment_dagster.defs.scaleout import K8S_CONFIG_TAG, executor_for, gpu_op_tags, k8s_tags, pipes_pod_spec
 
 MINI = {
     "experiment": "mini",
@@ -147,7 +147,7 @@ def test_execution_config_is_strict_and_selects_executor():
         assert "pipes_k8s_client" in defs.resources
         syn = next(a for a in defs.assets if SYN in a.keys)
         assert "pipes_k8s_client" in syn.required_resource_keys
-        body = build_pod_body("p", "augment:test", ["python", "-m", "augment_dagster.pipes_worker"], {}, None,
+        body = build_pod_body("p", "augment:test", ["python", "-m", "augment_dagster.defs.pipes_worker"], {}, None,
                               pipes_pod_spec(parse_config(pipes_k8s)))
         assert str(body.spec.containers[0].resources.limits["nvidia.com/gpu"]) == "1" and body.spec.node_selector
         assert body.spec.volumes[0].persistent_volume_claim.claim_name == "store"

@@ -3,7 +3,7 @@ with the *target* class prompt at noise ratio r, labelled as the target.
 
 * ``genie``: for every target class T, every train image of every other class is a source ((C−1)·K per
   class). The "train images" are what ``inputs.split`` holds: the split's K shots for the split's own set, and
-  under ``training.episodes.support: episode`` one episode's fresh support (``assets.synthetic.episode_groups``),
+  under ``training.episodes.support: episode`` one episode's fresh support (``defs.assets.synthetic.episode_groups``),
   so the sources are the other N−1 classes' support images of that episode, (N−1)·K per class (the paper's 4 at
   5-way 1-shot, 20 at 5-shot). Or with ``sources: confusion_topk`` only images of the k classes the real classifier confuses
   most with T (the paper's *train* confusion matrix, computed before planning; ``confusion_split: val`` uses

@@ -1,5 +1,5 @@
 """Quality checks over manifests and blobs, without Dagster: each returns :class:`Outcome` (passed, severity,
-description, plain metadata). ``augment_dagster/assets/checks.py`` turns them into Dagster asset checks.
+description, plain metadata). ``augment_dagster/defs/checks.py`` turns them into Dagster asset checks.
 
 Severity (README "Asset checks"): ERROR where the output is wrong and downstream GPU work would be wasted or
 misleading (empty/overlapping split, a synthetic set with missing, unreadable, blank or NaN images, non-finite

@@ -3,40 +3,37 @@
 import dagster as dg
 import pandas as pd
 
-from ..config import parse_split_key
 from ..scaleout import gpu_op_tags
-from .common import CONTENT_AUTOMATION, Experiment, diffusion_bundle, diffusion_fingerprint, image_source, md_table, output
-from .checks import asset_with_checks
+from ..resources import Models, StoreResource
+from .common import Experiment, md_table, output, stage_asset
 
 
 def build(exp: Experiment) -> list:
     cfg = exp.cfg
 
-    @asset_with_checks(exp,
-        key=exp.key("concept_embeddings"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
-        partitions_def=exp.partitions, ins={"split": dg.AssetIn(key=exp.key("few_shot_split"))},
+    @stage_asset(exp, "concept_embeddings", ins={"split": "few_shot_split"}, resources=("store", "models"),
         code_version=exp.code_version("concepts", ("models", "diffusion")), pool="gpu", op_tags=gpu_op_tags(True, exp.cfg),
-        kinds={"pytorch", "diffusers"}, automation_condition=CONTENT_AUTOMATION,
+        kinds={"pytorch", "diffusers"},
         description="Textual inversion: one new token per class learned on its K train images (frozen UNet/VAE/text encoder), "
                     "plus DIAGen noisy copies S*+σε (one fixed draw per σ).",
     )
-    def concept_embeddings(context: dg.AssetExecutionContext, split: pd.DataFrame) -> dg.Output:
-        from ..stages.concepts import learn_concepts
+    def concept_embeddings(context: dg.AssetExecutionContext, split: pd.DataFrame, store: StoreResource, models: Models) -> dg.Output:
+        from ...stages.concepts import learn_concepts
 
-        _, seed = parse_split_key(context.partition_key)
+        seed = exp.seed(context.partition_key)
         c = cfg.concepts
         rows, stats = learn_concepts(
-            split, images=image_source(exp, split), blobs=exp.blobs, memo=exp.memo(),
-            model_fp=diffusion_fingerprint(exp), bundle_factory=lambda: diffusion_bundle(exp), steps=c.steps, lr=c.lr,
-            batch_size=c.batch_size, init_word=c.init_word, seed=cfg.seed * 1000 + seed,
-            checkpoint_dir=exp.data_dir / "checkpoints" / "concepts", checkpoint_every=c.checkpoint_every, progress=True,
+            split, images=store.images(split, cfg.dataset), blobs=store.blobs, memo=store.memo(),
+            model_fp=models.diffusion_fingerprint(), bundle_factory=models.diffusion, steps=c.steps, lr=c.lr,
+            batch_size=c.batch_size, init_word=c.init_word, seed=seed,
+            checkpoint_dir=store.path / "checkpoints" / "concepts", checkpoint_every=c.checkpoint_every, progress=True,
             weight_decay=c.weight_decay, latents=c.latents, init_fallback=c.init_fallback,
         )
-        from ..methods.diagen import noise_variants
+        from ...methods.diagen import noise_variants
 
         for r in rows:
             r.update({"sigma": 0.0, "draw": -1, "base_embedding_id": r["embedding_id"], "noise_norm": 0.0})
-        rows += noise_variants(rows, blobs=exp.blobs, sigmas=c.noise_sigmas, seed=cfg.seed * 1000 + seed)
+        rows += noise_variants(rows, blobs=store.blobs, sigmas=c.noise_sigmas, seed=seed)
         df = pd.DataFrame(rows)
         df["created_by_run"] = context.run_id
         summary = df[df.variant == "base"][["label", "token", "first_loss", "last_loss", "moved", "reused"]]

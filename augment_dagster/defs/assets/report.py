@@ -5,10 +5,10 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from ..resources import MlflowTracker
-from ..util import atomic_write_bytes, atomic_write_text, hash_obj
-from .common import CONTENT_AUTOMATION, Experiment, md_table, output
-from .checks import asset_with_checks
+from ...util import atomic_write_bytes, atomic_write_text, hash_obj
+from ..resources import StoreResource
+from ..tracking import MlflowTracker
+from .common import Experiment, md_table, output, stage_asset
 from .evaluation import REAL_ONLY
 
 
@@ -19,7 +19,7 @@ SET_COLS = ["precision", "recall", "diversity", "clip_score", "label_consistency
 def summarize(metrics: pd.DataFrame, setm: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per (method, shots): mean ± std over seeds of ID/OOD accuracy, plus the synthetic-set metrics
     (mean over seeds) when available."""
-    from ..metrics import mean_std
+    from ...metrics import mean_std
 
     if setm is not None and len(setm):
         if "gpu_seconds" in setm and "compute_seconds" not in setm:  # written before the rename (set_metrics -t2)
@@ -38,7 +38,7 @@ def summarize(metrics: pd.DataFrame, setm: pd.DataFrame | None = None) -> pd.Dat
         rows.append(row)
     out = pd.DataFrame(rows)
     if len(out):  # 95% t-intervals over seeds, paired t-tests vs real_only (metrics/stats.py)
-        from ..metrics.stats import compare_to_reference
+        from ...metrics.stats import compare_to_reference
 
         out = out.merge(compare_to_reference(metrics, reference=REAL_ONLY), on=["method", "shots"], how="left")
     return out
@@ -48,7 +48,7 @@ def episodic_table(metrics: pd.DataFrame) -> pd.DataFrame:
     """GeNIe's episodic accuracy per (method, shots) with its 95% CI, the episode-paired difference to real_only
     (Holm) and the seed-level test (``metrics.stats.episodic_compare``); ``ci95`` = ``episodic_ci95``. Empty when
     no method ran few_shot_episodes."""
-    from ..metrics.stats import episodic_compare
+    from ...metrics.stats import episodic_compare
 
     if "episodic_accs" not in metrics or not len(metrics):
         return pd.DataFrame()
@@ -70,7 +70,7 @@ EPISODIC_PROTOCOL = (  # metrics manifests written before episodic_protocol exis
 def episodic_pretty(ep: pd.DataFrame) -> pd.DataFrame:
     """The episodic table as printed: mean ± 95% CI, Δ vs real_only paired over episodes (* = Holm-significant),
     its Holm p, and the seed-level view (per-seed Δ, Δ over seeds ± CI, Holm p)."""
-    from ..metrics.stats import fmt_diff, fmt_p, fmt_pm
+    from ...metrics.stats import fmt_diff, fmt_p, fmt_pm
 
     if ep.empty:
         return ep
@@ -153,7 +153,7 @@ def episodic_markdown(ep: pd.DataFrame, metrics: pd.DataFrame | None = None) -> 
 def pretty(summary: pd.DataFrame) -> pd.DataFrame:
     if summary.empty:
         return summary
-    from ..metrics.stats import fmt_diff, fmt_interval, fmt_p
+    from ...metrics.stats import fmt_diff, fmt_interval, fmt_p
 
     out = summary[["method", "shots", "seeds"]].copy()
     nan = [float("nan")] * len(summary)
@@ -222,7 +222,7 @@ def ci_note(summary: pd.DataFrame) -> str:
         if col in summary and summary[col].notna().any():
             r = summary.loc[summary[col].idxmax()]
             parts.append(f"{c}: {r[col]:.3f} ({r['method']}, K={int(r['shots'])})")
-    from ..metrics.stats import MIN_SEEDS_FOR_CI
+    from ...metrics.stats import MIN_SEEDS_FOR_CI
 
     few = ""
     if "seeds" in summary and (summary["seeds"] < MIN_SEEDS_FOR_CI).any():
@@ -240,21 +240,19 @@ def ci_note(summary: pd.DataFrame) -> str:
 def build(exp: Experiment) -> list:
     cfg = exp.cfg
     methods = [REAL_ONLY] + list(cfg.enabled_methods())
-    ins = {f"m_{m}": dg.AssetIn(key=exp.key("metrics", m)) for m in methods}
-    ins.update({f"s_{m}": dg.AssetIn(key=exp.key("set_metrics", m)) for m in cfg.enabled_methods()})
-    ins.update({f"y_{m}": dg.AssetIn(key=exp.key("synthetic", m)) for m in cfg.enabled_methods()})
+    ins = {f"m_{m}": ("metrics", m) for m in methods}
+    ins.update({f"s_{m}": ("set_metrics", m) for m in cfg.enabled_methods()})
+    ins.update({f"y_{m}": ("synthetic", m) for m in cfg.enabled_methods()})
     first_split = cfg.splits.keys()[-1]
-    ins["split"] = dg.AssetIn(key=exp.key("few_shot_split"))
+    ins["split"] = "few_shot_split"
 
-    @asset_with_checks(exp,
-        key=exp.key("report"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key, ins=ins,
+    @stage_asset(exp, "report", ins=ins, partitioned=False, resources=("store", "mlflow"),
         code_version=f"{exp.code_version('splits')}-{hash_obj(methods)[:8]}-{REPORT_VERSION}", kinds={"pandas", "mlflow"},
-        automation_condition=CONTENT_AUTOMATION,
         description="Comparison of all methods × splits: accuracy (ID, OOD) mean ± std over seeds; table, CSV, plot, MLflow run.",
     )
-    def report(context: dg.AssetExecutionContext, mlflow: MlflowTracker, split: pd.DataFrame, **inputs) -> dg.Output:
-        from ..util import png_bytes
-        from .common import image_source
+    def report(context: dg.AssetExecutionContext, split: pd.DataFrame, store: StoreResource, mlflow: MlflowTracker,
+               **inputs) -> dg.Output:
+        from ...util import png_bytes
 
         def frames(prefix):
             fs = [df for k, df in inputs.items() if k.startswith(prefix) and df is not None and len(df)]
@@ -266,8 +264,8 @@ def build(exp: Experiment) -> list:
         episodic = episodic_table(allm)
         fresh = bool(len(allm)) and "episodic_support" in allm and bool((allm["episodic_support"] == "episode").any())
         ep_note, ep_md = episodic_note(episodic, fresh), episodic_markdown(episodic, allm)
-        out_dir = exp.data_dir / "report" / exp.name
-        from ..report_plots import (
+        out_dir = store.path / "report" / exp.name
+        from ...report_plots import (
             accuracy_plot_png,
             difference_plot_png,
             episodic_difference_plot_png,
@@ -284,11 +282,11 @@ def build(exp: Experiment) -> list:
         grid_png = b""
         sp = split[split["partition"] == first_split] if "partition" in split else split
         if len(sp):
-            from ..training.episodes import split_level
+            from ...training.episodes import split_level
 
             synth = {k[2:]: split_level(df[df["partition"] == first_split] if "partition" in df else df)
                      for k, df in inputs.items() if k.startswith("y_") and df is not None and len(df)}
-            grid_png = png_bytes(comparison_grid(synth, sp, image_source(exp, sp)))
+            grid_png = png_bytes(comparison_grid(synth, sp, store.images(sp, cfg.dataset)))
         if len(summary):
             atomic_write_text(out_dir / "report.csv", summary.to_csv(index=False))
             atomic_write_text(out_dir / "metrics_all.csv", allm.drop(columns=[c for c in allm.columns if c.startswith("confusion")]).to_csv(index=False))

@@ -1,4 +1,4 @@
-"""Dagster resources: the parquet manifest IO manager and the MLflow tracker.
+"""The MLflow resource (one per experiment, ``mlflow_<experiment>``) and the dataset inputs of its runs.
 
 Kept free of torch imports; MLflow is imported when first used.
 """
@@ -14,44 +14,7 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from .store.manifests import manifest_path, read_manifest, write_manifest
-
-
-class ManifestIOManager(dg.ConfigurableIOManager):
-    """Stores every asset's manifest (a DataFrame) as ``<root>/manifests/<asset key>/<partition>.parquet``.
-
-    Loading a partitioned upstream into an unpartitioned asset (the report) concatenates the
-    partitions that exist and adds a ``partition`` column."""
-
-    root: str
-
-    def _path(self, key: dg.AssetKey, partition: str | None) -> Path:
-        return manifest_path(self.root, key.path, partition)
-
-    def handle_output(self, context: dg.OutputContext, obj: pd.DataFrame) -> None:
-        if obj is None:
-            return
-        if not isinstance(obj, pd.DataFrame):
-            raise TypeError(f"{context.asset_key.to_user_string()}: assets must return a manifest DataFrame, got {type(obj).__name__}")
-        part = context.partition_key if context.has_partition_key else None
-        write_manifest(self._path(context.asset_key, part), obj)
-
-    def load_input(self, context: dg.InputContext) -> pd.DataFrame:
-        key = context.asset_key
-        if context.has_asset_partitions:
-            keys = list(context.asset_partition_keys)
-            if context.has_partition_key:  # partitioned downstream: same partition of the upstream
-                return read_manifest(self._path(key, keys[0]))
-            frames = []  # unpartitioned downstream (the report): every partition that exists
-            for pk in keys:
-                p = self._path(key, pk)
-                if p.exists():
-                    df = read_manifest(p)
-                    df["partition"] = pk
-                    frames.append(df)
-            return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-        return read_manifest(self._path(key, None))
-
+from ..store.manifests import manifest_path
 
 # MLflow 3's UI opens an experiment in its GenAI (traces) view unless this tag says what kind it is; the value
 # its "Model training" view is chosen by (mlflow/server/js: ExperimentKind.CUSTOM_MODEL_DEVELOPMENT)
@@ -68,6 +31,12 @@ class MlflowTracker(dg.ConfigurableResource):
     enabled: bool = True
     http_retries: int = 2  # MLflow's own default (7 with backoff) blocks an asset for minutes when the server is down
     http_timeout_s: int = 10
+
+    @classmethod
+    def for_config(cls, cfg) -> "MlflowTracker":
+        """The tracker of one experiment, from its own ``mlflow`` block (local store under its data dir)."""
+        return cls(tracking_uri=cfg.mlflow.tracking_uri, default_root=str(cfg.resolved_data_dir() / "mlflow"),
+                   enabled=cfg.mlflow.enabled)
 
     def resolved_uri(self) -> str:
         if os.environ.get("MLFLOW_TRACKING_URI"):
@@ -212,7 +181,7 @@ def asset_datasets(context: dg.AssetExecutionContext, root: str | os.PathLike,
                    inputs: Mapping[dg.AssetKey, pd.DataFrame], purpose: str = "training") -> list[DatasetRef]:
     """The upstream manifests of a partitioned asset as MLflow dataset refs, each with the data version Dagster
     recorded for that upstream partition (falls back to the manifest's content hash, which ``output`` uses)."""
-    from .store.manifests import manifest_version
+    from ..store.manifests import manifest_version
 
     pk = context.partition_key if context.has_partition_key else None
     refs = []

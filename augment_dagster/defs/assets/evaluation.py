@@ -10,16 +10,17 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from ..config import parse_split_key
-from ..methods.registry import get_method, method_params
-from ..resources import MlflowTracker, asset_datasets
-from .common import CONTENT_AUTOMATION, Experiment, image_source, md_table, output
-from .checks import asset_with_checks
+from ...config import parse_split_key
+from ...methods.registry import get_method, method_params
+from ..tracking import asset_datasets
+from ..resources import Models, StoreResource
+from ..tracking import MlflowTracker
+from .common import Experiment, md_table, output, stage_asset
 
 REAL_ONLY = "real_only"
 
 
-def _classifier_md(rec: dict) -> dict:
+def classifier_md(rec: dict) -> dict:
     hist = json.loads(rec["history"]) if isinstance(rec["history"], str) else rec["history"]
     return {
         "best_epoch": dg.MetadataValue.int(int(rec["best_epoch"])),
@@ -31,40 +32,12 @@ def _classifier_md(rec: dict) -> dict:
     }
 
 
-def _rec_df(rec: dict, context, method: str) -> pd.DataFrame:
+def rec_df(rec: dict, context, method: str) -> pd.DataFrame:
     row = {"method": method, **{k: v for k, v in rec.items() if k not in ("classes",)}}
     row["classes"] = list(rec["classes"])
     row["split"] = context.partition_key
     row["created_by_run"] = context.run_id
     return pd.DataFrame([row])
-
-
-def build_real_classifier(exp: Experiment) -> dg.AssetsDefinition:
-    cfg = exp.cfg
-
-    @asset_with_checks(exp,
-        key=exp.key("real_classifier"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
-        partitions_def=exp.partitions, ins={"split": dg.AssetIn(key=exp.key("few_shot_split"))},
-        code_version=exp.code_version("training", ("models", "classifier")), kinds={"pytorch"},
-        automation_condition=CONTENT_AUTOMATION,
-        description="Classifier trained on the real train split only (the real_only baseline), best epoch on val, "
-                    "with temperature T fitted on val (min NLL of softmax(z/T)).",
-    )
-    def real_classifier(context: dg.AssetExecutionContext, split: pd.DataFrame) -> dg.Output:
-        from ..training.stage import train_classifier_stage
-
-        _, seed = parse_split_key(context.partition_key)
-        rec, stats = train_classifier_stage(split, images=image_source(exp, split), blobs=exp.blobs, memo=exp.memo(),
-                                            training=cfg.training, classifier_cfg=cfg.models.classifier,
-                                            seed=cfg.seed * 1000 + seed, device=exp.device, fit_temperature=True,
-                                            name="real_classifier")
-        md = _classifier_md(rec)
-        md.update({"computed": dg.MetadataValue.int(stats.computed), "reused": dg.MetadataValue.int(stats.reused),
-                   "val_nll_before_T": dg.MetadataValue.float(float(rec["val_nll_before_T"] or float("nan"))),
-                   "val_nll_after_T": dg.MetadataValue.float(float(rec["val_nll_after_T"] or float("nan")))})
-        return output(_rec_df(rec, context, REAL_ONLY), md)
-
-    return real_classifier
 
 
 def _weighting(cfg, name: str) -> str:
@@ -78,22 +51,19 @@ def weighting_methods(cfg) -> list[str]:
 def build_diagen_filter(exp: Experiment) -> dg.AssetsDefinition:
     cfg = exp.cfg
 
-    @asset_with_checks(exp,
-        key=exp.key("diagen_filter"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
-        partitions_def=exp.partitions, ins={"split": dg.AssetIn(key=exp.key("few_shot_split"))},
+    @stage_asset(exp, "diagen_filter", ins={"split": "few_shot_split"}, resources=("store",),
         code_version=exp.code_version(("training", "diagen_filter"), ("training", "image_size")), kinds={"pytorch"},
-        automation_condition=CONTENT_AUTOMATION,
         description="DIAGen's own filter (METHODS §2c), shared by every method that weights: frozen backbone + linear "
                     "head on the K real shots with RandAugment, early stopping on val loss (patience 6) on the even "
                     "half of the val pool, T by LBFGS on the odd half; degenerate T -> T = 1 with a warning.",
     )
-    def diagen_filter(context: dg.AssetExecutionContext, split: pd.DataFrame) -> dg.Output:
-        from ..training.filter import train_diagen_filter
+    def diagen_filter(context: dg.AssetExecutionContext, split: pd.DataFrame, store: StoreResource) -> dg.Output:
+        from ...training.filter import train_diagen_filter
 
-        _, seed = parse_split_key(context.partition_key)
-        rec, reused = train_diagen_filter(split, images=image_source(exp, split), blobs=exp.blobs, memo=exp.memo(),
-                                          fcfg=cfg.training.diagen_filter, image_size=cfg.training.image_size,
-                                          seed=cfg.seed * 1000 + seed, device=exp.device)
+        rec, reused = train_diagen_filter(split, images=store.images(split, cfg.dataset), blobs=store.blobs,
+                                          memo=store.memo(), fcfg=cfg.training.diagen_filter,
+                                          image_size=cfg.training.image_size, seed=exp.seed(context.partition_key),
+                                          device=exp.device)
         if rec["degenerate"]:
             context.log.warning(f"diagen_filter {context.partition_key}: degenerate temperature ({rec['degenerate']}); "
                                 f"using {rec['fallback']}")
@@ -126,28 +96,25 @@ def build_method_chain(exp: Experiment, name: str) -> list:
                  if a is not None)
 
     weighting = _weighting(cfg, name)
-    w_ins = {"synthetic": dg.AssetIn(key=exp.key("synthetic", name))}
+    w_ins = {"synthetic": ("synthetic", name)}
     if weighting != "none":
-        w_ins["filt"] = dg.AssetIn(key=exp.key("diagen_filter"))
+        w_ins["filt"] = "diagen_filter"
 
-    @asset_with_checks(exp,
-        key=exp.key("confidence_weights", name), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
-        partitions_def=exp.partitions, ins=w_ins,
+    @stage_asset(exp, "confidence_weights", name, ins=w_ins, resources=("store",),
         code_version=exp.code_version(("methods", name), ("training", "diagen_filter")), kinds={"pytorch"},
-        automation_condition=CONTENT_AUTOMATION,
         description=f"Sampling weight per synthetic image of {name}: uniform, or DIAGen confidence q (mean over the "
                     "filter's train-transform views of softmax(z/T)[y]) under the diagen_filter (w=q, or the code rule).",
     )
-    def weights(context: dg.AssetExecutionContext, synthetic: pd.DataFrame, **rest) -> dg.Output:
-        from ..training.episodes import split_level
-        from ..training.filter import confidence_weights
+    def weights(context: dg.AssetExecutionContext, synthetic: pd.DataFrame, store: StoreResource, **rest) -> dg.Output:
+        from ...training.episodes import split_level
+        from ...training.filter import confidence_weights
 
         synthetic = split_level(synthetic)  # per-episode images (support: episode) serve the episodes only
         _, seed = parse_split_key(context.partition_key)
         filt = rest.get("filt")
         frec = filt.iloc[0].to_dict() if filt is not None and len(filt) else {}
-        df = confidence_weights(synthetic, images=image_source(exp, pd.DataFrame({"image_id": [], "path": []})),
-                                blobs=exp.blobs, filter_rec=frec, image_size=cfg.training.image_size,
+        df = confidence_weights(synthetic, images=store.images(pd.DataFrame({"image_id": [], "path": []}), cfg.dataset),
+                                blobs=store.blobs, filter_rec=frec, image_size=cfg.training.image_size,
                                 rule=weighting if frec else "none", seed=seed)
         w = df["weight"].to_numpy(dtype=float) if len(df) else np.zeros(0)
         md = {"rule": dg.MetadataValue.text(weighting),
@@ -167,68 +134,57 @@ def build_method_chain(exp: Experiment, name: str) -> list:
                        "views": dg.MetadataValue.text(f"{frec['views']} x {frec['train_aug']}")})
         return output(df, md)
 
-    @asset_with_checks(exp,
-        key=exp.key("classifier", name), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
-        partitions_def=exp.partitions,
-        ins={"split": dg.AssetIn(key=exp.key("few_shot_split")), "synthetic": dg.AssetIn(key=exp.key("synthetic", name)),
-             "weights": dg.AssetIn(key=exp.key("confidence_weights", name))},
+    @stage_asset(exp, "classifier", name, resources=("store",),
+        ins={"split": "few_shot_split", "synthetic": ("synthetic", name), "weights": ("confidence_weights", name)},
         code_version=exp.code_version(("methods", name), "training", ("models", "classifier")), kinds={"pytorch"},
-        automation_condition=CONTENT_AUTOMATION,
         description=f"Classifier trained on real images (prob 1-α) mixed with {name} synthetic images (prob α={alpha}), "
                     "synthetic drawn ∝ weight within each real image's group (DIAGen Eq. 2); best epoch on val.",
     )
-    def classifier(context: dg.AssetExecutionContext, split: pd.DataFrame, synthetic: pd.DataFrame, weights: pd.DataFrame) -> dg.Output:
-        from ..training.episodes import split_level
-        from ..training.stage import train_classifier_stage
+    def classifier(context: dg.AssetExecutionContext, split: pd.DataFrame, synthetic: pd.DataFrame, weights: pd.DataFrame,
+                   store: StoreResource) -> dg.Output:
+        from ...training.episodes import split_level
+        from ...training.stage import train_classifier_stage
 
         synthetic = split_level(synthetic)  # the classifier protocol: the images made from the split's shots
-        _, seed = parse_split_key(context.partition_key)
-        rec, stats = train_classifier_stage(split, images=image_source(exp, split), blobs=exp.blobs, memo=exp.memo(),
-                                            training=cfg.training_for(name), classifier_cfg=cfg.models.classifier,
-                                            seed=cfg.seed * 1000 + seed, device=exp.device, synth=synthetic,
+        rec, stats = train_classifier_stage(split, images=store.images(split, cfg.dataset), blobs=store.blobs,
+                                            memo=store.memo(), training=cfg.training_for(name),
+                                            classifier_cfg=cfg.models.classifier, seed=exp.seed(context.partition_key),
+                                            device=exp.device, synth=synthetic,
                                             weights=weights, alpha=alpha, name="classifier")
-        md = _classifier_md(rec)
+        md = classifier_md(rec)
         md.update({"computed": dg.MetadataValue.int(stats.computed), "reused": dg.MetadataValue.int(stats.reused),
                    "synthetic_draw_fraction": dg.MetadataValue.float(
                        rec["n_syn_draws"] / max(1, rec["n_syn_draws"] + rec["n_real_draws"]))})
-        return output(_rec_df(rec, context, name), md)
+        return output(rec_df(rec, context, name), md)
 
-    @asset_with_checks(exp,
-        key=exp.key("set_metrics", name), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
-        partitions_def=exp.partitions,
-        ins={"split": dg.AssetIn(key=exp.key("few_shot_split")), "synthetic": dg.AssetIn(key=exp.key("synthetic", name)),
-             "real_clf": dg.AssetIn(key=exp.key("real_classifier"))},
+    @stage_asset(exp, "set_metrics", name, resources=("store", "models"),
+        ins={"split": "few_shot_split", "synthetic": ("synthetic", name), "real_clf": "real_classifier"},
         code_version=exp.code_version(("models", "clip")) + "-t2", kinds={"pytorch", "transformers"},  # t2: compute_seconds + device
-        automation_condition=CONTENT_AUTOMATION,
         description=f"Synthetic-set metrics of {name} on CLIP image features: improved precision/recall (k=3) vs the real "
                     "ID test images, diversity, CLIP score, label consistency, original-vs-augmented similarity.",
     )
-    def set_metrics(context: dg.AssetExecutionContext, split: pd.DataFrame, synthetic: pd.DataFrame, real_clf: pd.DataFrame) -> dg.Output:
-        from ..metrics.set_metrics import set_metrics as compute
-        from ..stages.services import FilterServices
-        from ..training.episodes import split_level
-        from .common import clip_bundle
+    def set_metrics(context: dg.AssetExecutionContext, split: pd.DataFrame, synthetic: pd.DataFrame, real_clf: pd.DataFrame,
+                    store: StoreResource, models: Models) -> dg.Output:
+        from ...metrics.set_metrics import set_metrics as compute
+        from ...stages.services import FilterServices
+        from ...store import memo_key
+        from ...training.episodes import split_level
 
         synthetic = split_level(synthetic)
-
-        images = image_source(exp, split)
-        services = FilterServices(images, exp.blobs, cfg.training.image_size)
-        from ..models.loading import clip_fingerprint
-        from ..store import memo_key
-
-        c = cfg.models.clip
-        key = memo_key("set_metrics", "sm-1", model=clip_fingerprint(c.source, exp.data_dir, c.revision),
+        images = store.images(split, cfg.dataset)
+        services = FilterServices(images, store.blobs, cfg.training.image_size)
+        key = memo_key("set_metrics", "sm-1", model=models.clip_fingerprint(),
                        inputs={"synthetic": sorted(synthetic["synthetic_id"]) if len(synthetic) else [],
                                "test": sorted(split.loc[split["role"] == "test", "image_id"]),
                                "classifier": real_clf.iloc[0]["blob"]})
-        memo = exp.memo()
+        memo = store.memo()
         rec = memo.get(key)
         if rec is None:
-            summary, per_class = compute(synthetic, split, images=images, clip=clip_bundle(exp),
+            summary, per_class = compute(synthetic, split, images=images, clip=models.clip(),
                                          classifier_blob=real_clf.iloc[0]["blob"], services=services)
             rec = memo.put(key, {"summary": summary, "per_class": json.loads(per_class.to_json(orient="records"))})
         summary, per_class = dict(rec["summary"]), pd.DataFrame(rec["per_class"])
-        from ..util import pick_device
+        from ...util import pick_device
 
         summary.update({"method": name, "split": context.partition_key, "device": pick_device(exp.device),
                         "compute_seconds": float(synthetic["compute_seconds"].sum()) if "compute_seconds" in synthetic and len(synthetic) else 0.0})
@@ -244,34 +200,33 @@ def build_method_chain(exp: Experiment, name: str) -> list:
 
 def build_metrics(exp: Experiment, name: str, clf_key: dg.AssetKey, synth_key: dg.AssetKey | None) -> dg.AssetsDefinition:
     cfg = exp.cfg
-    ins = {"split": dg.AssetIn(key=exp.key("few_shot_split")), "clf": dg.AssetIn(key=clf_key)}
+    ins = {"split": "few_shot_split", "clf": tuple(clf_key.path[1:])}
     if synth_key is not None:
-        ins["synthetic"] = dg.AssetIn(key=synth_key)
+        ins["synthetic"] = tuple(synth_key.path[1:])
 
-    @asset_with_checks(exp,
-        key=exp.key("metrics", name), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
-        partitions_def=exp.partitions, ins=ins, code_version=exp.code_version("training", "mlflow"),
-        kinds={"pytorch", "mlflow"}, automation_condition=CONTENT_AUTOMATION,
+    @stage_asset(exp, "metrics", name, ins=ins, resources=("store", "mlflow"),
+        code_version=exp.code_version("training", "mlflow"), kinds={"pytorch", "mlflow"},
         description=f"Metrics of the {name} classifier: top-1 and mean per-class accuracy on the ID test set and the "
                     "OOD set (acc_id/acc_ood = the recipe's headline), per-class accuracy, confusion matrix, and GeNIe's "
                     "episodic accuracy ± 95 % CI when training.evaluation lists few_shot_episodes; logged as an MLflow run.",
     )
-    def metrics(context: dg.AssetExecutionContext, mlflow: MlflowTracker, split: pd.DataFrame, clf: pd.DataFrame,
-                **rest) -> dg.Output:
-        from ..training.stage import evaluate, load_classifier_blob
-        from ..metrics import confusion_plot_png
+    def metrics(context: dg.AssetExecutionContext, split: pd.DataFrame, clf: pd.DataFrame, store: StoreResource,
+                mlflow: MlflowTracker, **rest) -> dg.Output:
+        from ...training.stage import evaluate, load_classifier_blob
+        from ...metrics import confusion_plot_png
 
         synthetic = rest.get("synthetic")
         shots, seed = parse_split_key(context.partition_key)
         rec = clf.iloc[0].to_dict()
-        model, meta = load_classifier_blob(exp.blobs, rec["blob"])
-        images = image_source(exp, split)
-        from ..store import memo_key
+        blobs = store.blobs
+        model, meta = load_classifier_blob(blobs, rec["blob"])
+        images = store.images(split, cfg.dataset)
+        from ...store import memo_key
 
         training = cfg.training_for(name if name in cfg.methods else None)
         episodic = "few_shot_episodes" in training.evaluation or (
             name == REAL_ONLY and any("few_shot_episodes" in cfg.training_for(m).evaluation for m in cfg.enabled_methods()))
-        memo = exp.memo()
+        memo = store.memo()
         key = memo_key("evaluate", "ev-3", model=rec["blob"], params={"image_size": cfg.training.image_size},
                        inputs={r: [[str(i), str(l)] for i, l in split.loc[split["role"] == r, ["image_id", "label"]].itertuples(index=False)]
                                for r in ("test", "ood")})
@@ -279,7 +234,7 @@ def build_metrics(exp: Experiment, name: str, clf_key: dg.AssetKey, synth_key: d
         if cached is None:
             # a linear probe trained on the store's backbone features is evaluated on them too (one encoding of
             # the test/OOD images per split instead of one per classifier)
-            stored = (dict(encoder=meta.get("backbone") or cfg.models.classifier.source, blobs=exp.blobs, memo=memo)
+            stored = (dict(encoder=meta.get("backbone") or cfg.models.classifier.source, blobs=blobs, memo=memo)
                       if bool(rec.get("features_cached")) else None)
             res = {role: evaluate(model, meta, images, split[split["role"] == role], cfg.training.image_size, stored)
                    for role in ("test", "ood")}
@@ -300,9 +255,9 @@ def build_metrics(exp: Experiment, name: str, clf_key: dg.AssetKey, synth_key: d
         }
         ep = None
         if episodic:  # real_only runs them whenever a method does: the un-augmented baseline (GeNIe's "Weak")
-            from ..training.episodes import episodic_eval
+            from ...training.episodes import episodic_eval
 
-            ep = episodic_eval(split, synthetic, images=images, blobs=exp.blobs, memo=memo, ecfg=training.episodes,
+            ep = episodic_eval(split, synthetic, images=images, blobs=blobs, memo=memo, ecfg=training.episodes,
                                image_size=cfg.training.image_size, split_seed=seed)
         row.update({"episodic_acc": ep["mean"] if ep else float("nan"), "episodic_ci95": ep["ci95"] if ep else float("nan"),
                     "episodic_episodes": int(ep["episodes"]) if ep else 0,
@@ -316,12 +271,12 @@ def build_metrics(exp: Experiment, name: str, clf_key: dg.AssetKey, synth_key: d
         artifacts = {"confusion_matrix_id.png": cm_png}
         if synthetic is not None and len(synthetic):
             artifacts["synthetic_manifest.parquet"] = synthetic.to_parquet(index=False)
-            from ..training.episodes import split_level
+            from ...training.episodes import split_level
 
             grid_src = split_level(synthetic) if len(split_level(synthetic)) else synthetic
             grid_imgs = [images.synthetic(b) for b in grid_src.groupby("label").head(4)["blob"].head(32)]
             from .common import image_grid
-            from ..util import png_bytes
+            from ...util import png_bytes
 
             artifacts["sample_grid.png"] = png_bytes(image_grid(grid_imgs))
         params = {"method": name, "split": context.partition_key, "shots": shots, "seed": seed,
@@ -340,7 +295,7 @@ def build_metrics(exp: Experiment, name: str, clf_key: dg.AssetKey, synth_key: d
                                     **{f"acc_id_{c}": v for c, v in res["test"]["per_class"].items()}},
             tags=tags, artifacts=artifacts, model=model if cfg.mlflow.log_models else None,
             find_existing={"augment.classifier_blob": rec["blob"], "augment.method": name, "dagster.partition": context.partition_key},
-            datasets=asset_datasets(context, exp.data_dir, {exp.key("few_shot_split"): split,
+            datasets=asset_datasets(context, store.root, {exp.key("few_shot_split"): split,
                                                             **({synth_key: synthetic} if synthetic is not None else {})}),
         )
         row["mlflow_run_id"] = run_id or ""
@@ -374,7 +329,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def build(exp: Experiment) -> list:
-    assets = [build_real_classifier(exp), build_metrics(exp, REAL_ONLY, exp.key("real_classifier"), None)]
+    """The evaluation assets (``real_classifier`` is a stage: ``real_classifier.py``)."""
+    assets = [build_metrics(exp, REAL_ONLY, exp.key("real_classifier"), None)]
     if weighting_methods(exp.cfg):
         assets.append(build_diagen_filter(exp))
     for name in exp.cfg.enabled_methods():

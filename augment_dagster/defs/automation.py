@@ -21,8 +21,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from .config import ExperimentConfig
-from .util import hash_obj
+from ..config import ExperimentConfig
+from ..util import hash_obj
 
 
 def listing_hash(root: str | os.PathLike) -> str:
@@ -74,7 +74,7 @@ def dataset_folder(cfg: ExperimentConfig) -> Path | None:
     if cfg.dataset.source == "builtin":
         return None
     if cfg.dataset.is_hf:  # a local Hugging Face dataset folder is watched; a hub id is not (None)
-        from .data.hf import locator
+        from ..data.hf import locator
 
         p = Path(locator(cfg.dataset.source))
         return p if p.is_absolute() else None

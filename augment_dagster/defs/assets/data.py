@@ -5,12 +5,11 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from ..data.ingest import ingest
-from ..data.splits import few_shot_split
-from ..config import parse_split_key
-from ..util import hash_obj
-from .common import EAGER_AUTOMATION, Experiment, md_table, output
-from .checks import asset_with_checks
+from ...data.ingest import ingest
+from ...data.splits import few_shot_split
+from ...config import parse_split_key
+from ...util import hash_obj
+from .common import EAGER_AUTOMATION, Experiment, md_table, output, stage_asset
 
 
 def dataset_root(exp: Experiment) -> Path | None:
@@ -20,7 +19,7 @@ def dataset_root(exp: Experiment) -> Path | None:
     if ds.is_hf:
         return None
     if ds.source == "builtin":
-        from ..data.builtin import write_builtin
+        from ...data.builtin import write_builtin
 
         b = ds.builtin
         return write_builtin(exp.data_dir / "datasets", classes=b.classes, train_per_class=b.train_per_class,
@@ -42,13 +41,11 @@ def listing_version(df: pd.DataFrame) -> str:
 def build(exp: Experiment) -> list:
     cfg = exp.cfg
 
-    @asset_with_checks(exp,
-        key=exp.key("raw_images"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
+    @stage_asset(exp, "raw_images", partitioned=False, automation=EAGER_AUTOMATION,
         code_version=exp.code_version("dataset"), kinds={"python"},
         description="Ingest of the dataset (imagefolder tree root/<class>/*, test/, ood/, or an hf: dataset): one row per "
                     "image, id = sha256 of its bytes, class_id + label (the class words); bad files, duplicates and leaks "
                     "are reported (data/ingest.py).",
-        automation_condition=EAGER_AUTOMATION,
     )
     def raw_images(context: dg.AssetExecutionContext) -> dg.Output:
         root = dataset_root(exp)
@@ -62,7 +59,7 @@ def build(exp: Experiment) -> list:
             context.log.info(n)
         counts = df.groupby(["label", "pool"]).size().unstack(fill_value=0).reset_index()
         from ..automation import dataset_folder, listing_hash
-        from ..store.manifests import stored_root
+        from ...store.manifests import stored_root
 
         # relative inside the data dir (the data dir can move); a Hugging Face source is its `hf:` locator
         df["dataset_root"] = cfg.dataset.source if root is None else stored_root(root, exp.data_dir)
@@ -85,10 +82,8 @@ def build(exp: Experiment) -> list:
         out = output(df, md)
         return dg.Output(out.value, data_version=dg.DataVersion(listing_version(df)), metadata=out.metadata)
 
-    @asset_with_checks(exp,
-        key=exp.key("few_shot_split"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
-        partitions_def=exp.partitions, ins={"raw": dg.AssetIn(key=exp.key("raw_images"))},
-        code_version=exp.code_version("splits"), kinds={"python"}, automation_condition=EAGER_AUTOMATION,
+    @stage_asset(exp, "few_shot_split", ins={"raw": "raw_images"}, automation=EAGER_AUTOMATION,
+        code_version=exp.code_version("splits"), kinds={"python"},
         description="Stable few-shot split: per class, images ranked by hash(seed, image id); first K train, next V val.",
     )
     def split(context: dg.AssetExecutionContext, raw: pd.DataFrame) -> dg.Output:

@@ -2,33 +2,22 @@
 import dagster as dg
 import pandas as pd
 
-from ..config import parse_split_key
-from .common import CONTENT_AUTOMATION, Experiment, md_table, output
-from .checks import asset_with_checks
-
-
-def llm_client(exp: Experiment):
-    from ..llm import LLMClient
-
-    return LLMClient.from_config(exp.cfg.models.llm, cache_dir=exp.data_dir / "llm_cache", send_seed=exp.cfg.prompts.llm_seed)
+from ..resources import LLM
+from .common import Experiment, md_table, output, stage_asset
 
 
 def build(exp: Experiment) -> list:
     cfg = exp.cfg
 
-    @asset_with_checks(exp,
-        key=exp.key("class_prompts"), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
-        partitions_def=exp.partitions, ins={"split": dg.AssetIn(key=exp.key("few_shot_split"))},
+    @stage_asset(exp, "class_prompts", ins={"split": "few_shot_split"}, resources=("llm",),
         code_version=exp.code_version("prompts", ("models", "llm")), kinds={"openai"},
-        automation_condition=CONTENT_AUTOMATION,
         description="LLM prompt sets per class: DIAGen meta-prompt (ask P+5, keep P lines naming the class), "
                     "provider/model/response hash recorded per prompt; responses cached so reruns never call the API.",
     )
-    def class_prompts(context: dg.AssetExecutionContext, split: pd.DataFrame) -> dg.Output:
-        from ..stages.prompts import class_prompt_rows, topup_counts
+    def class_prompts(context: dg.AssetExecutionContext, split: pd.DataFrame, llm: LLM) -> dg.Output:
+        from ...stages.prompts import class_prompt_rows, topup_counts
 
-        _, seed = parse_split_key(context.partition_key)
-        client = llm_client(exp)
+        client = llm.client()
         client.check_ready()
         classes = sorted(split.loc[split["role"] == "train", "label"].unique())
         p = cfg.prompts

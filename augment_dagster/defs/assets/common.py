@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import base64
+import functools
+import inspect
 import io
 import math
 from dataclasses import dataclass
@@ -12,10 +14,11 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from ..config import ExperimentConfig
-from ..progress import register_scope_provider as _register_progress_scope
-from ..store import BlobStore, Memo
-from ..store.manifests import manifest_version
+from ...config import ExperimentConfig, parse_split_key
+from ...progress import register_scope_provider as _register_progress_scope
+from ...seeds import split_seed
+from ...store.manifests import manifest_version
+from ..resources import StoreResource, resource_key
 
 IMPL_VERSION = "1"
 
@@ -39,7 +42,7 @@ def _progress_scope() -> tuple[str | None, str | None]:
         ctx = dg.AssetExecutionContext.get()
     except dg.DagsterInvariantViolationError:
         return None, None
-    from ..slots import current
+    from ...slots import current
 
     part, slot = (ctx.partition_key if ctx.has_partition_key else None), current()
     if slot is not None:  # progress lines name the slot: "[4shot-s0, slot 1 (cpu)]"
@@ -50,8 +53,14 @@ def _progress_scope() -> tuple[str | None, str | None]:
 _register_progress_scope(_progress_scope)
 
 
+OWNERS = ["team:augment-dagster"]
+
+
 @dataclass
 class Experiment:
+    """One experiment's naming for its assets: keys, group, partitions, code versions and resource keys. It holds no
+    services: assets receive the store, models, LLM and MLflow resources as parameters (``stage_asset``)."""
+
     cfg: ExperimentConfig
 
     @property
@@ -62,20 +71,12 @@ class Experiment:
     def data_dir(self) -> Path:
         return self.cfg.resolved_data_dir()
 
-    @cached_property
-    def blobs(self) -> BlobStore:
-        return BlobStore(self.data_dir)
-
-    def memo(self) -> Memo:
-        return Memo(self.data_dir)  # fresh counters per asset execution
-
     @property
     def io_manager_key(self) -> str:
-        return f"manifests_{self.name}"
+        return resource_key("manifests", self.name)
 
-    @property
-    def mlflow_key(self) -> str:
-        return "mlflow"
+    def resource_key(self, kind: str) -> str:
+        return resource_key(kind, self.name)
 
     def key(self, *path: str) -> dg.AssetKey:
         return dg.AssetKey([self.name, *path])
@@ -91,19 +92,60 @@ class Experiment:
             parts.append(self.cfg.section_hash(*path))
         return f"{IMPL_VERSION}-" + "-".join(p[:8] for p in parts)
 
+    def seed(self, partition_key: str) -> int:
+        """The seed of this split partition's stages (``seeds.split_seed``)."""
+        return split_seed(self.cfg.seed, parse_split_key(partition_key)[1])
+
     @property
     def device(self) -> str:
         """The device of this process's slot (slots.py; a lease is taken on first use)."""
-        from ..slots import device_for
+        from ...slots import device_for
 
         return device_for(self.cfg)
+
+
+def stage_asset(exp: Experiment, *path: str, ins: dict[str, str | tuple[str, ...]] | None = None,
+                partitioned: bool = True, automation: dg.AutomationCondition = CONTENT_AUTOMATION,
+                resources: tuple[str, ...] = (), **asset_kwargs):
+    """``dg.asset`` for a stage of ``exp`` with what every stage shares: key ``<experiment>/<path>``, the experiment's
+    group, owners, manifest IO manager, split partitions (unless ``partitioned=False``), content automation and the
+    stage's checks evaluated in its step (``checks.asset_with_checks``). ``ins``: input name -> upstream asset path
+    under the experiment. ``resources``: kinds (``store``, ``models``, ``llm``, ``mlflow``) the body takes as keyword
+    parameters of those names, bound to this experiment's ``<kind>_<experiment>`` resources."""
+    from ..checks import asset_with_checks
+
+    kwargs = dict(group_name=exp.name, owners=OWNERS, io_manager_key=exp.io_manager_key,
+                  partitions_def=exp.partitions if partitioned else None, automation_condition=automation,
+                  ins={name: dg.AssetIn(key=exp.key(*((up,) if isinstance(up, str) else up))) for name, up in (ins or {}).items()},
+                  required_resource_keys={exp.resource_key(r) for r in resources} | set(asset_kwargs.pop("required_resource_keys", ())),
+                  **asset_kwargs)
+
+    def decorate(body):
+        return asset_with_checks(exp, key=exp.key(*path), **kwargs)(_with_resources(body, exp, resources))
+
+    return decorate
+
+
+def _with_resources(body, exp: Experiment, kinds: tuple[str, ...]):
+    """``body`` with its resource parameters (``kinds``) filled from ``context.resources`` and hidden from Dagster's
+    view of its signature (which then lists the context and the inputs only)."""
+    if not kinds:
+        return body
+    sig = inspect.signature(body)
+
+    @functools.wraps(body)
+    def step(context, *args, **kwargs):
+        return body(context, *args, **kwargs, **{k: getattr(context.resources, exp.resource_key(k)) for k in kinds})
+
+    step.__signature__ = sig.replace(parameters=[p for n, p in sig.parameters.items() if n not in kinds])
+    return step
 
 
 def output(df: pd.DataFrame, metadata: dict[str, Any] | None = None, version_extra: Any = None) -> dg.Output:
     """A manifest output with a deterministic data version (content hash of the manifest)."""
     v = manifest_version(df)
     if version_extra is not None:
-        from ..util import hash_obj
+        from ...util import hash_obj
 
         v = hash_obj(v, version_extra)[:24]
     md = {"rows": dg.MetadataValue.int(len(df))}
@@ -114,7 +156,7 @@ def output(df: pd.DataFrame, metadata: dict[str, Any] | None = None, version_ext
 
 def slot_metadata() -> dict[str, dg.MetadataValue]:
     """The device slot the step ran on (slots.py), if it holds one: ``slot`` and ``slot_device``."""
-    from ..slots import computed_on
+    from ...slots import computed_on
 
     on = computed_on()
     return {} if on is None else {"slot": dg.MetadataValue.int(on["slot"]), "slot_device": dg.MetadataValue.text(on["device"])}
@@ -140,13 +182,14 @@ def png_markdown(image, title: str = "") -> dg.MetadataValue:
     return dg.MetadataValue.md(f"{title}\n\n![{title}](data:image/png;base64,{b64})")
 
 
-def sample_grid_metadata(exp: Experiment, images: list, title: str) -> dict[str, dg.MetadataValue]:
+def sample_grid_metadata(store: StoreResource, images: list, title: str) -> dict[str, dg.MetadataValue]:
     """Store a sample grid as a blob and show it inline in the Dagster UI."""
-    from ..util import png_bytes
+    from ...util import png_bytes
 
     grid = image_grid(images)
-    digest = exp.blobs.put(png_bytes(grid), "png")
-    return {"sample_grid": png_markdown(grid, title), "sample_grid_path": dg.MetadataValue.path(str(exp.blobs.find(digest)))}
+    blobs = store.blobs
+    digest = blobs.put(png_bytes(grid), "png")
+    return {"sample_grid": png_markdown(grid, title), "sample_grid_path": dg.MetadataValue.path(str(blobs.find(digest)))}
 
 
 def md_table(df: pd.DataFrame, floatfmt: str = ".3f") -> str:
@@ -160,71 +203,6 @@ def md_table(df: pd.DataFrame, floatfmt: str = ".3f") -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------- models (loaded lazily, process-cached)
-def diffusion_bundle(exp: Experiment):
-    from ..models.loading import load_diffusion
-
-    d = exp.cfg.models.diffusion
-    return load_diffusion(d.source, exp.data_dir, device=exp.device, dtype=d.dtype, revision=d.revision,
-                          channels_last=d.channels_last, compile=d.compile)
-
-
-def diffusion_fingerprint(exp: Experiment) -> str:
-    """Model fingerprint without loading the pipeline (a no-op rerun never imports diffusers)."""
-    from ..models.loading import diffusion_fingerprint as fp
-
-    d = exp.cfg.models.diffusion
-    return fp(d.source, exp.data_dir, revision=d.revision)
-
-
-def generation_core(exp: Experiment, lora_blob: str | None = None):
-    """The generation core on the experiment's model; with ``lora_blob``, that LoRA as a peft adapter on the same
-    UNet, switched on only around this core's UNet calls (no copy of the UNet; models/adapters.py)."""
-    from ..models.generation import GenerationCore
-
-    g = exp.cfg.generation
-    bundle = diffusion_bundle(exp)
-    if lora_blob:
-        from ..stages.concept_lora import bundle_with_lora
-        from ..store.tensors import tensor_dict_from_bytes
-
-        bundle = bundle_with_lora(bundle, tensor_dict_from_bytes(exp.blobs.get(lora_blob)), key=lora_blob)
-    # every unit names its own scheduler (its entry's resolved protocol, methods/registry.py resolve_protocol)
-    return GenerationCore(bundle, batch_size=g.batch_size, max_batch_size=g.max_batch_size)
-
-
-def release_models(*kinds: str) -> None:
-    """Drop the process-cached models of these kinds ('sd', 'blip', 'clip') once the stage that alone needs
-    them has ended (models/loading.py ``release``); the next stage that asks loads them again."""
-    from ..models.loading import release
-
-    release(*kinds)
-
-
-def clip_bundle(exp: Experiment):
-    from ..models.loading import load_clip
-
-    c = exp.cfg.models.clip
-    return load_clip(c.source, exp.data_dir, device=exp.device)
-
-
-def captioner_bundle(exp: Experiment):
-    from ..models.loading import load_captioner
-
-    c = exp.cfg.models.captioner
-    return load_captioner(c.source, exp.data_dir, device=exp.device)
-
-
-def image_source(exp: Experiment, raw_or_split: pd.DataFrame):
-    from ..data.images import ImageSource
-
-    from ..store.manifests import resolve_root
-
-    root = raw_or_split["dataset_root"].iloc[0] if "dataset_root" in raw_or_split and len(raw_or_split) else "."
-    return ImageSource(resolve_root(root, exp.data_dir) if not str(root).startswith("hf:") else root, raw_or_split,
-                       exp.blobs, exp.cfg.dataset.max_image_pixels, hf_image_column=exp.cfg.dataset.hf.image_column)
-
-
 # ---------------------------------------------------------------- lineage and MLflow links in the UI
 LINEAGE_COLUMNS = {
     "synthetic_id": "content id of the synthetic image (prefix; `augment lineage <id>` prints the full chain)",
@@ -234,7 +212,8 @@ LINEAGE_COLUMNS = {
 }
 
 
-def lineage_metadata(exp: Experiment, df: pd.DataFrame, planned_units: int | None = None, rows: int = 10) -> dict:
+def lineage_metadata(exp: Experiment, store: StoreResource, df: pd.DataFrame, planned_units: int | None = None,
+                     rows: int = 10) -> dict:
     """Metadata of a synthetic set for the UI: its first rows as a table (guide, prompt, seed, strength, concept,
     blob path), the manifest's column schema, the command that prints an image's full lineage, and the number
     of planned units (what the ``synthetic_integrity`` check compares the rows with)."""
@@ -245,10 +224,10 @@ def lineage_metadata(exp: Experiment, df: pd.DataFrame, planned_units: int | Non
             return ",".join(str(x)[:n] for x in list(v))
         return str(v)[:n]
 
-    recs = []
+    recs, blobs = [], store.blobs
     for r in df.head(rows).to_dict("records"):
         try:
-            path = str(exp.blobs.find(r["blob"]))
+            path = str(blobs.find(r["blob"]))
         except (FileNotFoundError, KeyError, TypeError):
             path = ""
         concept = r.get("embedding_id") or r.get("concepts")

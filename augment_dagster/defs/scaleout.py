@@ -10,7 +10,7 @@ from typing import Any
 
 import dagster as dg
 
-from .config import ConfigError, ExecutionConfig, ExperimentConfig
+from ..config import ConfigError, ExecutionConfig, ExperimentConfig
 
 K8S_CONFIG_TAG = "dagster-k8s/config"
 CELERY_QUEUE_TAG = "dagster-celery/queue"
@@ -177,7 +177,7 @@ def write_instance_yaml(home: Path, template: Path) -> Path:
     """``<DAGSTER_HOME>/dagster.yaml``: the project's template the first time; with ``$AUGMENT_POSTGRES_URL`` set,
     a PostgreSQL ``storage`` block is added unless the file already configures storage (a user-supplied
     dagster.yaml is left as it is). Written atomically."""
-    from .util import atomic_write_text
+    from ..util import atomic_write_text
 
     target = home / "dagster.yaml"
     text = target.read_text() if target.exists() else (template.read_text() if template.exists() else "")

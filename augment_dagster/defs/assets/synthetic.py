@@ -9,18 +9,12 @@ import time
 import dagster as dg
 import pandas as pd
 
-from ..config import parse_split_key
-from ..methods.registry import get_method, method_params
-from ..methods.runner import SYNTH_COLUMNS
-from .common import (CONTENT_AUTOMATION, Experiment, clip_bundle, diffusion_fingerprint, generation_core,
-                     image_source, output, sample_grid_metadata)
-
-# stage name in MethodSpec.needs -> asset name
-STAGE_ASSETS = {
-    "concepts": "concept_embeddings", "captions": "captions", "class_prompts": "class_prompts",
-    "prompt_suffixes": "prompt_suffixes", "concept_lora": "concept_lora", "inversion_pool": "inversion_pool",
-    "real_classifier": "real_classifier",
-}
+from ...config import parse_split_key
+from ...methods.registry import get_method, method_params
+from ...methods.runner import SYNTH_COLUMNS
+from ...stages import STAGES
+from ..resources import Models, StoreResource
+from .common import Experiment, lineage_metadata, output, sample_grid_metadata, stage_asset
 
 
 def _spec_and_params(exp: Experiment, name: str):
@@ -28,38 +22,43 @@ def _spec_and_params(exp: Experiment, name: str):
 
 
 def compute_synthetic(exp: Experiment, name: str, partition_key: str, split: pd.DataFrame, upstream: dict,
-                      run_id: str, log=None) -> tuple[pd.DataFrame, dict]:
+                      run_id: str, log=None, *, store: StoreResource | None = None,
+                      models: Models | None = None) -> tuple[pd.DataFrame, dict]:
     """The body of ``synthetic/<name>`` for one split partition: plan units, reuse memoized ones, generate the
     rest through the one generation core, post-filter, build the manifest and its metadata.
 
-    Used both by the asset in the run process and by ``augment_dagster.pipes_worker`` out of process."""
-    from ..methods.base import MethodInputs
-    from ..methods.registry import resolve_protocol
+    Used both by the asset in the run process (with its resources) and by ``augment_dagster.defs.pipes_worker`` out
+    of process; without ``store``/``models`` (a script) they are made from the config."""
+    from ...methods.base import MethodInputs
+    from ...methods.registry import resolve_protocol
 
     cfg = exp.cfg
+    store = store or StoreResource(root=str(exp.data_dir))
+    models = models or Models(cfg, store)
     spec, params = _spec_and_params(exp, name)
     _, seed = parse_split_key(partition_key)
     g = cfg.generation
     proto = resolve_protocol(cfg, name)
-    images = image_source(exp, split)
+    images = store.images(split, cfg.dataset)
     inputs = MethodInputs(
-        method=name, split=split, params=params, protocol=proto, images_per_real=proto.images_per_real,
-        seed=cfg.seed * 1000 + seed,
-        metaclass=cfg.dataset.metaclass, negative_prompt=g.negative_prompt,
+        method=name, split=split, params=params, images_per_real=proto.images_per_real,
+        seed=exp.seed(partition_key),
+        metaclass=cfg.dataset.metaclass, negative_prompt=g.negative_prompt, protocol=proto,
         extra={"load_tensor": images.tensor}, **upstream,
     )
     services = None
     if spec.prepare is not None or spec.post_filter is not None:
-        from ..stages.services import FilterServices
+        from ...stages.services import FilterServices
 
-        services = FilterServices(images, exp.blobs, cfg.training.image_size, clip_factory=lambda: clip_bundle(exp))
+        services = FilterServices(images, store.blobs, cfg.training.image_size, clip_factory=models.clip)
     if spec.prepare is not None:
         inputs.extra.update(spec.prepare(inputs, services))
     units = spec.plan(inputs)
-    model_fp = diffusion_fingerprint(exp) if spec.uses_diffusion else ""
+    model_fp = models.diffusion_fingerprint() if spec.uses_diffusion else ""
     t_plan = time.perf_counter()
     groups = [(-1, inputs, units)] + episode_groups(exp, name, spec, proto, inputs, split, seed, services)
-    rows_by_group, stats, planned = run_groups(exp, name, spec, groups, model_fp, images, params, run_id, log)
+    rows_by_group, stats, planned = run_groups(exp, store, models, name, spec, groups, model_fp, images, params,
+                                               run_id, log)
     rows, filter_md = [], {}
     ep_kept = ep_candidates = 0
     filter_seconds = 0.0
@@ -108,9 +107,8 @@ def compute_synthetic(exp: Experiment, name: str, partition_key: str, split: pd.
                    "episode_orchestration_seconds": dg.MetadataValue.float(round(plan_seconds, 3))})
     if filter_md:
         md["filter"] = dg.MetadataValue.json(filter_md)
-    from .common import lineage_metadata  # the UI's lineage table + planned units (checked by synthetic_integrity)
-    md.update(lineage_metadata(exp, df, planned_units=planned))
-    md.update(sample_grid_metadata(exp, [images.synthetic(b) for b in sample["blob"]], f"synthetic/{name} {partition_key}"))
+    md.update(lineage_metadata(exp, store, df, planned_units=planned))  # the UI's lineage table + planned units
+    md.update(sample_grid_metadata(store, [images.synthetic(b) for b in sample["blob"]], f"synthetic/{name} {partition_key}"))
     return df, md
 
 
@@ -142,7 +140,7 @@ def episode_groups(exp: Experiment, name: str, spec, proto, inputs, split: pd.Da
     recur across episodes (same guide, seed, prompt) have one memo key and are generated once."""
     from dataclasses import replace
 
-    from ..training.episodes import augmented_per_class, episode_splits
+    from ...training.episodes import augmented_per_class, episode_splits
 
     ecfg = episode_generation(exp.cfg, name)
     if ecfg is None:
@@ -162,10 +160,11 @@ def episode_groups(exp: Experiment, name: str, spec, proto, inputs, split: pd.Da
     return out
 
 
-def run_groups(exp: Experiment, name: str, spec, groups: list, model_fp: str, images, params, run_id: str, log):
+def run_groups(exp: Experiment, store: StoreResource, models: Models, name: str, spec, groups: list, model_fp: str,
+               images, params, run_id: str, log):
     """Run every group's units as one deduplicated batch list through ``run_units``; rows per group, stats and
     the planned row count (one row per planned unit of each group)."""
-    from ..methods.runner import run_units, unit_key
+    from ...methods.runner import run_units, unit_key
 
     g = exp.cfg.generation
     keyed = [[(unit_key(spec, u, model_fp), u) for u in units] for _, _, units in groups]
@@ -174,8 +173,8 @@ def run_groups(exp: Experiment, name: str, spec, groups: list, model_fp: str, im
         for k, u in ku:
             unique.setdefault(k, u)
     rows, stats = run_units(
-        spec, name, list(unique.values()), blobs=exp.blobs, memo=exp.memo(), model_fp=model_fp, load_image=images.real,
-        load_tensor=images.tensor, core_factory=lambda lora=None: generation_core(exp, lora), render_params=params,
+        spec, name, list(unique.values()), blobs=store.blobs, memo=store.memo(), model_fp=model_fp, load_image=images.real,
+        load_tensor=images.tensor, core_factory=models.generation_core, render_params=params,
         batch_size=g.batch_size if isinstance(g.batch_size, int) else g.max_batch_size, run_id=run_id, progress=True,
         on_batch_done=(lambda done, total: log(f"{name}: {done}/{total} computed")) if log else None,
     )
@@ -192,12 +191,15 @@ def pipes_extras(exp: Experiment, name: str, partition_key: str, run_id: str) ->
         "partition": partition_key, "data_dir": str(exp.data_dir), "run_id": run_id,
         "asset_key": list(exp.key("synthetic", name).path),
         "inputs": {"split": list(exp.key("few_shot_split").path),
-                   **{need: list(exp.key(STAGE_ASSETS[need]).path) for need in spec.needs}},
+                   **{need: list(exp.key(STAGES[need].asset).path) for need in spec.needs}},
     }
 
 
+PIPES_WORKER = "augment_dagster.defs.pipes_worker"  # the module ``python -m`` runs out of process
+
+
 def run_out_of_process(context: dg.AssetExecutionContext, exp: Experiment, name: str) -> dg.MaterializeResult:
-    """Run ``compute_synthetic`` in ``augment_dagster.pipes_worker`` through Dagster Pipes; the worker writes the
+    """Run ``compute_synthetic`` in ``augment_dagster.defs.pipes_worker`` through Dagster Pipes; the worker writes the
     manifest parquet (same path as the IO manager) and reports the materialization with its data version."""
     import sys
 
@@ -206,14 +208,14 @@ def run_out_of_process(context: dg.AssetExecutionContext, exp: Experiment, name:
     env = {"AUGMENT_DATA_DIR": str(exp.data_dir), "OMP_WAIT_POLICY": "PASSIVE"}
     if ex.mode == "pipes_subprocess":
         client: dg.PipesSubprocessClient = context.resources.pipes_subprocess_client
-        command = [ex.python or sys.executable, "-m", "augment_dagster.pipes_worker"]
+        command = [ex.python or sys.executable, "-m", PIPES_WORKER]
         inv = client.run(context=context, command=command, extras=extras, env=env)
     else:  # pipes_k8s
         from ..scaleout import pipes_pod_spec
 
         client = context.resources.pipes_k8s_client
         inv = client.run(context=context, image=ex.k8s.image, namespace=ex.k8s.namespace, extras=extras, env=env,
-                         command=["python", "-m", "augment_dagster.pipes_worker"], base_pod_spec=pipes_pod_spec(exp.cfg))
+                         command=["python", "-m", PIPES_WORKER], base_pod_spec=pipes_pod_spec(exp.cfg))
     return inv.get_materialize_result()
 
 
@@ -222,42 +224,39 @@ def build_one(exp: Experiment, name: str) -> dg.AssetsDefinition:
 
     cfg = exp.cfg
     spec, _ = _spec_and_params(exp, name)
-    ins = {"split": dg.AssetIn(key=exp.key("few_shot_split"))}
-    for need in spec.needs:
-        ins[need] = dg.AssetIn(key=exp.key(STAGE_ASSETS[need]))
+    ins = {"split": "few_shot_split", **{need: STAGES[need].asset for need in spec.needs}}
     sections = [("methods", name), "generation"] + ([("models", "diffusion")] if spec.uses_diffusion else [])
     proto_version = ""
     if spec.uses_diffusion:  # the resolved protocol includes the paper defaults, which live in code, not config
-        from ..methods.registry import resolve_protocol
-        from ..util import hash_obj
+        from ...methods.registry import resolve_protocol
+        from ...util import hash_obj
 
         p = resolve_protocol(cfg, name).as_dict()
         p.pop("sources")
         proto_version = "-p" + hash_obj(p)[:8]
     ecfg = episode_generation(cfg, name)
     if ecfg is not None:  # support: episode: the episodes (and their supports) decide what is generated
-        from ..training.episodes import episode_config_identity
-        from ..util import hash_obj
+        from ...training.episodes import episode_config_identity
+        from ...util import hash_obj
 
         proto_version += "-e" + hash_obj(episode_config_identity(ecfg))[:8]
     kinds = {"pytorch", "diffusers"} if spec.uses_diffusion else {"pytorch", "kornia"}
     mode = cfg.execution.mode if spec.uses_diffusion else "in_process"
     resource_keys = {"pipes_subprocess": {"pipes_subprocess_client"}, "pipes_k8s": {"pipes_k8s_client"}}.get(mode, set())
 
-    @dg.asset(
-        key=exp.key("synthetic", name), group_name=exp.name, owners=["team:augment-dagster"], io_manager_key=exp.io_manager_key,
-        partitions_def=exp.partitions, ins=ins, code_version=f"{spec.version}-" + exp.code_version(*sections) + proto_version,
+    @stage_asset(exp, "synthetic", name, ins=ins, resources=("store", "models"),
+        code_version=f"{spec.version}-" + exp.code_version(*sections) + proto_version,
         pool="gpu" if spec.uses_diffusion else None, kinds=kinds, op_tags=gpu_op_tags(spec.uses_diffusion, cfg),
-        automation_condition=CONTENT_AUTOMATION,
         description=f"Synthetic set: {spec.description}. One row per image with its full lineage.",
         metadata={"method": name, "algorithm": spec.name,
                   **({"protocol": resolve_protocol(cfg, name).summary()} if spec.uses_diffusion else {})},
         required_resource_keys=resource_keys,
     )
-    def synthetic(context: dg.AssetExecutionContext, split: pd.DataFrame, **upstream):
+    def synthetic(context: dg.AssetExecutionContext, split: pd.DataFrame, store: StoreResource, models: Models, **upstream):
         if mode != "in_process":
             return run_out_of_process(context, exp, name)
-        df, md = compute_synthetic(exp, name, context.partition_key, split, upstream, context.run_id, log=context.log.debug)
+        df, md = compute_synthetic(exp, name, context.partition_key, split, upstream, context.run_id,
+                                   log=context.log.debug, store=store, models=models)
         return output(df, md)
 
     return synthetic
@@ -269,7 +268,7 @@ def build(exp: Experiment) -> list:
 
 def _device(exp: Experiment) -> str:
     """The device the generation ran on (models.device resolved: 'auto' -> cuda or cpu)."""
-    from ..util import pick_device
+    from ...util import pick_device
 
     return pick_device(exp.device)
 

@@ -20,7 +20,8 @@ import dagster as dg
 import pandas as pd
 
 from ..metrics import checks as q
-from .common import Experiment
+from ..stages import STAGES
+from .assets.common import Experiment
 
 # partitioned asset checks are a preview feature in dagster 1.13 (AssetCheckSpec(partitions_def=...))
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)
@@ -66,14 +67,15 @@ def _op_name(key: dg.AssetKey) -> str:
 
 def _checks(key: dg.AssetKey, partitions_def, specs: list[tuple[str, bool, str]], fn: Callable[..., list[q.Outcome]],
             extra_ins: dict[str, dg.AssetKey] | None = None, kinds: str = "python",
-            extra_deps: list[dg.AssetKey] | None = None) -> dg.AssetChecksDefinition:
+            extra_deps: list[dg.AssetKey] | None = None,
+            required_resource_keys: set[str] | None = None) -> dg.AssetChecksDefinition:
     """One step that evaluates ``fn(context, df=<manifest>, **extra) -> [Outcome]`` and reports every spec.
     ``extra_deps``: assets the step runs after (in a run that has them) but reads itself, as they may be absent."""
     ins = {"df": dg.AssetIn(key=key), **{k: dg.AssetIn(key=v) for k, v in (extra_ins or {}).items()}}
     deps = [*(extra_ins or {}).values(), *(extra_deps or [])]
 
     @dg.multi_asset_check(
-        name=_op_name(key), compute_kind=kinds, ins=ins,
+        name=_op_name(key), compute_kind=kinds, ins=ins, required_resource_keys=required_resource_keys or set(),
         specs=[dg.AssetCheckSpec(name, asset=key, blocking=blocking, description=desc, partitions_def=partitions_def,
                                  additional_deps=deps)
                for name, blocking, desc in specs],
@@ -117,15 +119,13 @@ def expected_synthetic_rows(md: dict[str, Any]) -> int | None:
     return int(md["planned_units"]) if "planned_units" in md else None
 
 
-def synthetic_outcomes(exp: Experiment, df: pd.DataFrame, split: pd.DataFrame, expected: int | None,
-                       clip=None, real_classifier: pd.DataFrame | None = None,
+def synthetic_outcomes(exp: Experiment, store, models, df: pd.DataFrame, split: pd.DataFrame, expected: int | None,
+                       real_classifier: pd.DataFrame | None = None,
                        dropped_per_class: dict[str, int] | None = None) -> list[q.Outcome]:
     """The three checks of synthetic/<m> (also used by tests without Dagster). ``real_classifier``: the split's
     real_classifier manifest, the second label judge (``checks.label_judge``); ``dropped_per_class``: what the
     method's post-filter removed (from the asset's ``filter`` metadata)."""
     from ..stages.services import FilterServices
-    from .common import clip_bundle, image_source
-
     from ..training.episodes import split_level
 
     cfg = exp.cfg.checks
@@ -133,7 +133,7 @@ def synthetic_outcomes(exp: Experiment, df: pd.DataFrame, split: pd.DataFrame, e
     train = split[split["role"] == "train"]
     held_out = split[split["role"] == "val"]
     classes = sorted(train["label"].unique())
-    out = [q.check_synthetic_integrity(all_rows, expected, lambda b: exp.blobs.get(b, verify=True), classes),
+    out = [q.check_synthetic_integrity(all_rows, expected, lambda b: store.blobs.get(b, verify=True), classes),
            q.check_class_balance(df, train.groupby("label").size().to_dict(), cfg.balance_tolerance, dropped_per_class)]
     integrity_ok = out[0].passed
     if not (len(df) and integrity_ok and len(classes) >= 2 and len(held_out)):
@@ -141,8 +141,8 @@ def synthetic_outcomes(exp: Experiment, df: pd.DataFrame, split: pd.DataFrame, e
                              "skipped: " + ("no images" if not len(df) else "integrity failed" if not integrity_ok
                                             else "fewer than 2 classes" if len(classes) < 2 else "no val images"), {}))
         return out
-    services = FilterServices(image_source(exp, split), exp.blobs, exp.cfg.training.image_size,
-                              clip_factory=lambda: clip or clip_bundle(exp))
+    services = FilterServices(store.images(split, exp.cfg.dataset), store.blobs, exp.cfg.training.image_size,
+                              clip_factory=models.clip)
     per = max(1, cfg.max_images // len(classes))
     sample = df.groupby("label", group_keys=False).head(per)
     syn_images = [services.synthetic_image(b) for b in sample["blob"]]
@@ -162,12 +162,10 @@ def synthetic_outcomes(exp: Experiment, df: pd.DataFrame, split: pd.DataFrame, e
     return out
 
 
-def real_classifier_manifest(exp: Experiment, context) -> pd.DataFrame | None:
+def real_classifier_manifest(exp: Experiment, store, context) -> pd.DataFrame | None:
     """The split's real_classifier manifest when it exists (the check runs after it in a run with both)."""
-    from ..store.manifests import manifest_path, read_manifest
-
-    p = manifest_path(exp.data_dir, exp.key("real_classifier").path, _pk(context))
-    return read_manifest(p) if p.exists() else None
+    p = store.manifest_path(exp.key("real_classifier").path, _pk(context))
+    return store.read_manifest(exp.key("real_classifier").path, _pk(context)) if p.exists() else None
 
 
 SPECS = {
@@ -187,7 +185,8 @@ SPECS = {
     "metrics": [("accuracy_valid", False, "ERROR: ID accuracy in [0, 1] on a non-empty test set")],
     "report": [("all_methods_present", False, "ERROR: every enabled method and real_only, for every K, over every seed")],
 }
-_ROWS = {"concept_embeddings", "captions", "class_prompts", "prompt_suffixes", "concept_lora", "inversion_pool", "set_metrics"}
+# stages with an ERROR check "<asset>_present" (a non-empty manifest): the stage table's, and set_metrics
+_ROWS = {s.asset for s in STAGES.values() if s.present_check} | {"set_metrics"}
 
 
 def _in_step(exp: Experiment, stage: str) -> tuple[list[tuple[str, bool, str]], Callable[..., list[q.Outcome]]] | None:
@@ -254,13 +253,15 @@ def build(exp: Experiment, assets: list) -> list[dg.AssetChecksDefinition]:
 
             def syn(c, df, split, _key=key):
                 md = latest_metadata(c, _key)
-                return synthetic_outcomes(exp, df, split, expected_synthetic_rows(md),
-                                          real_classifier=real_classifier_manifest(exp, c),
+                store, models = (getattr(c.resources, exp.resource_key(k)) for k in ("store", "models"))
+                return synthetic_outcomes(exp, store, models, df, split, expected_synthetic_rows(md),
+                                          real_classifier=real_classifier_manifest(exp, store, c),
                                           dropped_per_class=dropped_per_class(md))
 
             judge_deps = [exp.key("real_classifier")] if cfg.checks.label_judge != "clip" else []
             out.append(_checks(key, a.partitions_def, SPECS["synthetic"], syn, {"split": exp.key("few_shot_split")},
-                               kinds="pytorch", extra_deps=judge_deps))
+                               kinds="pytorch", extra_deps=judge_deps,
+                               required_resource_keys={exp.resource_key("store"), exp.resource_key("models")}))
     return out
 
 
