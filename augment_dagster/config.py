@@ -54,7 +54,7 @@ class DiffusionModelConfig(ModelSource):
     @model_validator(mode="before")
     @classmethod
     def _moved_scheduler(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "scheduler" in data:
+        if isinstance(data, dict) and data.get("scheduler") is not None:  # a dump of a parsed config carries None
             raise ValueError("scheduler moved: set generation.scheduler (every method) or "
                              "methods.<entry>.scheduler")
         return data
