@@ -212,7 +212,7 @@ def test_real_layout_sd_folder_loads_through_source(tmp_path):
     # a file change is a new fingerprint (so every memo key downstream changes)
     (folder / "scheduler" / "scheduler_config.json").write_text(
         (folder / "scheduler" / "scheduler_config.json").read_text().replace('"steps_offset": 1', '"steps_offset": 0'))
-    assert diffusion_fingerprint(exp) != b.fingerprint
+    assert models.diffusion_fingerprint() != b.fingerprint
 
 
 @pytest.mark.slow
