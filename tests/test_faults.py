@@ -461,7 +461,8 @@ def test_a_copied_data_dir_keeps_every_data_version(finished, tmp_path):
 @pytest.mark.slow
 def test_opening_the_ui_on_a_finished_data_dir_launches_no_run(tmp_path):
     """`dagster dev` on a finished data dir with automation on: the new-data sensor starts from the stored state
-    (the last raw_images record) and the automation conditions find nothing to do: no run in 60 s."""
+    (the last raw_images record) and the automation conditions find nothing to do: once both sensors have ticked,
+    no run was launched."""
     from test_ui import _port, gql
 
     cfg = variant(experiment="quiet", automation={"enabled": True, "sensor_interval_s": 5})
@@ -490,16 +491,31 @@ def test_opening_the_ui_on_a_finished_data_dir_launches_no_run(tmp_path):
             time.sleep(1)
         else:
             pytest.fail("dagster dev did not come up:\n" + (tmp_path / "dagster_dev.log").read_text()[-3000:])
-        time.sleep(60)
+        loc = gql(url, "{ workspaceOrError { ... on Workspace { locationEntries { name } } } }")[
+            "workspaceOrError"]["locationEntries"][0]["name"]
+
+        def ticks(name):
+            sel = {"repositoryLocationName": loc, "repositoryName": "__repository__", "sensorName": name}
+            return gql(url, """query($s: SensorSelector!) { sensorOrError(sensorSelector: $s) { ... on Sensor {
+                sensorState { status ticks(limit: 20) { status skipReason runIds } } } } }""", {"s": sel})["sensorOrError"]
+
+        # until the automation conditions were evaluated (a finished tick of their sensor) and the new-data sensor
+        # ticked twice: whatever either would launch is launched by then (at most 150 s)
+        for _ in range(150):
+            auto = ticks("automation_condition_sensor")
+            done = [t for t in auto["sensorState"]["ticks"] if t["status"] in ("SKIPPED", "SUCCESS", "FAILURE")]
+            if done and len(ticks("new_data_sensor_quiet")["sensorState"]["ticks"]) >= 2:
+                break
+            time.sleep(1)
+        else:
+            pytest.fail(f"no finished automation tick in 150 s: {auto}")
+        assert "FAILURE" not in {t["status"] for t in done} and not any(t["runIds"] for t in done), done
+        time.sleep(2)  # a run the sensors requested is in the run storage by now
         runs = gql(url, "{ runsOrError { ... on Runs { results { runId status tags { key value } } } } }")
         launched = [x for x in runs["runsOrError"]["results"]
                     if not any(t["key"] == "augment/cli" for t in x["tags"])]  # every run not made by `augment run`
         assert launched == [], launched
-        loc = gql(url, "{ workspaceOrError { ... on Workspace { locationEntries { name } } } }")[
-            "workspaceOrError"]["locationEntries"][0]["name"]
-        sel = {"repositoryLocationName": loc, "repositoryName": "__repository__", "sensorName": "new_data_sensor_quiet"}
-        sensor = gql(url, """query($s: SensorSelector!) { sensorOrError(sensorSelector: $s) { ... on Sensor {
-            sensorState { status ticks(limit: 20) { status skipReason } } } } }""", {"s": sel})["sensorOrError"]
+        sensor = ticks("new_data_sensor_quiet")
         state = sensor["sensorState"]
         assert state["status"] == "RUNNING" and state["ticks"], sensor  # it ticked, and skipped
         assert {t["status"] for t in state["ticks"]} == {"SKIPPED"}, state["ticks"]

@@ -90,3 +90,23 @@ def test_mean_std():
 def test_confusion_plot_png():
     png = confusion_plot_png(np.array([[3, 1], [0, 4]]), ["cat", "dog"])
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_confusion_plot_is_bounded_for_many_classes():
+    """128 classes: the figure's side is capped and no per-cell text is drawn (memory and time bounded); the
+    image is still a readable PNG of at most 14 in x 90 dpi per side."""
+    import io
+    import resource
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    cm = rng.integers(0, 5, size=(128, 128))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    png = confusion_plot_png(cm, [f"class{i:03d}" for i in range(128)])
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    w, h = Image.open(io.BytesIO(png)).size
+    assert w <= 14 * 90 and h <= 14 * 90 and w > 600
+    assert grown_mb < 200, grown_mb  # the uncapped figure grew the process by > 1 GB
+    small = Image.open(io.BytesIO(confusion_plot_png(np.array([[3, 1], [0, 4]]), ["cat", "dog"])))
+    assert small.size == (225, 225)  # 2.5 in at 90 dpi: small matrices keep their layout

@@ -117,35 +117,54 @@ def mean_std(values) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
+CONFUSION_MAX_SIDE_IN = 14.0  # the figure's side at most (inches at 90 dpi): bounded for any number of classes
+CONFUSION_CELL_TEXT_MAX = 30  # counts written in the cells up to this many classes
+CONFUSION_TICK_LABELS_MAX = 60  # class names on the axes up to this many classes
+
+
 def confusion_plot_png(cm, class_names) -> bytes:
-    """PNG of a confusion matrix (rows = true, columns = predicted) with counts; Agg canvas, no pyplot state."""
+    """PNG of a confusion matrix (rows = true, columns = predicted); Agg canvas, no pyplot state.
+
+    Up to 30 classes each cell shows its count; up to 60 the axes name the classes; beyond, a colour scale only.
+    The figure's side grows with the classes up to 14 inches, so its memory and time are bounded (a figure and a
+    text per cell at 128 classes was a 5,900-px canvas with 16,384 text artists, > 1 GB). The counts themselves
+    are in the metrics manifest (``confusion_id``)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     cm = np.asarray(cm)
     names = [str(c) for c in class_names]
-    if cm.shape != (len(names), len(names)):
-        raise ValueError(f"confusion matrix shape {cm.shape} does not match {len(names)} class names")
-    side = 1.5 + 0.5 * len(names)
+    n = len(names)
+    if cm.shape != (n, n):
+        raise ValueError(f"confusion matrix shape {cm.shape} does not match {n} class names")
+    side = min(1.5 + 0.5 * n, CONFUSION_MAX_SIDE_IN)
     fig = Figure(figsize=(side, side))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(names)))
-    ax.set_yticklabels(names, fontsize=8)
+    im = ax.imshow(cm, cmap="Blues", **({"interpolation": "nearest"} if n > CONFUSION_CELL_TEXT_MAX else {}))
+    if n <= CONFUSION_TICK_LABELS_MAX:
+        fs = 8 if n <= CONFUSION_CELL_TEXT_MAX else 5
+        ax.set_xticks(range(n))
+        ax.set_xticklabels(names, rotation=45 if n <= CONFUSION_CELL_TEXT_MAX else 90, ha="right", fontsize=fs)
+        ax.set_yticks(range(n))
+        ax.set_yticklabels(names, fontsize=fs)
+    else:
+        ax.set_title(f"{n} classes (class order as in the manifest's confusion_id)", fontsize=9)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    hi = cm.max() if cm.size else 0
-    for i in range(cm.shape[0]):
-        for j in range(cm.shape[1]):
-            v = cm[i, j]
-            txt = f"{int(v)}" if float(v).is_integer() else f"{float(v):.2f}"
-            ax.text(j, i, txt, ha="center", va="center", fontsize=7, color="white" if hi and v > hi / 2 else "black")
+    if n <= CONFUSION_CELL_TEXT_MAX:
+        hi = cm.max() if cm.size else 0
+        for i in range(cm.shape[0]):
+            for j in range(cm.shape[1]):
+                v = cm[i, j]
+                txt = f"{int(v)}" if float(v).is_integer() else f"{float(v):.2f}"
+                ax.text(j, i, txt, ha="center", va="center", fontsize=7, color="white" if hi and v > hi / 2 else "black")
+    else:
+        fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
     # fixed margins for the rotated tick labels instead of tight_layout (which draws the figure an extra time)
-    m = 1.1 / side
-    fig.subplots_adjust(left=m, bottom=m, right=1 - 0.15 / side, top=1 - 0.15 / side)
+    m = 1.1 / side if n <= CONFUSION_CELL_TEXT_MAX else 0.08
+    fig.subplots_adjust(left=m, bottom=m, right=1 - 0.15 / side - (0.08 if n > CONFUSION_CELL_TEXT_MAX else 0),
+                        top=1 - 0.15 / side - (0.03 if n > CONFUSION_TICK_LABELS_MAX else 0))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     return buf.getvalue()
