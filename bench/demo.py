@@ -3,11 +3,15 @@
 more on a second fresh data dir with one worker (`--devices 1`); each run is its own process. Prints the cold
 seconds of both, their ratio (default / one worker), whether the two reports are identical, rerun seconds, the
 max RSS of each run (the child's ru_maxrss) and the cold run's seconds per stage (summed Dagster step durations).
+Then two floors under the default-devices figure: the *work floor*, the one-worker run's summed step time (every
+step on one thread) divided by the number of slots — no schedule of the same steps on those slots is faster,
+process start-up and the slots' contention for memory bandwidth aside — and the *UNet floor*, the UNet image-passes
+the synthetic steps recorded divided by the UNet's one-thread throughput (measured here) and the slots.
 
 Targets (the demo): cold <= 200 s on 2 cores, cold / one-worker cold <= 0.65, identical reports, max RSS <= 2 GB,
 rerun <= 5% of cold and <= 10 s.
 
-    python bench/demo.py [--config assets_config/demo.yaml] [--keep DIR] [--json OUT.json]
+    python bench/demo.py [--config assets_config/demo.yaml] [--keep DIR] [--json OUT.json] [--unet-seconds S]
 """
 from __future__ import annotations
 
@@ -54,8 +58,11 @@ def stage_of(step_key: str, experiment: str) -> str:
     return parts[0] if parts else step_key
 
 
-def stage_seconds(home: Path, experiment: str, since: float, until: float) -> dict[str, float]:
-    """Summed step durations per stage over the runs that started in [since, until) (epoch seconds)."""
+def stage_seconds(home: Path, experiment: str, since: float, until: float,
+                  passes: list[int] | None = None) -> dict[str, float]:
+    """Summed step durations per stage over the runs that started in [since, until) (epoch seconds). With
+    ``passes`` (a one-item list), also adds up the UNet image-passes the synthetic steps recorded
+    (``unet_forward_passes`` of their materializations)."""
     os.environ["DAGSTER_HOME"] = str(home)
     import dagster as dg
 
@@ -64,11 +71,42 @@ def stage_seconds(home: Path, experiment: str, since: float, until: float) -> di
         for rec in inst.get_run_records():
             if not (since <= (rec.start_time or rec.create_timestamp.timestamp()) < until):
                 continue
-            for st in inst.get_run_step_stats(rec.dagster_run.run_id):
+            rid = rec.dagster_run.run_id
+            for st in inst.get_run_step_stats(rid):
                 if st.start_time and st.end_time:
                     s = stage_of(st.step_key, experiment)
                     out[s] = out.get(s, 0.0) + (st.end_time - st.start_time)
+            if passes is not None:
+                for e in inst.all_logs(rid, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION):
+                    v = e.dagster_event.event_specific_data.materialization.metadata.get("unet_forward_passes")
+                    passes[0] += int(getattr(v, "value", v) or 0)
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def unet_rate(config: str, batch: int = 128, seconds: float = 5.0) -> float:
+    """Image-passes per second of the config's diffusion UNet on one CPU thread (the one-worker setting), at
+    ``batch`` latents with a text context of the tokenizer's length: what one slot sustains at best."""
+    import torch
+
+    from augment_dagster.config import load_config
+    from augment_dagster.models.loading import load_diffusion
+
+    cfg = load_config(config)
+    torch.set_num_threads(cfg.execution.cpu_threads)
+    with tempfile.TemporaryDirectory() as td:
+        b = load_diffusion(cfg.models.diffusion.source, td, device="cpu")
+    unet, te = b.pipe.unet, b.pipe.text_encoder
+    c, s = unet.config.in_channels, unet.config.sample_size
+    x = torch.randn(batch, c, s, s)
+    ctx = torch.randn(batch, b.pipe.tokenizer.model_max_length, te.config.hidden_size)
+    t = torch.full((batch,), 500)
+    with torch.inference_mode():
+        unet(x, t, encoder_hidden_states=ctx)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            unet(x, t, encoder_hidden_states=ctx)
+            n += 1
+    return n * batch / (time.perf_counter() - t0)
 
 
 def without_timings(report: str) -> str:
@@ -92,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default=str(ROOT / "assets_config" / "demo.yaml"))
     ap.add_argument("--keep", help="use this (fresh) folder as the data dir and keep it; default: a temp folder, removed")
     ap.add_argument("--json", help="also write the figures to this JSON file")
+    ap.add_argument("--unet-seconds", type=float, default=5.0, help="how long to time the UNet for the UNet floor")
     args = ap.parse_args(argv)
     from augment_dagster.config import load_config
 
@@ -116,18 +155,30 @@ def main(argv: list[str] | None = None) -> int:
     stages = stage_seconds(data / "dagster_home", experiment, t_cold0, t_re0)
     data1 = work / "data_one_worker"
     data1.mkdir(parents=True, exist_ok=True)
+    t_one0 = time.time()
     cold1, rss_cold1, rc = timed_run(args.config, data1, work / "cold_one_worker.log", devices="1")
     if rc:
         print(f"one-worker cold run failed (exit {rc}); its output: {work / 'cold_one_worker.log'}\n"
               + (work / "cold_one_worker.log").read_text()[-3000:], file=sys.stderr)
         return 1
+    passes = [0]
+    steps1 = stage_seconds(data1 / "dagster_home", experiment, t_one0, time.time() + 1, passes)
+    work1 = sum(steps1.values())  # the one-worker run's steps, one thread each: the demo's work in core-seconds
+    from augment_dagster.config import load_config as _load
+    from augment_dagster.slots import resolve
+
+    slots = len(resolve(_load(args.config)))
+    rate = unet_rate(args.config, seconds=args.unet_seconds)
     rep, rep1 = (d / "report" / experiment / "report.md" for d in (data, data1))
     same = rep.exists() and rep1.exists() and without_timings(rep.read_text()) == without_timings(rep1.read_text())
     res = {"config": str(args.config), "cold_s": round(cold, 1), "rerun_s": round(rerun, 2), "ratio": round(rerun / cold, 4),
            "cold_one_worker_s": round(cold1, 1), "slots_ratio": round(cold / cold1, 3), "reports_identical": same,
            "max_rss_mb": round(max(rss_cold, rss_re), 1), "max_rss_cold_mb": round(rss_cold, 1),
            "max_rss_rerun_mb": round(rss_re, 1), "max_rss_cold_one_worker_mb": round(rss_cold1, 1), "cpus": os.cpu_count(),
-           "stage_seconds_cold": {k: round(v, 1) for k, v in stages.items()}}
+           "stage_seconds_cold": {k: round(v, 1) for k, v in stages.items()},
+           "one_worker_step_s": round(work1, 1), "slots": slots, "work_floor_s": round(work1 / max(slots, 1), 1),
+           "unet_image_passes": passes[0], "unet_passes_per_s_one_thread": round(rate, 1),
+           "unet_floor_s": round(passes[0] / rate / max(slots, 1), 1)}
     ok = {k: res[k] <= v for k, v in TARGETS.items()}
     ok["reports_identical"] = same
     print(f"config          {args.config}  (cpus: {os.cpu_count()})")
@@ -142,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"max RSS         {res['max_rss_mb']:8.0f} MB  (cold {rss_cold:.0f}, rerun {rss_re:.0f}; "
           f"target <= {TARGETS['max_rss_mb']:.0f})"
           f"   {'ok' if ok['max_rss_mb'] else 'MISSED'}")
+    print(f"work floor      {res['work_floor_s']:8.1f} s   (the one-worker run's summed step time {work1:.0f} s on one "
+          f"thread each, over {slots} slot(s): no schedule of this work is faster, start-up and contention aside)")
+    print(f"UNet floor      {res['unet_floor_s']:8.1f} s   ({passes[0]} UNet image-passes of the synthetic steps at "
+          f"{rate:.0f} img-passes/s per thread (measured here, batch 128), over {slots} slot(s))")
     total = sum(stages.values()) or 1.0
     print("cold seconds per stage (summed step time):")
     for k, v in stages.items():

@@ -226,6 +226,7 @@ def write_config(path: Path, models: dict, data: Path, steps: int, a) -> dict:
     import yaml
 
     from augment_dagster.methods.registry import available_methods, get_method
+    from augment_dagster.slots import cpu_count
 
     # one entry per registered method; the diffusion ones at --steps denoising steps
     methods = {m: {"steps": steps} if get_method(m).uses_diffusion else {} for m in available_methods()}
@@ -256,6 +257,9 @@ def write_config(path: Path, models: dict, data: Path, steps: int, a) -> dict:
                      "episodes": {"episodes": 20, "encoder": frozen}},
         "methods": methods,
         "mlflow": {"enabled": True, "log_models": False},
+        # one partition: one slot with every core (the default, one 1-thread slot per core, would leave all
+        # but one idle; results here are timings and memory, not bytes to compare across slot counts)
+        "execution": {"cpu_threads": a.threads or cpu_count()},
     }
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return cfg
@@ -417,7 +421,7 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temp data dir")
     ap.add_argument("--max-seconds", type=float, default=1200.0)
     ap.add_argument("--max-rss-gb", type=float, default=8.0)
-    ap.add_argument("--threads", type=int, default=0, help="OMP/MKL threads of the run (0 = torch default)")
+    ap.add_argument("--threads", type=int, default=0, help="torch/OMP/MKL threads of the run, one slot (0: every core)")
     ap.add_argument("--smoke", action="store_true", help="plumbing check: the same run on the tiny-random models "
                     "(seconds, not a real-size figure)")
     ap.add_argument("--json", default=None, help="also write the rows and totals to this JSON file")

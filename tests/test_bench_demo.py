@@ -2,6 +2,7 @@
 printed and written."""
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,8 @@ def test_cold_then_noop_rerun_figures(tmp_path, capsys):
     p = tmp_path / "bd.yaml"
     p.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "fig.json"
-    assert load_bench().main(["--config", str(p), "--keep", str(tmp_path / "w"), "--json", str(out)]) == 0
+    assert load_bench().main(["--config", str(p), "--keep", str(tmp_path / "w"), "--json", str(out),
+                              "--unet-seconds", "0.5"]) == 0
     res = json.loads(out.read_text())
     assert res["cold_s"] > res["rerun_s"] > 0 and res["ratio"] == pytest.approx(res["rerun_s"] / res["cold_s"], rel=0.05)
     assert res["max_rss_mb"] > 50
@@ -44,9 +46,17 @@ def test_cold_then_noop_rerun_figures(tmp_path, capsys):
     # the same config cold with one worker (--devices 1): the same report
     assert res["cold_one_worker_s"] > 0 and res["slots_ratio"] == pytest.approx(res["cold_s"] / res["cold_one_worker_s"], rel=0.05)
     assert res["reports_identical"] is True
+    # the floors: the one-worker steps over the slots; the UNet passes read from the event log are the ones the
+    # one-worker run's own summary line counted
+    assert res["slots"] >= 1 and res["work_floor_s"] == pytest.approx(res["one_worker_step_s"] / res["slots"], abs=0.11)
+    assert 0 < res["work_floor_s"] < res["cold_one_worker_s"]
+    one_log = (tmp_path / "w" / "cold_one_worker.log").read_text()
+    summary = re.search(r"\((\d+) UNet forward passes\)", one_log)
+    assert summary and res["unet_image_passes"] == int(summary.group(1)) > 0, one_log[-1500:]
+    assert res["unet_passes_per_s_one_thread"] > 0
     printed = capsys.readouterr().out
     assert "rerun / cold" in printed and "default / one" in printed and "identical" in printed
-    one_log = (tmp_path / "w" / "cold_one_worker.log").read_text()
+    assert "work floor" in printed and "UNet floor" in printed
     assert "slot 0 (cpu)" in one_log and "slot 1" not in one_log
     rerun_log = (tmp_path / "w" / "rerun.log").read_text()
     assert "diffusion units: 0 computed" in rerun_log and "nothing missing or stale" in rerun_log

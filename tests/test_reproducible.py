@@ -9,6 +9,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from augment_dagster.store.blobs import BlobStore
+
 CFG = {
     "experiment": "repro",
     "dataset": {"source": "builtin", "builtin": {"classes": ["circle", "square", "triangle"], "train_per_class": 8,
@@ -57,3 +59,11 @@ def test_two_cold_runs_give_identical_metrics(tmp_path):
             assert a[k][col] == b[k][col], f"{k}: column {col} differs between two cold runs"
     m = pd.read_parquet(tmp_path / "data0" / "manifests" / "repro" / "metrics" / "dafusion" / "2shot-s0.parquet")
     assert 0.0 < float(m["acc_id"].iloc[0]) <= 1.0
+    # equal blob columns are equal bytes: every synthetic image of each run is stored under its content's hash
+    syn = [k for k in a if "/synthetic/" in k]
+    assert syn
+    for i in (0, 1):
+        blobs = BlobStore(tmp_path / f"data{i}")
+        for k in syn:
+            for digest in a[k]["blob"]:
+                blobs.get(digest, verify=True)
