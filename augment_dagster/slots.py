@@ -99,13 +99,11 @@ def _pin(slot: Slot) -> None:
 
     if torch.get_num_threads() != slot.threads:
         torch.set_num_threads(slot.threads)
-    try:  # numpy's BLAS (scikit-learn's logistic regressions, the episodes) too: N workers x all cores each would
-        # oversubscribe the CPU (OpenBLAS threads spin), and a fixed count keeps results independent of the slots
-        from threadpoolctl import threadpool_limits
+    # numpy's BLAS (scikit-learn's logistic regressions, the episodes) too: N workers x all cores each would
+    # oversubscribe the CPU (OpenBLAS threads spin), and a fixed count keeps results independent of the slots
+    from threadpoolctl import threadpool_limits  # comes with scikit-learn, a dependency
 
-        threadpool_limits(limits=slot.threads, user_api="blas")
-    except ImportError:  # threadpoolctl comes with scikit-learn
-        pass
+    threadpool_limits(limits=slot.threads, user_api="blas")
     if slot.device.startswith("cuda") and torch.cuda.is_available():
         torch.cuda.set_device(torch.device(slot.device))
 

@@ -58,28 +58,42 @@ def stage_of(step_key: str, experiment: str) -> str:
     return parts[0] if parts else step_key
 
 
-def stage_seconds(home: Path, experiment: str, since: float, until: float,
-                  passes: list[int] | None = None) -> dict[str, float]:
-    """Summed step durations per stage over the runs that started in [since, until) (epoch seconds). With
-    ``passes`` (a one-item list), also adds up the UNet image-passes the synthetic steps recorded
-    (``unet_forward_passes`` of their materializations)."""
+def step_windows(home: Path, experiment: str, since: float = 0.0, until: float = float("inf"),
+                 passes: list[int] | None = None) -> list[tuple[str, float, float]]:
+    """(stage, start, end) of every finished step of the runs that started in [since, until) (epoch seconds), from
+    the Dagster instance under ``home``. With ``passes`` (a one-item list), also adds up the UNet image-passes the
+    synthetic steps recorded (``unet_forward_passes`` of their materializations)."""
+    before = os.environ.get("DAGSTER_HOME")
     os.environ["DAGSTER_HOME"] = str(home)
     import dagster as dg
 
+    out: list[tuple[str, float, float]] = []
+    try:
+        with dg.DagsterInstance.get() as inst:
+            for rec in inst.get_run_records():
+                if not (since <= (rec.start_time or rec.create_timestamp.timestamp()) < until):
+                    continue
+                rid = rec.dagster_run.run_id
+                out += [(stage_of(st.step_key, experiment), st.start_time, st.end_time)
+                        for st in inst.get_run_step_stats(rid) if st.start_time and st.end_time]
+                if passes is not None:
+                    for e in inst.all_logs(rid, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION):
+                        v = e.dagster_event.event_specific_data.materialization.metadata.get("unet_forward_passes")
+                        passes[0] += int(getattr(v, "value", v) or 0)
+    finally:
+        if before is None:
+            os.environ.pop("DAGSTER_HOME", None)
+        else:
+            os.environ["DAGSTER_HOME"] = before
+    return out
+
+
+def stage_seconds(home: Path, experiment: str, since: float, until: float,
+                  passes: list[int] | None = None) -> dict[str, float]:
+    """Summed step durations per stage over the runs that started in [since, until) (``step_windows``)."""
     out: dict[str, float] = {}
-    with dg.DagsterInstance.get() as inst:
-        for rec in inst.get_run_records():
-            if not (since <= (rec.start_time or rec.create_timestamp.timestamp()) < until):
-                continue
-            rid = rec.dagster_run.run_id
-            for st in inst.get_run_step_stats(rid):
-                if st.start_time and st.end_time:
-                    s = stage_of(st.step_key, experiment)
-                    out[s] = out.get(s, 0.0) + (st.end_time - st.start_time)
-            if passes is not None:
-                for e in inst.all_logs(rid, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION):
-                    v = e.dagster_event.event_specific_data.materialization.metadata.get("unet_forward_passes")
-                    passes[0] += int(getattr(v, "value", v) or 0)
+    for s, t0, t1 in step_windows(home, experiment, since, until, passes):
+        out[s] = out.get(s, 0.0) + (t1 - t0)
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 

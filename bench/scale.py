@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from demo import stage_of, timed_run  # noqa: E402  (same process timing: wall seconds, ru_maxrss, exit code)
+from demo import step_windows, timed_run  # noqa: E402  (same process timing: wall seconds, ru_maxrss, exit code)
 
 SIZE = 32
 
@@ -52,7 +52,6 @@ def write_classes(root: Path, n: int, train: int = 6, test: int = 2) -> Path:
 def monitored_run(config: str, data: Path, log: Path, experiment: str) -> tuple[float, float, int, dict[str, float]]:
     """``timed_run`` plus the peak RSS (GB) of the process tree while each stage's steps ran: the cold run's
     per-stage breakdown (RSS sampled every 0.25 s; step windows from the Dagster event log)."""
-    import os
     import threading
 
     import psutil
@@ -80,18 +79,10 @@ def monitored_run(config: str, data: Path, log: Path, experiment: str) -> tuple[
     stages: dict[str, float] = {}
     if mon is not None:
         mon.stop.set()
-        os.environ["DAGSTER_HOME"] = str(data / "dagster_home")
-        import dagster as dg
-
-        with dg.DagsterInstance.get() as inst:
-            for rec in inst.get_run_records():
-                for st in inst.get_run_step_stats(rec.dagster_run.run_id):
-                    if st.start_time and st.end_time:
-                        peak, _ = mon.peak(st.start_time, st.end_time)
-                        if peak:
-                            s = stage_of(st.step_key, experiment)
-                            stages[s] = max(stages.get(s, 0.0), peak / 2 ** 30)
-        os.environ.pop("DAGSTER_HOME", None)
+        for s, t0, t1 in step_windows(data / "dagster_home", experiment):
+            peak, _ = mon.peak(t0, t1)
+            if peak:
+                stages[s] = max(stages.get(s, 0.0), peak / 2 ** 30)
     return secs, rss, rc, stages
 
 

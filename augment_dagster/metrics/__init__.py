@@ -137,22 +137,23 @@ def confusion_plot_png(cm, class_names) -> bytes:
     n = len(names)
     if cm.shape != (n, n):
         raise ValueError(f"confusion matrix shape {cm.shape} does not match {n} class names")
+    counts = n <= CONFUSION_CELL_TEXT_MAX  # few enough classes to write each cell's count (else a colour scale)
     side = min(1.5 + 0.5 * n, CONFUSION_MAX_SIDE_IN)
     fig = Figure(figsize=(side, side))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    im = ax.imshow(cm, cmap="Blues", **({"interpolation": "nearest"} if n > CONFUSION_CELL_TEXT_MAX else {}))
+    im = ax.imshow(cm, cmap="Blues", **({} if counts else {"interpolation": "nearest"}))
     if n <= CONFUSION_TICK_LABELS_MAX:
-        fs = 8 if n <= CONFUSION_CELL_TEXT_MAX else 5
+        fs = 8 if counts else 5
         ax.set_xticks(range(n))
-        ax.set_xticklabels(names, rotation=45 if n <= CONFUSION_CELL_TEXT_MAX else 90, ha="right", fontsize=fs)
+        ax.set_xticklabels(names, rotation=45 if counts else 90, ha="right", fontsize=fs)
         ax.set_yticks(range(n))
         ax.set_yticklabels(names, fontsize=fs)
     else:
         ax.set_title(f"{n} classes (class order as in the manifest's confusion_id)", fontsize=9)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    if n <= CONFUSION_CELL_TEXT_MAX:
+    if counts:
         hi = cm.max() if cm.size else 0
         for i in range(cm.shape[0]):
             for j in range(cm.shape[1]):
@@ -162,8 +163,8 @@ def confusion_plot_png(cm, class_names) -> bytes:
     else:
         fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
     # fixed margins for the rotated tick labels instead of tight_layout (which draws the figure an extra time)
-    m = 1.1 / side if n <= CONFUSION_CELL_TEXT_MAX else 0.08
-    fig.subplots_adjust(left=m, bottom=m, right=1 - 0.15 / side - (0.08 if n > CONFUSION_CELL_TEXT_MAX else 0),
+    m = 1.1 / side if counts else 0.08
+    fig.subplots_adjust(left=m, bottom=m, right=1 - 0.15 / side - (0 if counts else 0.08),
                         top=1 - 0.15 / side - (0.03 if n > CONFUSION_TICK_LABELS_MAX else 0))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
