@@ -56,6 +56,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from ..util import release_free_heap
 from .inversion import DDIMInversion
 from .text import WEIGHTINGS, Prompt, TextEncoding
 
@@ -182,6 +183,8 @@ class GenerationCore(TextEncoding, DDIMInversion):
                 continue
             out.extend(res)
             s = e_
+            if torch.device(self.device).type == "cpu":
+                release_free_heap()  # the chunk's freed activations leave the RSS before the next chunk
         return out
 
     # ------------------------------------------------------------------ images

@@ -277,6 +277,11 @@ def load_diffusion(source: str, cache_root: str | os.PathLike, device: str = "au
         for m in (pipe.unet, pipe.vae, pipe.text_encoder):
             m.eval().requires_grad_(False)
         _apply_gpu_options(pipe, opts)
+        if dev == "cpu":
+            # one image at a time through the VAE (diffusers' slicing): a batch of 8 at 256 px held ~1 GB of decoder
+            # activations, and on the CPU that is the run's RSS. It also makes the VAE's output independent of the
+            # generation batch size (a batch differs from single images in the last float bits on the CPU).
+            pipe.vae.enable_slicing()
         if source in ("tiny", "tiny-random"):
             from .tiny import TINY_RESOLUTION as res
         else:

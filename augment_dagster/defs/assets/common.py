@@ -121,9 +121,24 @@ def stage_asset(exp: Experiment, *path: str, ins: dict[str, str | tuple[str, ...
                   **asset_kwargs)
 
     def decorate(body):
-        return asset_with_checks(exp, key=exp.key(*path), **kwargs)(_with_resources(body, exp, resources))
+        return asset_with_checks(exp, key=exp.key(*path), **kwargs)(_release_heap_after(_with_resources(body, exp, resources)))
 
     return decorate
+
+
+def _release_heap_after(body):
+    """``body``, then the C heap's free pages back to the OS (``util.release_free_heap``), so that a step's freed
+    tensors do not raise the next step's peak RSS in a worker that runs many steps."""
+    from ...util import release_free_heap
+
+    @functools.wraps(body)
+    def step(*args, **kwargs):
+        try:
+            return body(*args, **kwargs)
+        finally:
+            release_free_heap()
+
+    return step
 
 
 def _with_resources(body, exp: Experiment, kinds: tuple[str, ...]):
