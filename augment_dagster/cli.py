@@ -261,6 +261,9 @@ def cmd_run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .util import quick_exit_gc
+
+    quick_exit_gc()
     p = argparse.ArgumentParser(prog="augment", description="Diffusion-based few-shot augmentation as a Dagster asset graph.")
     p.add_argument("-v", "--verbose", dest="trace", action="store_true",
                    help="on an error, show the full trace (also `augment run -v`)")

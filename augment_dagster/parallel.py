@@ -32,6 +32,9 @@ def _init(cfg, instance_ref, prefer_queue) -> None:
 
     from . import slots
     from .definitions import build_definitions
+    from .util import quick_exit_gc
+
+    quick_exit_gc()  # the pool's shutdown waits for every worker to exit
 
     _W["cfg"] = cfg
     _W["defs"] = build_definitions([cfg])
@@ -73,6 +76,31 @@ def _partition(pk: str, sel: list[str], tags: dict, run_config: dict | None, i: 
     return pk, _plain(meta), dvs, r.run_id, time.perf_counter() - t1, slot.label()
 
 
+def _unpartitioned(sel: list[str], tags: dict, run_config: dict | None):
+    """An unpartitioned selection (the report) as one run in this worker, whose imports and loaded models the
+    partitions left warm: (meta, data versions)."""
+    import dagster as dg
+
+    from .errors import find_user_error
+    from .running import materialize_selection
+
+    slot = _W["slot"]
+    meta: dict = {}
+    dvs: dict = {}
+    try:
+        materialize_selection(_W["defs"], _W["instance"], [dg.AssetKey.from_user_string(k) for k in sel], None,
+                              {**tags, "augment/slot": str(slot.index), "augment/slot_device": slot.device},
+                              run_config, meta, dvs)
+    except Exception as e:  # noqa: BLE001 - as in _partition
+        user = find_user_error(e)
+        if user is not None:
+            raise RuntimeError(f"{type(user).__name__}: {user}") from None
+        import traceback
+
+        raise RuntimeError(f"{', '.join(sel)} on {slot.label()} failed:\n{traceback.format_exc()[-4000:]}") from None
+    return _plain(meta), dvs
+
+
 def _plain(meta: dict) -> dict:
     """Metadata values that survive pickling (anything else as its text)."""
     import pickle
@@ -91,8 +119,11 @@ def _plain(meta: dict) -> dict:
 
 
 def run_partitions(cfg, instance, todo: list[tuple[str, list]], n_slots: int, *, tags: dict, run_config: dict | None,
-                   meta: dict, data_versions: dict | None, on_partition=None, n_parts: int | None = None) -> None:
-    """Run ``todo`` = [(partition, selected asset keys)] on ``min(n_slots, len(todo))`` worker processes."""
+                   meta: dict, data_versions: dict | None, on_partition=None, n_parts: int | None = None,
+                   then=None) -> None:
+    """Run ``todo`` = [(partition, selected asset keys)] on ``min(n_slots, len(todo))`` worker processes.
+    ``then``: called here once every partition is done; the asset keys it returns (the report, if stale) run
+    unpartitioned on one of the same workers, which has everything imported already (the parent has not)."""
     ref = instance.get_ref()
     ensure_pool_limit(instance, n_slots)
     n = min(n_slots, len(todo))
@@ -115,6 +146,12 @@ def run_partitions(cfg, instance, todo: list[tuple[str, list]], n_slots: int, *,
                         data_versions.update(dvs)
                     if on_partition is not None:
                         _call(on_partition, pk, secs, run_id, label)
+            sel = then() if then is not None else []
+            if sel:
+                m, dvs = pool.submit(_unpartitioned, [k.to_user_string() for k in sel], tags, run_config).result()
+                meta.update(m)
+                if data_versions is not None:
+                    data_versions.update(dvs)
         except BaseException:
             for f in futs:
                 f.cancel()

@@ -213,6 +213,13 @@ def materialize_experiment(defs, cfg, instance, *, partitions: list[str] | None 
         return materialize_selection(defs, instance, selection, partition, {**(tags or {}), **(extra_tags or {})},
                                      run_config, meta, data_versions)
 
+    def plan_report() -> list:
+        sel = [report] if force else stale_keys(defs, instance, [report], None)
+        if on_plan is not None:
+            on_plan("-", len(sel), 1)
+        return sel
+
+    full = not partitions and not methods  # the report is considered only for a full run
     run([head])
     pks = list(partitions or cfg.splits.keys())
     spent: list[float] = []
@@ -235,8 +242,9 @@ def materialize_experiment(defs, cfg, instance, *, partitions: list[str] | None 
         from .parallel import run_partitions
 
         run_partitions(cfg, instance, todo, n_slots, tags=tags or {}, run_config=run_config, meta=meta,
-                       data_versions=data_versions, on_partition=on_partition, n_parts=len(pks))
-        todo = []
+                       data_versions=data_versions, on_partition=on_partition, n_parts=len(pks),
+                       then=plan_report if full else None)
+        todo, full = [], False
     held = _slots.current() is not None
     if todo and not held:
         _slots.lease(cfg)  # one slot: this process computes on it (same device and thread count as a worker)
@@ -257,10 +265,8 @@ def materialize_experiment(defs, cfg, instance, *, partitions: list[str] | None 
     finally:
         if todo and not held:
             _slots.release()
-    if not partitions and not methods:
-        sel = [report] if force else stale_keys(defs, instance, [report], None)
-        if on_plan is not None:
-            on_plan("-", len(sel), 1)
+    if full:
+        sel = plan_report()
         if sel:
             run(sel)
     return meta

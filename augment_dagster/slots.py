@@ -94,16 +94,25 @@ def current() -> Slot | None:
     return _held.get("slot")
 
 
+# the thread count of BLAS/OpenMP runtimes that load after the pin (scipy's own OpenBLAS loads only when a
+# scikit-learn solver first runs): they read it from the environment when they load
+THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 def _pin(slot: Slot) -> None:
     import torch
 
     if torch.get_num_threads() != slot.threads:
         torch.set_num_threads(slot.threads)
-    # numpy's BLAS (scikit-learn's logistic regressions, the episodes) too: N workers x all cores each would
-    # oversubscribe the CPU (OpenBLAS threads spin), and a fixed count keeps results independent of the slots
-    from threadpoolctl import threadpool_limits  # comes with scikit-learn, a dependency
+    # every BLAS and OpenMP runtime too: N workers x all cores each oversubscribe the CPU (an unpinned OpenBLAS
+    # thread server spins beside the step: scipy's made the demo's metrics steps 2x slower on two slots), and a
+    # fixed count keeps results independent of the slots. Loaded runtimes through threadpoolctl, later ones
+    # through the environment.
+    for var in THREAD_ENV:
+        os.environ[var] = str(slot.threads)
+    from threadpoolctl import threadpool_limits
 
-    threadpool_limits(limits=slot.threads, user_api="blas")
+    threadpool_limits(limits=slot.threads)
     if slot.device.startswith("cuda") and torch.cuda.is_available():
         torch.cuda.set_device(torch.device(slot.device))
 

@@ -124,3 +124,30 @@ def test_two_partitions_run_concurrently_on_two_slots_and_match_one_slot(world, 
     assert b1.keys() == b2.keys() and len(b1) > 10 and m1.keys() == m2.keys()
     assert [k for k in b1 if b1[k] != b2[k]] == []
     assert [(k, c) for k in m1 for c in m1[k] if m1[k][c] != m2[k].get(c)] == []
+
+
+def test_a_slot_pins_every_blas_and_openmp_runtime_also_those_loaded_later(tmp_path):
+    """A worker's slot fixes the thread count of torch and of every BLAS/OpenMP runtime, including scipy's own
+    OpenBLAS, which loads only when a scikit-learn solver first runs (after the lease): left at the machine's core
+    count, its spinning thread server halved the speed of the episodic fits on two slots."""
+    script = (
+        "import json, sys\n"
+        "from augment_dagster import slots\n"
+        "from augment_dagster.config import parse_config\n"
+        "cfg = parse_config({'experiment': 'pin', 'dataset': {'source': sys.argv[1]}, 'methods': {},\n"
+        "                    'mlflow': {'enabled': False}, 'execution': {'devices': ['cpu', 'cpu']}})\n"
+        "slot = slots.lease(cfg)\n"
+        "import scipy.linalg, sklearn.linear_model, threadpoolctl, torch\n"
+        "print(json.dumps({'slot': slot.threads, 'torch': torch.get_num_threads(),\n"
+        "                  'pools': [(i['user_api'], i['filepath'].rsplit('/', 1)[-1], i['num_threads'])\n"
+        "                            for i in threadpoolctl.threadpool_info()]}))\n")
+    env = {**os.environ, "AUGMENT_DATA_DIR": str(tmp_path)}
+    for var in (*slots.THREAD_ENV, slots.ENV):
+        env.pop(var, None)
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["torch"] == got["slot"] == 1
+    assert len(got["pools"]) >= 2, got  # numpy's BLAS and those loaded after the lease (scipy's, OpenMP)
+    assert all(n == 1 for _, _, n in got["pools"]), got

@@ -79,3 +79,31 @@ def test_unreachable_server_returns_error_quickly(monkeypatch):
     rid, err = MlflowTracker(tracking_uri=f"http://127.0.0.1:{free_port()}").log_run(
         "x", "y", params={}, metrics={"a": 1.0}, tags={})
     assert rid is None and err and time.time() - t0 < 30
+
+
+def test_two_processes_logging_first_to_a_fresh_sqlite_store_both_succeed(tmp_path):
+    """Two device-slot workers log their first runs to a new ``mlflow.db`` at the same moment: the first client of
+    each process creates the store's tables, and without the tracker's file lock one of them failed with "table
+    ... already exists" and its run went unlogged."""
+    go = tmp_path / "go"
+    script = (
+        "import os, sys, time\n"
+        "from augment_dagster.defs.tracking import MlflowTracker\n"
+        "t = MlflowTracker(tracking_uri=None, default_root=sys.argv[1])\n"
+        "while not os.path.exists(sys.argv[2]): time.sleep(0.005)\n"
+        "rid, err = t.log_run('race', 'w' + sys.argv[3], params={'p': 1}, metrics={'m': 1.0}, tags={})\n"
+        "print(rid, err, flush=True)\n")
+    env = {**os.environ}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("AUGMENT_POSTGRES_URL", None)
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "mlflow"), str(go), str(i)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for i in range(2)]
+    time.sleep(8)  # both have imported and wait at the start line
+    go.touch()
+    outs = [p.communicate(timeout=120)[0].split() for p in procs]
+    assert all(len(o) == 2 and o[1] == "None" for o in outs), outs
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["w0", "w1"]

@@ -61,6 +61,13 @@ class MlflowTracker(dg.ConfigurableResource):
             from .scaleout import ensure_mlflow_schema
 
             ensure_mlflow_schema(os.environ["AUGMENT_POSTGRES_URL"])
+        if uri.startswith("sqlite:///"):
+            # the first client of a process creates the store's tables; two slot workers doing that at once on a
+            # fresh mlflow.db raced ("table ... already exists") and one asset's run went unlogged
+            from filelock import FileLock
+
+            with FileLock(uri[len("sqlite:///"):] + ".lock"):
+                return MlflowClient(tracking_uri=uri)
         return MlflowClient(tracking_uri=uri)
 
     def experiment_id(self, client, name: str) -> str:
