@@ -51,14 +51,12 @@ def _partition(pk: str, sel: list[str], tags: dict, run_config: dict | None, i: 
     """One partition's run in this worker: (pk, meta, data versions, run id, seconds, slot label)."""
     import dagster as dg
 
-    from .errors import find_user_error
     from .progress import Heartbeat
     from .running import _heartbeat_line, materialize_selection
 
     slot = _W["slot"]
     t1 = time.perf_counter()
-    plan_tag = {"augment/plan": f"{pk}-{time.time_ns()}", "augment/slot": str(slot.index),
-                "augment/slot_device": slot.device}
+    plan_tag = {"augment/plan": f"{pk}-{time.time_ns()}", **_slot_tags(slot)}
     base = _heartbeat_line(_W["instance"], plan_tag, pk, i, n_parts, len(sel), t1, [])
     meta: dict = {}
     dvs: dict = {}
@@ -66,13 +64,8 @@ def _partition(pk: str, sel: list[str], tags: dict, run_config: dict | None, i: 
         with Heartbeat(lambda: base().replace(f"partition {pk} ", f"partition {pk} on {slot.label()} ", 1)):
             r = materialize_selection(_W["defs"], _W["instance"], [dg.AssetKey.from_user_string(k) for k in sel], pk,
                                       {**tags, **plan_tag}, run_config, meta, dvs)
-    except Exception as e:  # noqa: BLE001 - the parent must get a picklable error that still names a user error
-        user = find_user_error(e)
-        if user is not None:
-            raise RuntimeError(f"{type(user).__name__}: {user}") from None
-        import traceback
-
-        raise RuntimeError(f"partition {pk} on {slot.label()} failed:\n{traceback.format_exc()[-4000:]}") from None
+    except Exception as e:  # noqa: BLE001 - see _for_parent
+        raise _for_parent(e, f"partition {pk} on {slot.label()}") from None
     return pk, _plain(meta), dvs, r.run_id, time.perf_counter() - t1, slot.label()
 
 
@@ -81,7 +74,6 @@ def _unpartitioned(sel: list[str], tags: dict, run_config: dict | None):
     partitions left warm: (meta, data versions)."""
     import dagster as dg
 
-    from .errors import find_user_error
     from .running import materialize_selection
 
     slot = _W["slot"]
@@ -89,16 +81,27 @@ def _unpartitioned(sel: list[str], tags: dict, run_config: dict | None):
     dvs: dict = {}
     try:
         materialize_selection(_W["defs"], _W["instance"], [dg.AssetKey.from_user_string(k) for k in sel], None,
-                              {**tags, "augment/slot": str(slot.index), "augment/slot_device": slot.device},
-                              run_config, meta, dvs)
-    except Exception as e:  # noqa: BLE001 - as in _partition
-        user = find_user_error(e)
-        if user is not None:
-            raise RuntimeError(f"{type(user).__name__}: {user}") from None
-        import traceback
-
-        raise RuntimeError(f"{', '.join(sel)} on {slot.label()} failed:\n{traceback.format_exc()[-4000:]}") from None
+                              {**tags, **_slot_tags(slot)}, run_config, meta, dvs)
+    except Exception as e:  # noqa: BLE001 - see _for_parent
+        raise _for_parent(e, f"{', '.join(sel)} on {slot.label()}") from None
     return _plain(meta), dvs
+
+
+def _slot_tags(slot) -> dict[str, str]:
+    return {"augment/slot": str(slot.index), "augment/slot_device": slot.device}
+
+
+def _for_parent(e: Exception, what: str) -> RuntimeError:
+    """A worker's failure as the parent gets it: picklable, and still naming a user error (``errors``) as such;
+    anything else with the worker's traceback. Call from the ``except`` block."""
+    from .errors import find_user_error
+
+    user = find_user_error(e)
+    if user is not None:
+        return RuntimeError(f"{type(user).__name__}: {user}")
+    import traceback
+
+    return RuntimeError(f"{what} failed:\n{traceback.format_exc()[-4000:]}")
 
 
 def _plain(meta: dict) -> dict:
