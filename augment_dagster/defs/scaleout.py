@@ -147,6 +147,15 @@ storage:
 """
 
 
+# the project template's event log (dagster.yaml; defs/event_storage.py), replaced by _STORAGE_BLOCK with PostgreSQL
+POOLED_EVENT_LOG_BLOCK = """# Dagster's run-sharded sqlite event log (DAGSTER_HOME/history/runs), its connections kept per process instead of
+# one per event: augment_dagster/defs/event_storage.py
+event_log_storage:
+  module: augment_dagster.defs.event_storage
+  class: PooledSqliteEventLogStorage
+"""
+
+
 def postgres_url() -> str | None:
     """``$AUGMENT_POSTGRES_URL`` with the psycopg2 driver named (``postgresql+psycopg2://``): SQLAlchemy 2.1 maps
     a bare ``postgresql://`` to psycopg 3, which the ``postgres`` extra does not install. The variable is rewritten
@@ -175,16 +184,19 @@ def redact(url: str) -> str:
 
 def write_instance_yaml(home: Path, template: Path) -> Path:
     """``<DAGSTER_HOME>/dagster.yaml``: the project's template the first time; with ``$AUGMENT_POSTGRES_URL`` set,
-    a PostgreSQL ``storage`` block is added unless the file already configures storage (a user-supplied
-    dagster.yaml is left as it is). Written atomically."""
+    a PostgreSQL ``storage`` block is added unless the file already configures storage other than the template's
+    pooled sqlite event log, which the PostgreSQL block replaces (a user-supplied storage block is left as it
+    is). Written atomically."""
     from ..util import atomic_write_text
 
     target = home / "dagster.yaml"
     text = target.read_text() if target.exists() else (template.read_text() if template.exists() else "")
     new = text
-    if postgres_url() and not re.search(r"^(storage|run_storage|event_log_storage):", text, re.M):
-        _require_postgres_extra()
-        new = text.rstrip("\n") + "\n" + _STORAGE_BLOCK
+    if postgres_url():
+        bare = text.replace(POOLED_EVENT_LOG_BLOCK, "")  # the template's sqlite event log gives way to PostgreSQL
+        if not re.search(r"^(storage|run_storage|event_log_storage):", bare, re.M):
+            _require_postgres_extra()
+            new = bare.rstrip("\n") + "\n" + _STORAGE_BLOCK
     if new != text or not target.exists():
         atomic_write_text(target, new)
     return target
