@@ -166,6 +166,13 @@ def test_a_moved_home_keeps_its_events_and_postgres_replaces_the_block(tmp_path,
         assert len(inst.get_records_for_run(rid, limit=10_000).records) > 8 * N_ASSETS
 
     assert POOLED_EVENT_LOG_BLOCK in TEMPLATE.read_text()  # the block write_instance_yaml knows is the template's
+    older = tmp_path / "older"  # a home made from the template before it had the block gets it, nothing else
+    older.mkdir()
+    (older / "dagster.yaml").write_text(TEMPLATE.read_text().replace(POOLED_EVENT_LOG_BLOCK, ""))
+    monkeypatch.delenv("AUGMENT_POSTGRES_URL", raising=False)
+    assert write_instance_yaml(older, TEMPLATE).read_text() == TEMPLATE.read_text()
+    (older / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")  # a user's own file is left as it is
+    assert write_instance_yaml(older, TEMPLATE).read_text() == "telemetry:\n  enabled: false\n"
     fresh = tmp_path / "pg"
     fresh.mkdir()
     monkeypatch.setenv("AUGMENT_POSTGRES_URL", "postgresql://aug:pw@db.example:5432/augment")

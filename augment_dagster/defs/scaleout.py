@@ -148,8 +148,9 @@ storage:
 
 
 # the project template's event log (dagster.yaml; defs/event_storage.py), replaced by _STORAGE_BLOCK with PostgreSQL
-POOLED_EVENT_LOG_BLOCK = """# Dagster's run-sharded sqlite event log (DAGSTER_HOME/history/runs), its connections kept per process instead of
-# one per event: augment_dagster/defs/event_storage.py
+POOLED_EVENT_LOG_BLOCK = """# The event log: Dagster's run-sharded sqlite storage (DAGSTER_HOME/history/runs) with its connections kept per
+# process instead of one per event (augment_dagster/defs/event_storage.py). With $AUGMENT_POSTGRES_URL set,
+# `augment run` replaces this block with PostgreSQL storage.
 event_log_storage:
   module: augment_dagster.defs.event_storage
   class: PooledSqliteEventLogStorage
@@ -190,10 +191,13 @@ def write_instance_yaml(home: Path, template: Path) -> Path:
     from ..util import atomic_write_text
 
     target = home / "dagster.yaml"
-    text = target.read_text() if target.exists() else (template.read_text() if template.exists() else "")
+    tmpl = template.read_text() if template.exists() else ""
+    text = target.read_text() if target.exists() else tmpl
     new = text
+    if POOLED_EVENT_LOG_BLOCK in tmpl and text == tmpl.replace(POOLED_EVENT_LOG_BLOCK, ""):
+        new = tmpl  # a home made from the template before it had the pooled event log: the same file plus the block
     if postgres_url():
-        bare = text.replace(POOLED_EVENT_LOG_BLOCK, "")  # the template's sqlite event log gives way to PostgreSQL
+        bare = new.replace(POOLED_EVENT_LOG_BLOCK, "")  # the template's sqlite event log gives way to PostgreSQL
         if not re.search(r"^(storage|run_storage|event_log_storage):", bare, re.M):
             _require_postgres_extra()
             new = bare.rstrip("\n") + "\n" + _STORAGE_BLOCK
