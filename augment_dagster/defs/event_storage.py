@@ -17,7 +17,6 @@ block for PostgreSQL storage when ``$AUGMENT_POSTGRES_URL`` is set.
 from __future__ import annotations
 
 import os
-import threading
 from collections import OrderedDict
 from contextlib import contextmanager
 
@@ -74,7 +73,6 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
             # them here could disturb the parent's use of the same files) and start afresh.
             self._inherited.append(self._engines)
             self._engines, self._engines_pid = OrderedDict(), os.getpid()
-            self._db_lock = threading.Lock()
         engine = self._engines.pop(shard, None)
         if engine is None:
             # pool_size 1: one connection kept; the overflow serves Dagster's schema check, which opens a second
