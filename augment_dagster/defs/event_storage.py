@@ -6,9 +6,9 @@ Why: the stock class builds a new engine, opens a new sqlite connection and clos
 checkpoint that closing the last connection runs) for every event it stores, and a partition of the demo stores
 ~1,500 of them (step start/success, inputs, outputs, materializations, check evaluations; materializations and
 check evaluations also go to ``index.db``, and each of those asked whether a table exists through yet another
-engine). With two partition workers writing at once that was 4–5 ms per plain
-event and ~12 ms per materialization; a kept connection makes it 0.5–0.8 ms and 4–5 ms, and a cold demo
-partition ~10 s shorter (README "Devices").
+engine). With two partition workers writing at once that was 4–5 ms per plain event and ~12 ms per
+materialization; a kept connection makes it 0.5–0.8 ms and 4–5 ms, and a cold demo partition ~10 s shorter
+(README "Devices").
 
 The project's ``dagster.yaml`` selects it (``event_log_storage:``); without a ``base_dir`` it uses Dagster's
 default place under the instance's root, so a moved data dir keeps working. ``write_instance_yaml`` swaps the
@@ -29,7 +29,7 @@ from dagster._core.storage.event_log.sqlite.sqlite_event_log import (
 from sqlalchemy import create_engine
 from sqlalchemy.pool import QueuePool
 
-MODULE, CLASS = __name__, "PooledSqliteEventLogStorage"
+CLASS = "PooledSqliteEventLogStorage"
 
 
 class PooledSqliteEventLogStorage(SqliteEventLogStorage):
