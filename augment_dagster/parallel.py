@@ -127,8 +127,7 @@ def run_partitions(cfg, instance, todo: list[tuple[str, list]], n_slots: int, *,
     """Run ``todo`` = [(partition, selected asset keys)] on ``min(n_slots, len(todo))`` worker processes.
     ``then``: called here once every partition is done; the asset keys it returns (the report, if stale) run
     unpartitioned on one of the same workers, which has everything imported already (the parent has not)."""
-    ref = instance.get_ref()
-    ensure_pool_limit(instance, n_slots)
+    ref = instance.get_ref()  # the gpu pool's limit is already raised to n_slots (materialize_experiment)
     n = min(n_slots, len(todo))
     ctx = mp.get_context("spawn")  # a clean interpreter: no inherited threads or locks of the parent
     prefer = ctx.Queue()
